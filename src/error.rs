@@ -1,0 +1,135 @@
+//! The crate's error type.
+//!
+//! Errors about the bytes of a stream carry the absolute byte offset where the
+//! problem was found and the wire field involved, so a failing migration can be
+//! diagnosed from the log line alone.
+
+use std::io;
+
+/// What went wrong, without the details; see [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The bytes break the format.
+    Malformed,
+    /// Valid QEMU, but a feature this crate does not carry (RDMA, mapped-ram, ...).
+    Unsupported,
+    /// A length or count is beyond the configured [`Limits`](crate::qemu::Limits).
+    LimitExceeded,
+    /// The stream ended in the middle of a record, or before its end.
+    Truncated,
+    /// A record handed to an encoder cannot be written.
+    InvalidRecord,
+    /// The transport failed.
+    Io,
+}
+
+/// An error of a migstream codec.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The bytes break the format.
+    #[error("malformed stream at byte {offset}: {field}: {reason}")]
+    Malformed {
+        /// Absolute stream offset of the offending field.
+        offset: u64,
+        /// The wire field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Valid QEMU, but not carried by this crate.
+    #[error("unsupported at byte {offset}: {field}: {reason}")]
+    Unsupported {
+        /// Absolute stream offset of the field.
+        offset: u64,
+        /// The wire field.
+        field: &'static str,
+        /// Which feature.
+        reason: &'static str,
+    },
+    /// A length or count is beyond the configured limit.
+    #[error("limit exceeded at byte {offset}: {field} is {value}, limit {limit}")]
+    LimitExceeded {
+        /// Absolute stream offset of the field.
+        offset: u64,
+        /// The wire field.
+        field: &'static str,
+        /// The value on the wire.
+        value: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The stream ended inside a record or before the end of the migration.
+    #[error("stream truncated at byte {offset}: {field} incomplete")]
+    Truncated {
+        /// Absolute stream offset where the bytes ran out.
+        offset: u64,
+        /// What was being read.
+        field: &'static str,
+    },
+    /// A record handed to an encoder cannot be written.
+    #[error("invalid record for encoding: {field}: {reason}")]
+    InvalidRecord {
+        /// The record field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The transport failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// The category of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Malformed { .. } => ErrorKind::Malformed,
+            Self::Unsupported { .. } => ErrorKind::Unsupported,
+            Self::LimitExceeded { .. } => ErrorKind::LimitExceeded,
+            Self::Truncated { .. } => ErrorKind::Truncated,
+            Self::InvalidRecord { .. } => ErrorKind::InvalidRecord,
+            Self::Io(_) => ErrorKind::Io,
+        }
+    }
+
+    /// The absolute stream offset the error refers to, if it is about stream bytes.
+    pub fn offset(&self) -> Option<u64> {
+        match *self {
+            Self::Malformed { offset, .. }
+            | Self::Unsupported { offset, .. }
+            | Self::LimitExceeded { offset, .. }
+            | Self::Truncated { offset, .. } => Some(offset),
+            Self::InvalidRecord { .. } | Self::Io(_) => None,
+        }
+    }
+
+    /// The wire or record field the error is about, if any.
+    pub fn field(&self) -> Option<&'static str> {
+        match *self {
+            Self::Malformed { field, .. }
+            | Self::Unsupported { field, .. }
+            | Self::LimitExceeded { field, .. }
+            | Self::Truncated { field, .. }
+            | Self::InvalidRecord { field, .. } => Some(field),
+            Self::Io(_) => None,
+        }
+    }
+}
+
+/// Crosses an `io::Error` boundary (e.g. `FramedRead` over a transport) without
+/// losing the typed error: get it back with `io::Error::get_ref` + `downcast_ref`.
+impl From<Error> for io::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Io(io) => io,
+            Error::Truncated { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, err),
+            Error::InvalidRecord { .. } => io::Error::new(io::ErrorKind::InvalidInput, err),
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

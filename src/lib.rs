@@ -1,0 +1,44 @@
+//! # migstream
+//!
+//! Async Rust codecs for QEMU's live-migration wire format, built to deduplicate VM
+//! memory while it is in flight between two unmodified QEMUs.
+//!
+//! The [`qemu`] module is the foundation: a sans-IO, byte-exact, zero-copy decoder
+//! and encoder of QEMU 7.2 and 10.0 migration streams, also usable as tokio-util
+//! `Decoder`/`Encoder` over any transport:
+//!
+//! ```
+//! use futures::StreamExt;
+//! use migstream::qemu::{QemuDecoder, Record};
+//! use tokio_util::codec::FramedRead;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), migstream::Error> {
+//! # let stream = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/qemu-7.2-pc-paused.mig"));
+//! // any AsyncRead works: a TcpStream from QEMU, a file, a byte slice
+//! let mut records = FramedRead::new(&stream[..], QemuDecoder::new());
+//! let mut kinds = Vec::new();
+//! while let Some(record) = records.next().await {
+//!     kinds.push(match record? {
+//!         Record::Header => "header",
+//!         Record::Ram(_) => "ram",
+//!         Record::Eof => "eof",
+//!         _ => "other",
+//!     });
+//! }
+//! assert_eq!(kinds.first(), Some(&"header"));
+//! assert_eq!(kinds.last(), Some(&"other")); // the JSON device description
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors about stream bytes carry the byte offset and the field: see [`Error`].
+
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod error;
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;
+pub mod qemu;
+
+pub use error::{Error, ErrorKind, Result};
