@@ -1,0 +1,349 @@
+//! Inspect QEMU migration stream files, and check the codec's byte-exact round trip.
+//!
+//! ```text
+//! cargo run --release --example inspect -- [--json] [--roundtrip] FILE...
+//! ```
+//!
+//! Prints the machine type, RAM blocks, pages by kind, sections by idstr, commands
+//! and the device-state bytes. `--roundtrip` also re-encodes every record while
+//! streaming (memory stays bounded: the file is read in 1 MiB pieces) and compares the
+//! output with the file; it exits non-zero unless they are identical.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, Read};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use migstream::qemu::{QemuDecoder, QemuEncoder, RamRecord, Record, wire};
+use serde_json::{Value, json};
+
+const READ: usize = 1 << 20;
+
+fn main() -> ExitCode {
+    let mut json_out = false;
+    let mut roundtrip = false;
+    let mut files = Vec::new();
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--json" => json_out = true,
+            "--roundtrip" => roundtrip = true,
+            "-h" | "--help" => {
+                eprintln!("usage: inspect [--json] [--roundtrip] FILE...");
+                return ExitCode::SUCCESS;
+            }
+            _ => files.push(arg),
+        }
+    }
+    if files.is_empty() {
+        eprintln!("usage: inspect [--json] [--roundtrip] FILE...");
+        return ExitCode::from(2);
+    }
+    let mut ok = true;
+    for path in &files {
+        match inspect(path, roundtrip) {
+            Ok(report) => {
+                if json_out {
+                    println!("{}", report.to_json(path));
+                } else {
+                    report.print(path);
+                }
+                ok &= report.roundtrip_ok.unwrap_or(true);
+            }
+            Err(e) => {
+                eprintln!("{path}: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    bytes: u64,
+    records: u64,
+    machine: Option<String>,
+    blocks: Vec<(String, u64)>,
+    pages: BTreeMap<&'static str, u64>,
+    resent: u64,
+    /// idstr → [START, PART, END, FULL]
+    sections: BTreeMap<String, [u64; 4]>,
+    commands: BTreeMap<String, u64>,
+    opaque_bytes: u64,
+    vmdesc_bytes: Option<u64>,
+    devices: Vec<String>,
+    roundtrip_ok: Option<bool>,
+    seconds: f64,
+}
+
+/// Which pages of each RAM block were sent already, to count re-sent pages.
+#[derive(Default)]
+struct SentPages {
+    blocks: HashMap<Bytes, Vec<u64>>,
+}
+
+impl SentPages {
+    /// Marks a page; true if it was sent before. Offsets beyond 1 TiB are not tracked.
+    fn mark(&mut self, block: &Bytes, offset: u64) -> bool {
+        let page = (offset / 4096) as usize;
+        if page >= 1 << 28 {
+            return false;
+        }
+        let bits = self.blocks.entry(block.clone()).or_default();
+        if bits.len() <= page / 64 {
+            bits.resize(page / 64 + 1, 0);
+        }
+        let (word, bit) = (&mut bits[page / 64], 1u64 << (page % 64));
+        let seen = *word & bit != 0;
+        *word |= bit;
+        seen
+    }
+}
+
+fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let mut input = File::open(path)?;
+    // the same file again, read in step with the output to compare without holding either
+    let mut original = match roundtrip {
+        true => Some(File::open(path)?),
+        false => None,
+    };
+    let (mut dec, mut enc) = (QemuDecoder::new(), QemuEncoder::new());
+    let (mut buf, mut out) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
+    let mut expected = vec![0; READ];
+    let mut report = Report::default();
+    let mut sent = SentPages::default();
+    let mut section_names: HashMap<u32, String> = HashMap::new();
+    let mut at_end = false;
+    loop {
+        let record = match at_end {
+            true => dec.decode_eof(&mut buf)?,
+            false => dec.decode(&mut buf)?,
+        };
+        let Some(record) = record else {
+            if at_end {
+                break;
+            }
+            buf.reserve(READ);
+            let n = read_into(&mut input, &mut buf)?;
+            at_end = n == 0;
+            report.bytes += n as u64;
+            continue;
+        };
+        report.records += 1;
+        report.count(&record, &mut sent, &mut section_names);
+        if let Some(original) = original.as_mut() {
+            enc.encode(&record, &mut out)?;
+            if out.len() >= READ {
+                compare(original, &mut out, &mut expected, &mut report)?;
+            }
+        }
+    }
+    if let Some(original) = original.as_mut() {
+        compare(original, &mut out, &mut expected, &mut report)?;
+        let mut rest = [0u8; 1];
+        if report.roundtrip_ok != Some(false) && original.read(&mut rest)? > 0 {
+            report.roundtrip_ok = Some(false);
+        }
+        report.roundtrip_ok.get_or_insert(true);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Reads up to `READ` bytes appended to `buf`; returns how many.
+fn read_into(file: &mut File, buf: &mut BytesMut) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + READ, 0);
+    let n = file.read(&mut buf[start..])?;
+    buf.truncate(start + n);
+    Ok(n)
+}
+
+/// Compares the encoded output so far with the same span of the original file.
+fn compare(
+    original: &mut File,
+    out: &mut BytesMut,
+    expected: &mut Vec<u8>,
+    report: &mut Report,
+) -> io::Result<()> {
+    expected.resize(out.len(), 0);
+    original.read_exact(expected).or_else(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            report.roundtrip_ok = Some(false);
+            Ok(())
+        }
+        _ => Err(e),
+    })?;
+    if expected[..] != out[..] {
+        report.roundtrip_ok = Some(false);
+    }
+    out.clear();
+    Ok(())
+}
+
+impl Report {
+    fn count(&mut self, record: &Record, sent: &mut SentPages, names: &mut HashMap<u32, String>) {
+        let mut section = |id: u32, name: Option<&Bytes>, kind: usize| {
+            let name = match name {
+                Some(n) => names
+                    .entry(id)
+                    .or_insert_with(|| String::from_utf8_lossy(n).into_owned())
+                    .clone(),
+                None => names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
+            };
+            self.sections.entry(name).or_default()[kind] += 1;
+        };
+        match record {
+            Record::Configuration(c) => {
+                self.machine = Some(String::from_utf8_lossy(&c.machine).into_owned())
+            }
+            Record::SectionStart(h) => section(h.section_id, Some(&h.idstr), 0),
+            Record::SectionPart { section_id } => section(*section_id, None, 1),
+            Record::SectionEnd { section_id } => section(*section_id, None, 2),
+            Record::SectionFull(h) => section(h.section_id, Some(&h.idstr), 3),
+            Record::Command(c) => *self.commands.entry(command_name(c.cmd)).or_default() += 1,
+            Record::Opaque(b) => self.opaque_bytes += b.len() as u64,
+            Record::VmDescription(json) => {
+                self.vmdesc_bytes = Some(json.len() as u64);
+                self.devices = device_names(json);
+            }
+            Record::Ram(ram) => {
+                let (kind, addr) = match ram {
+                    RamRecord::MemSize(m) => {
+                        let name = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+                        self.blocks = m
+                            .blocks
+                            .iter()
+                            .map(|b| (name(&b.idstr), b.used_length))
+                            .collect();
+                        return;
+                    }
+                    RamRecord::Page { addr, .. } => ("normal", addr),
+                    RamRecord::Zero { addr, .. } => ("zero", addr),
+                    RamRecord::Xbzrle { addr, .. } => ("xbzrle", addr),
+                    RamRecord::Compressed { addr, .. } => ("compressed", addr),
+                    _ => return,
+                };
+                *self.pages.entry(kind).or_default() += 1;
+                self.resent += u64::from(sent.mark(&addr.block, addr.offset));
+            }
+            _ => {}
+        }
+    }
+
+    fn print(&self, path: &str) {
+        println!("{path}: {} bytes, {} records", self.bytes, self.records);
+        println!(
+            "  machine      {}",
+            self.machine.as_deref().unwrap_or("(no configuration)")
+        );
+        for (name, len) in &self.blocks {
+            println!(
+                "  ram block    {name:<24} {:>12} bytes ({} MiB)",
+                len,
+                len >> 20
+            );
+        }
+        let pages: Vec<String> = self.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "  pages        {} (re-sent {})",
+            pages.join(", "),
+            self.resent
+        );
+        for (name, [start, part, end, full]) in &self.sections {
+            println!("  section      {name:<24} start {start} part {part} end {end} full {full}");
+        }
+        for (name, n) in &self.commands {
+            println!("  command      {name:<24} x{n}");
+        }
+        println!("  device state {} bytes (opaque)", self.opaque_bytes);
+        match self.vmdesc_bytes {
+            Some(n) => println!(
+                "  vmdesc       {n} bytes, {} devices: {}",
+                self.devices.len(),
+                self.devices.join(" ")
+            ),
+            None => println!("  vmdesc       none"),
+        }
+        if let Some(ok) = self.roundtrip_ok {
+            let rate = self.bytes as f64 / self.seconds / 1e9;
+            match ok {
+                true => println!(
+                    "roundtrip ok {} bytes {} records {rate:.2} GB/s",
+                    self.bytes, self.records
+                ),
+                false => println!("roundtrip FAILED: re-encoded bytes differ from {path}"),
+            }
+        }
+    }
+
+    fn to_json(&self, path: &str) -> Value {
+        let sections: serde_json::Map<String, Value> = self
+            .sections
+            .iter()
+            .map(|(k, [s, p, e, f])| {
+                (
+                    k.clone(),
+                    json!({"start": s, "part": p, "end": e, "full": f}),
+                )
+            })
+            .collect();
+        json!({
+            "file": path,
+            "bytes": self.bytes,
+            "records": self.records,
+            "machine": self.machine,
+            "ram_blocks": self.blocks.iter().map(|(n, l)| json!({"name": n, "bytes": l})).collect::<Vec<_>>(),
+            "pages": self.pages,
+            "pages_resent": self.resent,
+            "sections": sections,
+            "commands": self.commands,
+            "device_state_bytes": self.opaque_bytes,
+            "vmdesc_bytes": self.vmdesc_bytes,
+            "devices": self.devices,
+            "roundtrip_ok": self.roundtrip_ok,
+            "seconds": self.seconds,
+        })
+    }
+}
+
+fn command_name(cmd: u16) -> String {
+    use wire::command::*;
+    let name = match cmd {
+        OPEN_RETURN_PATH => "open-return-path",
+        PING => "ping",
+        POSTCOPY_ADVISE => "postcopy-advise",
+        POSTCOPY_LISTEN => "postcopy-listen",
+        POSTCOPY_RUN => "postcopy-run",
+        POSTCOPY_RAM_DISCARD => "postcopy-ram-discard",
+        PACKAGED => "packaged",
+        ENABLE_COLO => "enable-colo",
+        POSTCOPY_RESUME => "postcopy-resume",
+        RECV_BITMAP => "recv-bitmap",
+        SWITCHOVER_START => "switchover-start",
+        other => return format!("command-{other}"),
+    };
+    name.to_owned()
+}
+
+/// Device names (idstr/instance) from the JSON device description.
+fn device_names(json: &[u8]) -> Vec<String> {
+    let Ok(desc) = serde_json::from_slice::<Value>(json) else {
+        return vec!["(unparsable JSON)".into()];
+    };
+    let devices = desc["devices"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    devices
+        .iter()
+        .map(|d| format!("{}/{}", d["name"].as_str().unwrap_or("?"), d["instance_id"]))
+        .collect()
+}
