@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run) and as the README tells a user to.
+#
+# On a fresh Debian 12 machine, as root: installs QEMU 7.2, unpacks QEMU 10.0 from
+# bookworm-backports beside it, fetches a kernel and builds a busybox guest
+# (harness/setup.sh); captures real migration streams (harness/capture-matrix.sh);
+# then runs formatting, lints and every test, the real-QEMU ones included. A real-QEMU
+# test that cannot run fails this script: nothing is skipped.
+#
+#   MIGSTREAM_STREAMS=DIR   where captures go (default target/qemu-streams); an
+#                           existing DIR/manifest.tsv is reused unless
+#   MIGSTREAM_RECAPTURE=1   is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "harness setup (QEMU 7.2 + 10.0, kernel, guest)"
+harness/setup.sh
+
+streams=${MIGSTREAM_STREAMS:-target/qemu-streams}
+if [ -n "${MIGSTREAM_RECAPTURE:-}" ] || [ ! -s "$streams/manifest.tsv" ]; then
+  step "capturing real QEMU streams into $streams"
+  rm -rf "$streams"
+  harness/capture-matrix.sh "$streams"
+else
+  step "reusing the captures in $streams (MIGSTREAM_RECAPTURE=1 to capture anew)"
+fi
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --all-targets --all-features -- -D warnings
+
+step "tests (real-QEMU tests included)"
+MIGSTREAM_STREAMS=$(realpath "$streams") cargo test --all-features -- --include-ignored

@@ -1,0 +1,129 @@
+//! Byte-exact round trips of streams written by real QEMU 7.2 and 10.0, captured by
+//! `harness/capture-matrix.sh` (file streams and live TCP migrations, with and without
+//! xbzrle and multifd). The test is `#[ignore]`d, so plain `cargo test` lists it as
+//! ignored; the README's test command (`scripts/test.sh`) captures the streams, sets
+//! `MIGSTREAM_STREAMS` and runs it with `--include-ignored`, where a missing capture
+//! is a failure.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use bytes::BytesMut;
+use migstream::qemu::{QemuDecoder, QemuEncoder, RamRecord, Record};
+
+struct Capture {
+    file: PathBuf,
+    qemu: String,
+    machine: String,
+    workload: String,
+    kind: String,
+    caps: String,
+}
+
+fn captures() -> Vec<Capture> {
+    let dir = std::env::var_os("MIGSTREAM_STREAMS")
+        .map(PathBuf::from)
+        .expect("MIGSTREAM_STREAMS must name a directory of captures (run scripts/test.sh)");
+    let manifest = std::fs::read_to_string(dir.join("manifest.tsv"))
+        .unwrap_or_else(|e| panic!("{}/manifest.tsv: {e}", dir.display()));
+    let captures: Vec<Capture> = manifest
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            assert!(f.len() >= 6, "manifest line with fewer than 6 fields: {line}");
+            Capture {
+                file: dir.join(f[0]),
+                qemu: f[1].into(),
+                machine: f[2].into(),
+                workload: f[3].into(),
+                kind: f[4].into(),
+                caps: f[5].into(),
+            }
+        })
+        .collect();
+    assert!(!captures.is_empty(), "empty manifest in {}", dir.display());
+    captures
+}
+
+/// Decodes `bytes` in reads whose sizes cycle through `reads`, re-encodes every record,
+/// asserts the output is the input, and counts records by kind.
+fn round_trip(bytes: &[u8], reads: &[usize]) -> BTreeMap<&'static str, usize> {
+    let (mut dec, mut enc) = (QemuDecoder::new(), QemuEncoder::new());
+    let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
+    let mut counts = BTreeMap::new();
+    let mut compared = 0;
+    let (mut fed, mut reads) = (0, reads.iter().cycle());
+    loop {
+        let record = match fed == bytes.len() {
+            true => dec.decode_eof(&mut buf),
+            false => dec.decode(&mut buf),
+        };
+        let record = record.unwrap_or_else(|e| panic!("decode failed: {e}"));
+        let Some(record) = record else {
+            if fed == bytes.len() {
+                break;
+            }
+            let end = (fed + reads.next().unwrap()).min(bytes.len());
+            buf.extend_from_slice(&bytes[fed..end]);
+            fed = end;
+            continue;
+        };
+        *counts.entry(kind(&record)).or_default() += 1;
+        enc.encode(&record, &mut out).unwrap();
+        if out.len() > 1 << 20 {
+            assert!(out[..] == bytes[compared..compared + out.len()], "output differs near byte {compared}");
+            compared += out.len();
+            out.clear();
+        }
+    }
+    assert!(out[..] == bytes[compared..], "output differs near byte {compared}");
+    assert_eq!(compared + out.len(), bytes.len());
+    counts
+}
+
+fn kind(record: &Record) -> &'static str {
+    match record {
+        Record::Ram(RamRecord::Page { .. }) => "page",
+        Record::Ram(RamRecord::Zero { .. }) => "zero",
+        Record::Ram(RamRecord::Xbzrle { .. }) => "xbzrle",
+        Record::Ram(RamRecord::MultifdFlush) => "flush",
+        Record::SectionPart { .. } => "part",
+        Record::SectionFull(_) => "full",
+        Record::Eof => "eof",
+        Record::VmDescription(_) => "vmdesc",
+        _ => "other",
+    }
+}
+
+#[test]
+#[ignore = "needs real QEMU captures: scripts/test.sh runs it"]
+fn real_qemu_streams_round_trip_byte_exact() {
+    let captures = captures();
+    let mut versions = BTreeMap::new();
+    for c in &captures {
+        let name = c.file.display();
+        let bytes = std::fs::read(&c.file).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let whole = round_trip(&bytes, &[bytes.len()]);
+        let socket_like = round_trip(&bytes, &[65536, 1, 4095, 7, 131072, 4097, 333]);
+        assert_eq!(whole, socket_like, "{name}: records depend on read sizes");
+        let n = |k| whole.get(k).copied().unwrap_or(0);
+        assert_eq!((n("eof"), n("vmdesc"), n("full")), (1, 1, 1), "{name}: tail");
+        if c.caps.contains("multifd") {
+            assert_eq!(n("page"), 0, "{name}: multifd main channel carries no page data");
+        } else {
+            assert!(n("page") > 0, "{name}: no pages");
+        }
+        if c.caps.contains("xbzrle") {
+            assert!(n("xbzrle") > 0, "{name}: xbzrle capability but no XBZRLE records");
+        }
+        if c.workload == "dirty" && c.kind == "live" {
+            assert!(n("part") >= 3, "{name}: a dirty live migration iterates");
+        }
+        eprintln!("{name}: {} bytes, qemu {} {} {} {} [{}]: {whole:?}", bytes.len(), c.qemu, c.machine, c.workload, c.kind, c.caps);
+        *versions.entry(c.qemu.clone()).or_insert(0) += 1;
+    }
+    assert!(versions.len() >= 2, "streams of both QEMU 7.2 and 10.0 expected, got {versions:?}");
+}
