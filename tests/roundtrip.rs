@@ -196,3 +196,38 @@ proptest! {
         prop_assert_eq!(normalize(decoded), records);
     }
 }
+
+#[test]
+fn limits_changed_mid_stream_apply_to_the_next_record() {
+    let bytes = encode(&sample_records());
+    let mut dec = migstream::qemu::QemuDecoder::new();
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    // decode up to EOF with the defaults, then shrink the description limit
+    while dec
+        .decode_eof(&mut buf)
+        .unwrap()
+        .expect("a record before EOF")
+        != Record::Eof
+    {}
+    let mut limits = dec.limits().clone();
+    limits.max_vmdesc_len = 8;
+    dec.set_limits(limits);
+    let err = dec.decode_eof(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LimitExceeded, "{err}");
+    assert_eq!(err.field(), Some("device description length"));
+}
+
+#[test]
+fn typed_errors_survive_an_io_error_boundary() {
+    let (_, err) = decode_reads(b"QEVX\0\0\0\x03", 8);
+    let io: std::io::Error = err.unwrap().into();
+    assert_eq!(io.kind(), std::io::ErrorKind::InvalidData);
+    let inner = io
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<migstream::Error>())
+        .unwrap();
+    assert_eq!(
+        (inner.kind(), inner.offset(), inner.field()),
+        (ErrorKind::Malformed, Some(0), Some("file magic"))
+    );
+}
