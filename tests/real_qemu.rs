@@ -33,7 +33,10 @@ fn captures() -> Vec<Capture> {
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|line| {
             let f: Vec<&str> = line.split('\t').collect();
-            assert!(f.len() >= 6, "manifest line with fewer than 6 fields: {line}");
+            assert!(
+                f.len() >= 6,
+                "manifest line with fewer than 6 fields: {line}"
+            );
             Capture {
                 file: dir.join(f[0]),
                 qemu: f[1].into(),
@@ -74,12 +77,18 @@ fn round_trip(bytes: &[u8], reads: &[usize]) -> BTreeMap<&'static str, usize> {
         *counts.entry(kind(&record)).or_default() += 1;
         enc.encode(&record, &mut out).unwrap();
         if out.len() > 1 << 20 {
-            assert!(out[..] == bytes[compared..compared + out.len()], "output differs near byte {compared}");
+            assert!(
+                out[..] == bytes[compared..compared + out.len()],
+                "output differs near byte {compared}"
+            );
             compared += out.len();
             out.clear();
         }
     }
-    assert!(out[..] == bytes[compared..], "output differs near byte {compared}");
+    assert!(
+        out[..] == bytes[compared..],
+        "output differs near byte {compared}"
+    );
     assert_eq!(compared + out.len(), bytes.len());
     counts
 }
@@ -110,20 +119,42 @@ fn real_qemu_streams_round_trip_byte_exact() {
         let socket_like = round_trip(&bytes, &[65536, 1, 4095, 7, 131072, 4097, 333]);
         assert_eq!(whole, socket_like, "{name}: records depend on read sizes");
         let n = |k| whole.get(k).copied().unwrap_or(0);
-        assert_eq!((n("eof"), n("vmdesc"), n("full")), (1, 1, 1), "{name}: tail");
+        assert_eq!(
+            (n("eof"), n("vmdesc"), n("full")),
+            (1, 1, 1),
+            "{name}: tail"
+        );
         if c.caps.contains("multifd") {
-            assert_eq!(n("page"), 0, "{name}: multifd main channel carries no page data");
+            assert_eq!(
+                n("page"),
+                0,
+                "{name}: multifd main channel carries no page data"
+            );
         } else {
             assert!(n("page") > 0, "{name}: no pages");
         }
         if c.caps.contains("xbzrle") {
-            assert!(n("xbzrle") > 0, "{name}: xbzrle capability but no XBZRLE records");
+            assert!(
+                n("xbzrle") > 0,
+                "{name}: xbzrle capability but no XBZRLE records"
+            );
         }
         if c.workload == "dirty" && c.kind == "live" {
             assert!(n("part") >= 3, "{name}: a dirty live migration iterates");
         }
-        eprintln!("{name}: {} bytes, qemu {} {} {} {} [{}]: {whole:?}", bytes.len(), c.qemu, c.machine, c.workload, c.kind, c.caps);
+        eprintln!(
+            "{name}: {} bytes, qemu {} {} {} {} [{}]: {whole:?}",
+            bytes.len(),
+            c.qemu,
+            c.machine,
+            c.workload,
+            c.kind,
+            c.caps
+        );
         *versions.entry(c.qemu.clone()).or_insert(0) += 1;
     }
-    assert!(versions.len() >= 2, "streams of both QEMU 7.2 and 10.0 expected, got {versions:?}");
+    assert!(
+        versions.len() >= 2,
+        "streams of both QEMU 7.2 and 10.0 expected, got {versions:?}"
+    );
 }
