@@ -231,3 +231,11 @@ fn typed_errors_survive_an_io_error_boundary() {
         (ErrorKind::Malformed, Some(0), Some("file magic"))
     );
 }
+
+#[test]
+fn configuration_directly_followed_by_a_final_eof() {
+    // one byte after the configuration is enough to see that no subsection follows
+    let records = vec![Record::Header, sample_records()[1].clone(), Record::Eof];
+    let bytes = encode(&records);
+    assert_eq!(decode(&bytes, 1), records);
+}

@@ -44,11 +44,19 @@ fn could_be_tail(tail: &[u8], max_vmdesc_len: usize, at_end: bool) -> bool {
     }
 }
 
-/// How many leading bytes of `buf` are certainly device state, not the stream's tail.
-pub(crate) fn device_state_len(buf: &[u8], max_vmdesc_len: usize, at_end: bool) -> usize {
-    (0..buf.len())
+/// How many leading bytes of `buf`, up to `max_len`, are certainly device state, not
+/// the stream's tail. Looks at no more than `max_len` positions, so handing out a
+/// large buffer in chunks of `max_len` costs linear time.
+pub(crate) fn device_state_len(
+    buf: &[u8],
+    max_vmdesc_len: usize,
+    at_end: bool,
+    max_len: usize,
+) -> usize {
+    let scan = buf.len().min(max_len);
+    (0..scan)
         .find(|&p| could_be_tail(&buf[p..], max_vmdesc_len, at_end))
-        .unwrap_or(buf.len())
+        .unwrap_or(scan)
 }
 
 #[cfg(test)]
@@ -66,30 +74,52 @@ mod tests {
     fn holds_a_possible_tail_until_refuted() {
         let mut buf = b"\x01\x02device".to_vec();
         buf.extend(tail(b"{}"));
-        assert_eq!(device_state_len(&buf, 100, false), 8);
-        assert_eq!(device_state_len(&buf, 100, true), 8);
+        assert_eq!(device_state_len(&buf, 100, false, usize::MAX), 8);
+        assert_eq!(device_state_len(&buf, 100, true, usize::MAX), 8);
         // one more byte than the length announces: it was device state after all
         buf.push(7);
-        assert_eq!(device_state_len(&buf, 100, false), buf.len());
+        assert_eq!(device_state_len(&buf, 100, false, usize::MAX), buf.len());
     }
 
     #[test]
     fn prefixes_of_a_tail_are_held_only_before_the_end() {
         let t = tail(b"{\"a\": 1}");
         for cut in 2..t.len() {
-            assert_eq!(device_state_len(&t[..cut], 100, false), 0, "cut {cut}");
+            assert_eq!(
+                device_state_len(&t[..cut], 100, false, usize::MAX),
+                0,
+                "cut {cut}"
+            );
             // at the end a cut tail is device state (a lone trailing 00 aside)
-            assert!(device_state_len(&t[..cut], 100, true) > 0, "cut {cut}");
+            assert!(
+                device_state_len(&t[..cut], 100, true, usize::MAX) > 0,
+                "cut {cut}"
+            );
         }
-        assert_eq!(device_state_len(&[5, 0], 100, true), 1, "bare EOF");
+        assert_eq!(
+            device_state_len(&[5, 0], 100, true, usize::MAX),
+            1,
+            "bare EOF"
+        );
+    }
+
+    #[test]
+    fn scans_at_most_max_len_positions() {
+        let mut buf = vec![1u8; 100];
+        buf.extend(tail(b"{}"));
+        assert_eq!(device_state_len(&buf, 100, false, 10), 10);
+        assert_eq!(device_state_len(&buf, 100, false, 1000), 100);
     }
 
     #[test]
     fn oversized_or_non_json_is_device_state() {
         let t = tail(b"{}");
-        assert_eq!(device_state_len(&t, 1, true), t.len());
+        assert_eq!(device_state_len(&t, 1, true, usize::MAX), t.len());
         let mut not_json = tail(b"[]");
         not_json[6] = b'[';
-        assert_eq!(device_state_len(&not_json, 100, true), not_json.len());
+        assert_eq!(
+            device_state_len(&not_json, 100, true, usize::MAX),
+            not_json.len()
+        );
     }
 }

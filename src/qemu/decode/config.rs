@@ -80,10 +80,10 @@ impl QemuDecoder {
         // only if the next bytes are 0x05 and a name starting with the parent's.
         loop {
             let at = c.pos();
-            match c.peek(0, 2) {
-                None => return Ok(None),
-                Some(&[record_type::SUBSECTION, n]) if usize::from(n) > PREFIX.len() => {}
-                Some(_) => return Ok(Some((config, at))),
+            match (c.peek(0, 1), c.peek(1, 1)) {
+                (None, _) | (Some([record_type::SUBSECTION]), None) => return Ok(None),
+                (Some([record_type::SUBSECTION]), Some(&[n])) if usize::from(n) > PREFIX.len() => {}
+                _ => return Ok(Some((config, at))),
             }
             let Some(name) = Cursor::new(&buf[at + 1..]).cstr8() else {
                 return Ok(None);

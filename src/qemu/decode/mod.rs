@@ -458,9 +458,15 @@ impl QemuDecoder {
     }
 
     fn device_state(&mut self, src: &mut BytesMut, at_end: bool) -> Result<(Phase, Step)> {
-        let opaque = tail::device_state_len(src, self.limits.max_vmdesc_len, at_end);
+        let limits = &self.limits;
+        let opaque = tail::device_state_len(
+            src,
+            limits.max_vmdesc_len,
+            at_end,
+            limits.max_opaque_chunk.max(1),
+        );
         if opaque > 0 {
-            let chunk = self.take(src, opaque.min(self.limits.max_opaque_chunk));
+            let chunk = self.take(src, opaque);
             return Ok((Phase::DeviceState, Step::Emit(Record::Opaque(chunk))));
         }
         if !at_end || src.is_empty() {
