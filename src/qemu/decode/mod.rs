@@ -274,10 +274,7 @@ impl QemuDecoder {
                 if src.is_empty() {
                     return Ok((Phase::Packaged { remaining }, Step::NeedMore));
                 }
-                let n = src
-                    .len()
-                    .min(self.limits.max_opaque_chunk)
-                    .min(remaining as usize);
+                let n = src.len().min(self.opaque_chunk()).min(remaining as usize);
                 let chunk = self.take(src, n);
                 let remaining = remaining - n as u64;
                 Ok((
@@ -458,13 +455,8 @@ impl QemuDecoder {
     }
 
     fn device_state(&mut self, src: &mut BytesMut, at_end: bool) -> Result<(Phase, Step)> {
-        let limits = &self.limits;
-        let opaque = tail::device_state_len(
-            src,
-            limits.max_vmdesc_len,
-            at_end,
-            limits.max_opaque_chunk.max(1),
-        );
+        let opaque =
+            tail::device_state_len(src, self.limits.max_vmdesc_len, at_end, self.opaque_chunk());
         if opaque > 0 {
             let chunk = self.take(src, opaque);
             return Ok((Phase::DeviceState, Step::Emit(Record::Opaque(chunk))));
@@ -507,6 +499,11 @@ impl QemuDecoder {
         }
         let json = self.take(src, 5 + len).slice(5..);
         Ok((Phase::Done, Step::Emit(Record::VmDescription(json))))
+    }
+
+    /// The size of opaque chunks handed out (at least one byte, whatever the limits say).
+    fn opaque_chunk(&self) -> usize {
+        self.limits.max_opaque_chunk.max(1)
     }
 
     fn take(&mut self, src: &mut BytesMut, n: usize) -> Bytes {
