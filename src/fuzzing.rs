@@ -7,6 +7,7 @@
 use bytes::BytesMut;
 
 use crate::qemu::{Limits, QemuDecoder, QemuEncoder};
+use crate::xbzrle::{self, Delta};
 
 /// Decodes `data[1..]` fed in reads of a size drawn from `data[0]`, re-encodes every
 /// record, and asserts the output equals the consumed input.
@@ -59,20 +60,61 @@ pub fn qemu_decode(data: &[u8]) {
     );
 }
 
+/// XBZRLE both ways. `data[0]` picks the page size (64 << n bytes, up to 4 KiB).
+/// The rest is applied as a delta to a page made of the same bytes (it must not
+/// panic); then the page before and after, whatever decoding did to it, are encoded
+/// and decoded again, which must give back the page after.
+pub fn xbzrle(data: &[u8]) {
+    let Some((&size, rest)) = data.split_first() else {
+        return;
+    };
+    let len = 64 << (size % 7);
+    let old: Vec<u8> = rest.iter().copied().cycle().take(len).collect();
+    if old.len() < len {
+        return;
+    }
+    let mut new = old.clone();
+    let _ = xbzrle::decode(rest, &mut new);
+    let mut out = vec![0; len];
+    match xbzrle::encode(&old, &new, &mut out) {
+        Delta::Unchanged => assert!(old == new, "unchanged but the pages differ"),
+        Delta::TooLarge => {}
+        Delta::Encoded(n) => {
+            let mut page = old.clone();
+            xbzrle::decode(&out[..n], &mut page).expect("our own delta decodes");
+            assert!(page == new, "decode(encode(old, new)) != new");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
-    /// Replays the checked-in seed corpus of every fuzz target through its entry point.
-    #[test]
-    fn fuzz_corpus_replays() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/qemu_decode");
+    /// Runs every file of a target's checked-in seed corpus through its entry point.
+    fn replay(target: &str, entry_point: fn(&[u8])) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
         let mut count = 0;
-        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/qemu_decode exists") {
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
             let data = std::fs::read(entry.expect("corpus entry").path()).expect("corpus file");
-            super::qemu_decode(&data);
+            entry_point(&data);
             count += 1;
         }
-        assert!(count >= 10, "seed corpus has only {count} inputs");
+        assert!(
+            count >= 10,
+            "seed corpus of {target} has only {count} inputs"
+        );
+    }
+
+    #[test]
+    fn qemu_decode_corpus_replays() {
+        replay("qemu_decode", super::qemu_decode);
+    }
+
+    #[test]
+    fn xbzrle_corpus_replays() {
+        replay("xbzrle", super::xbzrle);
     }
 }

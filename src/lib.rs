@@ -40,5 +40,6 @@ mod error;
 #[cfg(any(fuzzing, test))]
 pub mod fuzzing;
 pub mod qemu;
+pub mod xbzrle;
 
 pub use error::{Error, ErrorKind, Result};
