@@ -39,6 +39,7 @@
 mod error;
 #[cfg(any(fuzzing, test))]
 pub mod fuzzing;
+pub mod page;
 pub mod qemu;
 pub mod xbzrle;
 

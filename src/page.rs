@@ -1,0 +1,94 @@
+//! The page model shared by resolvers, catalogs and the dedup stream: page identity.
+//!
+//! Guest memory is attacker-controlled, so a page's identity on the wire is a
+//! cryptographic fingerprint: the first 128 bits of its BLAKE3 hash. Two different
+//! pages with one fingerprint would need a BLAKE3 collision. Fast non-cryptographic
+//! hashes are used only to pre-filter (see [`prefilter`]).
+
+use std::fmt;
+
+/// Bytes in a fingerprint on the wire.
+pub const FINGERPRINT_LEN: usize = 16;
+
+/// A page's identity: the first 128 bits of the BLAKE3 hash of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; FINGERPRINT_LEN]);
+
+impl Fingerprint {
+    /// The fingerprint of `page`.
+    pub fn of(page: &[u8]) -> Self {
+        let hash = blake3::hash(page);
+        let mut fp = [0; FINGERPRINT_LEN];
+        fp.copy_from_slice(&hash.as_bytes()[..FINGERPRINT_LEN]);
+        Self(fp)
+    }
+
+    /// Whether `page` has this fingerprint: the check every restored page passes
+    /// before it is written out.
+    pub fn matches(&self, page: &[u8]) -> bool {
+        Self::of(page) == *self
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// A fast 64-bit hash of a page, for pre-filtering only (never for identity): a
+/// miss proves a page is not in a set; a hit must be confirmed by its [`Fingerprint`].
+/// Keyed with fixed seeds so both ends and every run agree.
+pub fn prefilter(page: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = ahash::RandomState::with_seeds(0x6d69_6773, 0x7472_6561, 0x6d20_7061, 0x6765_7321)
+        .build_hasher();
+    h.write(page);
+    h.finish()
+}
+
+/// Whether every byte of `page` is zero (QEMU's `buffer_is_zero`).
+pub fn is_zero(page: &[u8]) -> bool {
+    let words = page.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .into_iter()
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_blake3_prefix() {
+        let page = [7u8; 4096];
+        let fp = Fingerprint::of(&page);
+        assert_eq!(&fp.0[..], &blake3::hash(&page).as_bytes()[..16]);
+        assert!(fp.matches(&page));
+        assert!(!fp.matches(&[8u8; 4096]));
+        assert_eq!(fp.to_string().len(), 32);
+    }
+
+    #[test]
+    fn zero_pages() {
+        let mut page = [0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+        assert!(is_zero(&[0u8; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn prefilter_is_stable() {
+        assert_eq!(prefilter(&[1u8; 4096]), prefilter(&[1u8; 4096]));
+        assert_ne!(prefilter(&[1u8; 4096]), prefilter(&[2u8; 4096]));
+    }
+}
