@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Truncated,
     /// A record handed to an encoder cannot be written.
     InvalidRecord,
+    /// A page could not be restored exactly (missing template, fingerprint mismatch).
+    Unresolved,
     /// The transport failed.
     Io,
 }
@@ -76,6 +78,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A page could not be restored exactly: the migration must fail rather than
+    /// deliver a guessed page.
+    #[error("{resolver} cannot restore page {fingerprint}: {reason}")]
+    Unresolved {
+        /// The resolver that failed.
+        resolver: &'static str,
+        /// The fingerprint of the page that was wanted.
+        fingerprint: crate::page::Fingerprint,
+        /// Why.
+        reason: &'static str,
+    },
     /// The transport failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
@@ -90,6 +103,7 @@ impl Error {
             Self::LimitExceeded { .. } => ErrorKind::LimitExceeded,
             Self::Truncated { .. } => ErrorKind::Truncated,
             Self::InvalidRecord { .. } => ErrorKind::InvalidRecord,
+            Self::Unresolved { .. } => ErrorKind::Unresolved,
             Self::Io(_) => ErrorKind::Io,
         }
     }
@@ -101,7 +115,7 @@ impl Error {
             | Self::Unsupported { offset, .. }
             | Self::LimitExceeded { offset, .. }
             | Self::Truncated { offset, .. } => Some(offset),
-            Self::InvalidRecord { .. } | Self::Io(_) => None,
+            Self::InvalidRecord { .. } | Self::Unresolved { .. } | Self::Io(_) => None,
         }
     }
 
@@ -113,7 +127,7 @@ impl Error {
             | Self::LimitExceeded { field, .. }
             | Self::Truncated { field, .. }
             | Self::InvalidRecord { field, .. } => Some(field),
-            Self::Io(_) => None,
+            Self::Unresolved { .. } | Self::Io(_) => None,
         }
     }
 }

@@ -87,6 +87,43 @@ pub fn xbzrle(data: &[u8]) {
     }
 }
 
+/// Loads `data` as a template catalog file, whole and from a reader of unknown
+/// length (same result, same error), and as the source's index. Whatever loads must
+/// write back to exactly `data`, and its index must find every template.
+pub fn catalog_load(data: &[u8]) {
+    use crate::page::Fingerprint;
+    use crate::template::{Catalog, TemplateIndex};
+    let whole = Catalog::from_bytes(data);
+    match (&whole, Catalog::from_reader(data)) {
+        (Ok(a), Ok(b)) => assert!(
+            *a == b,
+            "from_bytes and from_reader load different catalogs"
+        ),
+        (Err(a), Err(b)) => assert_eq!(
+            (a.kind(), a.offset(), a.field()),
+            (b.kind(), b.offset(), b.field()),
+            "from_bytes and from_reader fail differently"
+        ),
+        _ => panic!("from_bytes and from_reader disagree"),
+    }
+    let index = TemplateIndex::from_reader(data);
+    let Ok(catalog) = whole else {
+        return;
+    };
+    let mut out = Vec::new();
+    catalog.write_to(&mut out).expect("writing to memory");
+    assert!(
+        out == data,
+        "the catalog written back differs from the bytes loaded"
+    );
+    let index = index.expect("a catalog that loads also indexes");
+    assert_eq!(index.id(), catalog.id());
+    for n in 0..catalog.len() as u32 {
+        let page = catalog.get(n).expect("a template");
+        assert_eq!(index.lookup(page), Some((n, Fingerprint::of(page))));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -116,5 +153,10 @@ mod tests {
     #[test]
     fn xbzrle_corpus_replays() {
         replay("xbzrle", super::xbzrle);
+    }
+
+    #[test]
+    fn catalog_load_corpus_replays() {
+        replay("catalog_load", super::catalog_load);
     }
 }

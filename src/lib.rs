@@ -36,11 +36,15 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod dedup;
 mod error;
 #[cfg(any(fuzzing, test))]
 pub mod fuzzing;
 pub mod page;
 pub mod qemu;
+pub mod resolve;
+pub mod template;
+mod varint;
 pub mod xbzrle;
 
 pub use error::{Error, ErrorKind, Result};

@@ -184,6 +184,14 @@ impl QemuEncoder {
         Ok(())
     }
 
+    /// Appends the bytes of a PAGE record that come before its data (the record word
+    /// and, unless CONTINUE, the block name), for writers that send the page bytes
+    /// themselves (vectored IO) or replace them (the dedup stream). The page data must
+    /// follow: exactly one target page.
+    pub fn encode_page_header(&mut self, addr: &PageAddr, dst: &mut BytesMut) -> Result<()> {
+        self.put_page_header(dst, addr, ram_flag::PAGE)
+    }
+
     /// The record word and, unless CONTINUE, the block name.
     fn put_page_header(&mut self, dst: &mut BytesMut, addr: &PageAddr, flag: u64) -> Result<()> {
         if addr.continued {

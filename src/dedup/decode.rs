@@ -1,0 +1,324 @@
+//! The destination side: dedup frames in, the exact QEMU bytes out.
+
+use bytes::{Bytes, BytesMut};
+
+use super::wire::{self, Hello, codec, frame};
+use super::{Limits, Stats};
+use crate::error::{Error, Result};
+use crate::qemu::DEFAULT_PAGE_SIZE;
+use crate::resolve::{Restore, tag};
+use crate::varint;
+
+/// Turns the dedup stream back into the QEMU stream.
+///
+/// [`decode`](Self::decode) hands out the QEMU bytes of one DATA frame at a time,
+/// and only after checking them against the running digest the source computed over
+/// the same bytes: a corrupted, reordered or dropped frame, a wrong page from a store,
+/// a resolver bug, all fail here before a byte of the frame is released.
+/// [`decode_eof`](Self::decode_eof) fails unless the END frame confirmed the total.
+pub struct DedupDecoder {
+    limits: Limits,
+    page_size: usize,
+    restores: Vec<Box<dyn Restore>>,
+    /// Resolver index per entry tag.
+    by_tag: [Option<u8>; 256],
+    hello: Option<Hello>,
+    done: bool,
+    failed: bool,
+    /// Stream offset of the first byte of `src` not yet consumed.
+    offset: u64,
+    raw: Vec<u8>,
+    /// QEMU bytes of HOLD frames, released when END confirms the stream.
+    held: BytesMut,
+    hold_started: bool,
+    hasher: blake3::Hasher,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for DedupDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupDecoder")
+            .field("hello", &self.hello)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl DedupDecoder {
+    /// A decoder with these resolvers (at most one per tag; raw pages and verbatim
+    /// QEMU bytes need none).
+    pub fn new(restores: Vec<Box<dyn Restore>>) -> Self {
+        let mut by_tag = [None; 256];
+        for (i, r) in restores.iter().enumerate() {
+            assert!(
+                by_tag[usize::from(r.tag())].is_none(),
+                "two resolvers for tag {:#x}",
+                r.tag()
+            );
+            by_tag[usize::from(r.tag())] = Some(i as u8);
+        }
+        Self {
+            limits: Limits::default(),
+            page_size: DEFAULT_PAGE_SIZE,
+            restores,
+            by_tag,
+            hello: None,
+            done: false,
+            failed: false,
+            offset: 0,
+            raw: Vec::new(),
+            held: BytesMut::new(),
+            hold_started: false,
+            hasher: blake3::Hasher::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Sets the limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The source's HELLO, once received.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Decodes the next frame: `Ok(Some(bytes))` with verified QEMU bytes, `Ok(None)`
+    /// if more input is needed (or the stream is complete).
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        if self.failed {
+            return Err(self.malformed(0, "stream", "the decoder failed earlier"));
+        }
+        let result = self.next(src);
+        self.failed = result.is_err();
+        result
+    }
+
+    /// Like [`decode`](Self::decode) at the end of the input: fails unless the
+    /// stream ended right after its END frame.
+    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        match self.decode(src)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None if self.done && src.is_empty() => Ok(None),
+            None => {
+                self.failed = true;
+                Err(Error::Truncated {
+                    offset: self.offset + src.len() as u64,
+                    field: "dedup stream before its END frame",
+                })
+            }
+        }
+    }
+
+    fn next(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        loop {
+            if self.done {
+                return match src.is_empty() {
+                    true => Ok(None),
+                    false => Err(self.malformed(0, "trailing bytes", "bytes after the END frame")),
+                };
+            }
+            let Some(header) = src.get(..wire::FRAME_HEADER) else {
+                return Ok(None);
+            };
+            let kind = header[0];
+            let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+            if len > self.limits.max_frame {
+                return Err(self.limit(1, "frame length", len, self.limits.max_frame));
+            }
+            if src.len() < wire::FRAME_HEADER + len {
+                src.reserve(wire::FRAME_HEADER + len - src.len());
+                return Ok(None);
+            }
+            let payload = src
+                .split_to(wire::FRAME_HEADER + len)
+                .freeze()
+                .slice(wire::FRAME_HEADER..);
+            let out = match (kind, self.hello.is_some()) {
+                (frame::HELLO, false) => self.on_hello(&payload).map(|()| None),
+                (frame::DATA, true) => self.on_data(&payload),
+                (frame::END, true) => self
+                    .on_end(&payload)
+                    .map(|()| Some(self.held.split().freeze())),
+                (frame::HELLO | frame::DATA | frame::END, _) => {
+                    Err(self.malformed(0, "frame type", "out of order"))
+                }
+                _ => Err(self.malformed(0, "frame type", "unknown")),
+            };
+            self.offset += (wire::FRAME_HEADER + len) as u64;
+            self.stats.wire_bytes += (wire::FRAME_HEADER + len) as u64;
+            if let Some(bytes) = out?.filter(|b| !b.is_empty()) {
+                return Ok(Some(bytes));
+            }
+        }
+    }
+
+    fn on_hello(&mut self, p: &[u8]) -> Result<()> {
+        if p.len() != wire::HELLO_LEN || p[..4] != wire::MAGIC {
+            return Err(self.malformed(5, "hello", "not a migstream dedup stream"));
+        }
+        // the HELLO is covered by every frame digest: the running hash starts with it
+        self.hasher.update(p);
+        let version = u16::from_be_bytes([p[4], p[5]]);
+        if version != wire::VERSION {
+            return Err(Error::Unsupported {
+                offset: self.offset + 9,
+                field: "dedup stream version",
+                reason: "not 1",
+            });
+        }
+        if p[6..8] != [0, 0] {
+            return Err(self.malformed(11, "hello flags", "not zero"));
+        }
+        let page_size = u32::from_be_bytes(p[8..12].try_into().expect("4 bytes"));
+        if !page_size.is_power_of_two() || !(1024..=65536).contains(&page_size) {
+            return Err(self.malformed(13, "page size", "not a power of two from 1 KiB to 64 KiB"));
+        }
+        self.page_size = page_size as usize;
+        let catalog = p[12..44].try_into().expect("32 bytes");
+        self.hello = Some(Hello { page_size, catalog });
+        Ok(())
+    }
+
+    fn on_data(&mut self, p: &Bytes) -> Result<Option<Bytes>> {
+        let Some(header) = p.get(..wire::DATA_HEADER) else {
+            return Err(self.malformed(5, "data frame", "shorter than its header"));
+        };
+        let flags = header[1];
+        if flags & !wire::FLAG_HOLD != 0 || (self.hold_started && flags & wire::FLAG_HOLD == 0) {
+            return Err(self.malformed(6, "data frame flags", "unknown, or HOLD cleared once set"));
+        }
+        let raw_len = u32::from_be_bytes(header[2..6].try_into().expect("4 bytes")) as usize;
+        if raw_len > self.limits.max_batch {
+            return Err(self.limit(7, "batch length", raw_len, self.limits.max_batch));
+        }
+        let digest: [u8; wire::FRAME_DIGEST] = header[6..].try_into().expect("16 bytes");
+        let body = &p[wire::DATA_HEADER..];
+        self.raw.resize(raw_len, 0);
+        match header[0] {
+            codec::STORED if body.len() == raw_len => self.raw.copy_from_slice(body),
+            codec::LZ4 => match lz4_flex::block::decompress_into(body, &mut self.raw) {
+                Ok(n) if n == raw_len => {}
+                _ => {
+                    return Err(self.malformed(
+                        5 + wire::DATA_HEADER,
+                        "data frame",
+                        "LZ4 block does not decompress to its length",
+                    ));
+                }
+            },
+            codec::STORED => {
+                return Err(self.malformed(5, "data frame", "stored batch of the wrong length"));
+            }
+            _ => return Err(self.malformed(5, "data frame codec", "unknown")),
+        }
+        let out = self.entries()?;
+        self.hasher.update(&out);
+        self.hasher.update(&header[..6]);
+        self.hasher.update(body);
+        if self.hasher.finalize().as_bytes()[..wire::FRAME_DIGEST] != digest {
+            return Err(self.malformed(
+                11,
+                "data frame digest",
+                "the QEMU bytes differ from the source's",
+            ));
+        }
+        self.stats.qemu_bytes += out.len() as u64;
+        if flags & wire::FLAG_HOLD != 0 {
+            if self.held.len() + out.len() > self.limits.max_held {
+                return Err(self.limit(
+                    5,
+                    "held bytes after EOF",
+                    self.held.len() + out.len(),
+                    self.limits.max_held,
+                ));
+            }
+            self.held.extend_from_slice(&out);
+            self.hold_started = true;
+            return Ok(None);
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    /// Rebuilds the QEMU bytes of the batch in `self.raw`.
+    fn entries(&mut self) -> Result<BytesMut> {
+        let bad = |reason| Error::Malformed {
+            offset: self.offset,
+            field: "batch entry",
+            reason,
+        };
+        let mut out = BytesMut::with_capacity(self.raw.len() + self.raw.len() / 2);
+        let mut raw = &self.raw[..];
+        while let Some((&tag, rest)) = raw.split_first() {
+            let (len, n) = varint::get(rest).ok_or_else(|| bad("bad length"))?;
+            let body = rest
+                .get(n..)
+                .and_then(|r| r.get(..len as usize))
+                .ok_or_else(|| bad("beyond the batch"))?;
+            raw = &rest[n + body.len()..];
+            if tag == wire::ENTRY_QEMU {
+                out.extend_from_slice(body);
+                continue;
+            }
+            let at = out.len();
+            out.resize(at + self.page_size, 0);
+            let page = &mut out[at..];
+            if tag == tag::RAW {
+                if body.len() != self.page_size {
+                    return Err(bad("raw page of the wrong size"));
+                }
+                page.copy_from_slice(body);
+            } else {
+                let Some(i) = self.by_tag[usize::from(tag)] else {
+                    return Err(bad("no resolver for this tag"));
+                };
+                self.restores[usize::from(i)].restore(body, page)?;
+            }
+            for r in &mut self.restores {
+                r.delivered(page);
+            }
+            self.stats.pages[usize::from(tag)] += 1;
+        }
+        Ok(out)
+    }
+
+    fn on_end(&mut self, p: &[u8]) -> Result<()> {
+        if p.len() != wire::END_LEN {
+            return Err(self.malformed(5, "end frame", "wrong length"));
+        }
+        let total = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+        if total != self.stats.qemu_bytes || p[8..] != self.hasher.finalize().as_bytes()[..] {
+            return Err(self.malformed(
+                5,
+                "end frame",
+                "total or digest differs from the QEMU bytes delivered",
+            ));
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    fn malformed(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
+        Error::Malformed {
+            offset: self.offset + at as u64,
+            field,
+            reason,
+        }
+    }
+
+    fn limit(&self, at: usize, field: &'static str, value: usize, limit: usize) -> Error {
+        Error::LimitExceeded {
+            offset: self.offset + at as u64,
+            field,
+            value: value as u64,
+            limit: limit as u64,
+        }
+    }
+}

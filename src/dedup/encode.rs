@@ -1,0 +1,204 @@
+//! The source side: QEMU records in, dedup frames out.
+
+use bytes::{BufMut, BytesMut};
+
+use super::Stats;
+use super::wire::{self, Hello, codec, frame};
+use crate::error::Result;
+use crate::qemu::{DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record};
+use crate::resolve::{Claim, Page, tag};
+use crate::varint;
+
+/// Turns QEMU [`Record`]s into the dedup stream.
+///
+/// Every byte of the QEMU stream is accounted for: page payloads travel as resolver
+/// entries (or raw), everything else as verbatim QEMU bytes, all batched into DATA
+/// frames compressed with LZ4. Each DATA frame carries the running digest of the QEMU
+/// bytes so far, and [`finish`](Self::finish) writes the END frame with the total.
+pub struct DedupEncoder {
+    page_size: usize,
+    catalog: [u8; 32],
+    qemu: QemuEncoder,
+    claims: Vec<Box<dyn Claim>>,
+    /// Raw entries of the batch being built.
+    batch: Vec<u8>,
+    /// QEMU bytes not yet put in an entry of `batch`.
+    verbatim: BytesMut,
+    /// Scratch for a resolver's body and for the compressed batch.
+    body: Vec<u8>,
+    compressed: Vec<u8>,
+    batch_target: usize,
+    hasher: blake3::Hasher,
+    started: bool,
+    /// QEMU's EOF has been taken in: the frames from here on are held until END.
+    hold: bool,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for DedupEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tags: Vec<u8> = self.claims.iter().map(|c| c.tag()).collect();
+        f.debug_struct("DedupEncoder")
+            .field("resolver_tags", &tags)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Default size at which a batch is compressed and sent.
+pub const DEFAULT_BATCH: usize = 256 * 1024;
+
+impl DedupEncoder {
+    /// An encoder whose resolvers are tried in the order given; pages none of them
+    /// claims travel raw.
+    pub fn new(claims: Vec<Box<dyn Claim>>) -> Self {
+        Self {
+            page_size: DEFAULT_PAGE_SIZE,
+            catalog: [0; 32],
+            qemu: QemuEncoder::new(),
+            claims,
+            batch: Vec::new(),
+            verbatim: BytesMut::new(),
+            body: Vec::new(),
+            compressed: Vec::new(),
+            batch_target: DEFAULT_BATCH,
+            hasher: blake3::Hasher::new(),
+            started: false,
+            hold: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Announces the identity of the template catalog the resolvers refer to.
+    pub fn with_catalog_id(mut self, id: [u8; 32]) -> Self {
+        self.catalog = id;
+        self
+    }
+
+    /// Sets the batch size at which a DATA frame is sent (bounded by the decoder's
+    /// `max_batch`; default 256 KiB).
+    pub fn with_batch_size(mut self, bytes: usize) -> Self {
+        self.batch_target = bytes.max(1);
+        self
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Takes in one QEMU record; appends any frames that became ready to `dst`.
+    pub fn encode(&mut self, record: &Record, dst: &mut BytesMut) -> Result<()> {
+        if !self.started {
+            self.started = true;
+            let hello = Hello {
+                page_size: self.page_size as u32,
+                catalog: self.catalog,
+            };
+            let at = dst.len();
+            hello.put(dst);
+            // every frame digest covers the HELLO too
+            self.hasher.update(&dst[at + wire::FRAME_HEADER..]);
+            self.stats.wire_bytes += (dst.len() - at) as u64;
+        }
+        match record {
+            Record::Ram(RamRecord::Page { addr, data }) => {
+                self.qemu.encode_page_header(addr, &mut self.verbatim)?;
+                self.put_verbatim();
+                let page = Page {
+                    block: &addr.block,
+                    offset: addr.offset,
+                    data,
+                };
+                self.put_page(&page);
+            }
+            other => {
+                self.hold |= matches!(other, Record::Eof);
+                self.qemu.encode(other, &mut self.verbatim)?;
+            }
+        }
+        if self.batch.len() + self.verbatim.len() >= self.batch_target {
+            self.flush(dst)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending as a DATA frame (e.g. when the QEMU side goes quiet).
+    pub fn flush(&mut self, dst: &mut BytesMut) -> Result<()> {
+        self.put_verbatim();
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let bound = lz4_flex::block::get_maximum_output_size(self.batch.len());
+        self.compressed.resize(bound, 0);
+        let n = lz4_flex::block::compress_into(&self.batch, &mut self.compressed)
+            .expect("output sized by the bound");
+        let (codec, body) = match n < self.batch.len() {
+            true => (codec::LZ4, &self.compressed[..n]),
+            false => (codec::STORED, &self.batch[..]),
+        };
+        let before = dst.len();
+        let raw_len = (self.batch.len() as u32).to_be_bytes();
+        let flags = if self.hold { wire::FLAG_HOLD } else { 0 };
+        // the digest covers the frame's own bytes too: no flip on the wire goes unseen
+        self.hasher.update(&[codec, flags]);
+        self.hasher.update(&raw_len);
+        self.hasher.update(body);
+        wire::put_frame_header(dst, frame::DATA, wire::DATA_HEADER + body.len());
+        dst.put_u8(codec);
+        dst.put_u8(flags);
+        dst.put_slice(&raw_len);
+        dst.put_slice(&self.hasher.finalize().as_bytes()[..wire::FRAME_DIGEST]);
+        dst.put_slice(body);
+        self.stats.wire_bytes += (dst.len() - before) as u64;
+        self.batch.clear();
+        Ok(())
+    }
+
+    /// Sends what is pending and the END frame. Call once, after the last record.
+    pub fn finish(&mut self, dst: &mut BytesMut) -> Result<()> {
+        self.flush(dst)?;
+        wire::put_frame_header(dst, frame::END, wire::END_LEN);
+        dst.put_u64(self.stats.qemu_bytes);
+        dst.put_slice(self.hasher.finalize().as_bytes());
+        self.stats.wire_bytes += (wire::FRAME_HEADER + wire::END_LEN) as u64;
+        Ok(())
+    }
+
+    /// Moves pending verbatim QEMU bytes into the batch as one entry.
+    fn put_verbatim(&mut self) {
+        if self.verbatim.is_empty() {
+            return;
+        }
+        self.hasher.update(&self.verbatim);
+        self.stats.qemu_bytes += self.verbatim.len() as u64;
+        self.batch.push(wire::ENTRY_QEMU);
+        varint::put(&mut self.batch, self.verbatim.len() as u64);
+        self.batch.extend_from_slice(&self.verbatim);
+        self.verbatim.clear();
+    }
+
+    fn put_page(&mut self, page: &Page<'_>) {
+        let mut claimed = None;
+        for c in &mut self.claims {
+            self.body.clear();
+            if c.claim(page, &mut self.body) {
+                claimed = Some(c.tag());
+                break;
+            }
+        }
+        let (tag, body) = match claimed {
+            Some(tag) => (tag, &self.body[..]),
+            None => (tag::RAW, page.data),
+        };
+        self.batch.push(tag);
+        varint::put(&mut self.batch, body.len() as u64);
+        self.batch.extend_from_slice(body);
+        self.stats.pages[usize::from(tag)] += 1;
+        for c in &mut self.claims {
+            c.delivered(page);
+        }
+        self.hasher.update(page.data);
+        self.stats.qemu_bytes += page.data.len() as u64;
+    }
+}

@@ -1,0 +1,106 @@
+//! The proxy-to-proxy dedup stream: QEMU's migration stream with page payloads
+//! replaced by resolver references, batched and compressed, in length-prefixed
+//! frames a reader can bound and skip. Sans-IO like [`crate::qemu`]. The format is
+//! specified in `docs/wire-format.md`.
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use migstream::dedup::{DedupDecoder, DedupEncoder};
+//! use migstream::qemu::QemuDecoder;
+//!
+//! # let qemu_stream = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/qemu-7.2-pc-paused.mig"));
+//! // source side: QEMU records in, frames out
+//! let (mut records, mut enc) = (QemuDecoder::new(), DedupEncoder::with_default_resolvers());
+//! let (mut input, mut wire) = (BytesMut::from(&qemu_stream[..]), BytesMut::new());
+//! while let Some(record) = records.decode_eof(&mut input)? {
+//!     enc.encode(&record, &mut wire)?;
+//! }
+//! enc.finish(&mut wire)?;
+//! assert!(wire.len() < qemu_stream.len());
+//!
+//! // destination side: frames in, the source QEMU's exact bytes out
+//! let mut dec = DedupDecoder::with_default_resolvers();
+//! let mut qemu_out = Vec::new();
+//! while let Some(bytes) = dec.decode_eof(&mut wire)? {
+//!     qemu_out.extend_from_slice(&bytes);
+//! }
+//! assert_eq!(&qemu_out[..], &qemu_stream[..]);
+//! # Ok::<(), migstream::Error>(())
+//! ```
+
+mod decode;
+mod encode;
+pub mod wire;
+
+pub use decode::DedupDecoder;
+pub use encode::{DEFAULT_BATCH, DedupEncoder};
+
+use crate::qemu::DEFAULT_PAGE_SIZE;
+use crate::resolve::{Fill, SeenBefore, SeenBeforeRestore};
+
+/// Default seen-before window: the last 65536 distinct pages (256 MiB of 4 KiB pages
+/// at the destination, ~2.5 MiB at the source).
+pub const DEFAULT_SEEN_WINDOW: u64 = 65536;
+
+/// Caps on what a peer's frame can make the decoder hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest frame payload.
+    pub max_frame: usize,
+    /// Largest batch once decompressed.
+    pub max_batch: usize,
+    /// Most QEMU bytes held back from QEMU's EOF to the END frame (device
+    /// description and what shares a batch with it).
+    pub max_held: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: 32 << 20,
+            max_batch: 32 << 20,
+            max_held: 64 << 20,
+        }
+    }
+}
+
+/// Counters of a dedup encoder or decoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// QEMU stream bytes taken in (encoder) or given out (decoder).
+    pub qemu_bytes: u64,
+    /// Dedup stream bytes given out (encoder) or taken in (decoder).
+    pub wire_bytes: u64,
+    /// Pages by entry tag ([`crate::resolve::tag`]).
+    pub pages: [u64; 256],
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            qemu_bytes: 0,
+            wire_bytes: 0,
+            pages: [0; 256],
+        }
+    }
+}
+
+impl DedupEncoder {
+    /// An encoder with the built-in local resolvers: fill pages, then seen-before
+    /// with [`DEFAULT_SEEN_WINDOW`].
+    pub fn with_default_resolvers() -> Self {
+        Self::new(vec![
+            Box::new(Fill),
+            Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)),
+        ])
+    }
+}
+
+impl DedupDecoder {
+    /// The decoder matching [`DedupEncoder::with_default_resolvers`].
+    pub fn with_default_resolvers() -> Self {
+        let seen = SeenBeforeRestore::new(DEFAULT_SEEN_WINDOW, DEFAULT_PAGE_SIZE);
+        Self::new(vec![Box::new(Fill), Box::new(seen)])
+    }
+}

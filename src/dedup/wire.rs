@@ -1,0 +1,71 @@
+//! Constants and fixed layouts of the dedup stream (`docs/wire-format.md`).
+
+use bytes::{BufMut, BytesMut};
+
+/// First bytes of a HELLO payload.
+pub const MAGIC: [u8; 4] = *b"MGSD";
+/// Version of the dedup stream format.
+pub const VERSION: u16 = 1;
+/// Frame header: type byte and be32 payload length.
+pub const FRAME_HEADER: usize = 5;
+/// Bytes of the running digest each DATA frame carries.
+pub const FRAME_DIGEST: usize = 16;
+
+/// Frame types.
+pub mod frame {
+    /// Versions, page size, catalog identity. Always first.
+    pub const HELLO: u8 = 0x01;
+    /// A batch of entries, compressed.
+    pub const DATA: u8 = 0x02;
+    /// Total QEMU bytes and their digest. Always last.
+    pub const END: u8 = 0x03;
+}
+
+/// How a DATA frame's batch is stored.
+pub mod codec {
+    /// As is (when compression would not shrink it).
+    pub const STORED: u8 = 0x00;
+    /// One LZ4 block.
+    pub const LZ4: u8 = 0x01;
+}
+
+/// Entry tag of QEMU bytes carried verbatim; page tags are in [`crate::resolve::tag`].
+pub const ENTRY_QEMU: u8 = 0x00;
+
+/// The HELLO frame's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Target page size of the QEMU stream.
+    pub page_size: u32,
+    /// Identity of the template catalog the source refers to (all zero: none).
+    pub catalog: [u8; 32],
+}
+
+/// Length of a HELLO payload.
+pub const HELLO_LEN: usize = 4 + 2 + 2 + 4 + 32;
+/// Length of an END payload.
+pub const END_LEN: usize = 8 + 32;
+/// Bytes of a DATA payload before its batch: codec, flags, raw length, digest.
+pub const DATA_HEADER: usize = 1 + 1 + 4 + FRAME_DIGEST;
+
+/// DATA frame flag: this frame holds QEMU's EOF or what follows it. The destination
+/// releases such frames' bytes only after the END frame confirmed the whole stream,
+/// so QEMU never sees a complete stream that was not checked whole.
+pub const FLAG_HOLD: u8 = 0x01;
+
+impl Hello {
+    pub(crate) fn put(&self, dst: &mut BytesMut) {
+        put_frame_header(dst, frame::HELLO, HELLO_LEN);
+        dst.put_slice(&MAGIC);
+        dst.put_u16(VERSION);
+        dst.put_u16(0);
+        dst.put_u32(self.page_size);
+        dst.put_slice(&self.catalog);
+    }
+}
+
+pub(crate) fn put_frame_header(dst: &mut BytesMut, kind: u8, len: usize) {
+    dst.reserve(FRAME_HEADER + len);
+    dst.put_u8(kind);
+    dst.put_u32(u32::try_from(len).expect("frames are bounded by the batch limit"));
+}

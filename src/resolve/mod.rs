@@ -1,0 +1,98 @@
+//! Page resolvers: the pluggable ways a page travels in less than its own size.
+//!
+//! On the source side a chain of [`Claim`]s is offered each guest page in turn; the
+//! first that can describe it compactly writes a *body* and the page travels as
+//! `(tag, body)`. On the destination side the [`Restore`] registered under the same
+//! tag turns the body back into the page. Pages nobody claims travel raw inside the
+//! dedup stream's compressed batches. Both sides see every delivered page, in stream
+//! order, through `delivered`, so resolvers that remember pages (seen-before) keep
+//! their two halves in step without talking to each other.
+//!
+//! A new resolver plugs in without touching the codecs: implement both traits with a
+//! tag from [`CUSTOM_TAGS`] and add them to the encoder's and decoder's resolver lists.
+//!
+//! ```
+//! use migstream::resolve::{Claim, Page, Restore};
+//!
+//! /// Pages whose bytes count up 0, 1, 2, ... (mod 256) travel as an empty body.
+//! struct Ramp;
+//!
+//! fn is_ramp(page: &[u8]) -> bool {
+//!     page.iter().enumerate().all(|(i, &b)| b == i as u8)
+//! }
+//!
+//! impl Claim for Ramp {
+//!     fn tag(&self) -> u8 { 0x80 }
+//!     fn claim(&mut self, page: &Page<'_>, _body: &mut Vec<u8>) -> bool { is_ramp(page.data) }
+//! }
+//!
+//! impl Restore for Ramp {
+//!     fn tag(&self) -> u8 { 0x80 }
+//!     fn restore(&mut self, _body: &[u8], out: &mut [u8]) -> migstream::Result<()> {
+//!         out.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+mod fill;
+mod seen;
+
+pub use fill::Fill;
+pub use seen::{SeenBefore, SeenBeforeRestore};
+
+use std::ops::RangeInclusive;
+
+use crate::error::Result;
+
+/// Tags free for resolvers outside this crate.
+pub const CUSTOM_TAGS: RangeInclusive<u8> = 0x80..=0xFF;
+
+/// Entry tags of the built-in resolvers (see `docs/wire-format.md`).
+pub mod tag {
+    /// A page sent whole (inside a compressed batch): what nobody claimed.
+    pub const RAW: u8 = 0x01;
+    /// A page filled with one byte value.
+    pub const FILL: u8 = 0x02;
+    /// A page whose bytes were already delivered earlier in this migration.
+    pub const SEEN: u8 = 0x03;
+    /// A page of the template catalog both ends hold.
+    pub const TEMPLATE: u8 = 0x04;
+}
+
+/// A guest page as the source-side resolvers see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Page<'a> {
+    /// The RAM block's name.
+    pub block: &'a [u8],
+    /// Byte offset of the page in its block.
+    pub offset: u64,
+    /// The page's bytes (one target page).
+    pub data: &'a [u8],
+}
+
+/// The source half of a resolver: describes pages compactly.
+pub trait Claim: Send {
+    /// The entry tag its bodies travel under; the matching [`Restore`] has the same.
+    fn tag(&self) -> u8;
+
+    /// Claims `page` if this resolver can describe it: appends the body to `body`
+    /// (empty on entry) and returns true. Returns false, leaving `body` empty, if not.
+    fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool;
+
+    /// Called for every page delivered, whoever claimed it, in stream order.
+    fn delivered(&mut self, _page: &Page<'_>) {}
+}
+
+/// The destination half of a resolver: rebuilds pages from bodies.
+pub trait Restore: Send {
+    /// The entry tag it restores; the same as its [`Claim`] half's.
+    fn tag(&self) -> u8;
+
+    /// Writes the page `body` describes into `out` (exactly one page). Any error fails
+    /// the migration: a page that cannot be restored exactly is never guessed.
+    fn restore(&mut self, body: &[u8], out: &mut [u8]) -> Result<()>;
+
+    /// Called with every page delivered, whoever restored it, in stream order.
+    fn delivered(&mut self, _page: &[u8]) {}
+}

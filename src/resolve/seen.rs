@@ -1,0 +1,231 @@
+//! Seen-before: a page whose bytes were already delivered in this migration travels
+//! as a back-reference plus its fingerprint.
+//!
+//! Both halves number the pages delivered (fill pages aside) 0, 1, 2, ... in stream
+//! order. The destination keeps the last `window` of them in a ring; the source
+//! remembers which content has which number for the same window and refers back by
+//! distance. Eviction is by number, so the two agree on what is referenceable without
+//! talking. The source finds candidates with a 64-bit hash keyed at random per
+//! migration (a guest cannot aim for collisions) and sends the page's BLAKE3
+//! fingerprint; the destination checks the page it restores against it.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::fill::fill_byte;
+use super::{Claim, Page, Restore, tag};
+use crate::error::{Error, Result};
+use crate::page::{FINGERPRINT_LEN, Fingerprint};
+use crate::varint;
+
+/// The source half of seen-before. Memory: about 40 bytes per page of the window.
+#[derive(Debug)]
+pub struct SeenBefore {
+    window: u64,
+    next_id: u64,
+    hasher: ahash::RandomState,
+    /// Hash of a delivered page's bytes → its latest number.
+    latest: HashMap<u64, u64>,
+    /// Hashes of the pages numbered `next_id - order.len() .. next_id`.
+    order: VecDeque<u64>,
+}
+
+impl SeenBefore {
+    /// Remembers the last `window_pages` delivered pages (at least 1). The destination's
+    /// [`SeenBeforeRestore`] must keep at least as many.
+    pub fn new(window_pages: u64) -> Self {
+        Self {
+            window: window_pages.max(1),
+            next_id: 0,
+            hasher: ahash::RandomState::new(),
+            latest: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl Claim for SeenBefore {
+    fn tag(&self) -> u8 {
+        tag::SEEN
+    }
+
+    fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool {
+        let Some(&id) = self.latest.get(&self.hasher.hash_one(page.data)) else {
+            return false;
+        };
+        varint::put(body, self.next_id - 1 - id);
+        body.extend_from_slice(&Fingerprint::of(page.data).0);
+        true
+    }
+
+    fn delivered(&mut self, page: &Page<'_>) {
+        if fill_byte(page.data).is_some() {
+            return;
+        }
+        let hash = self.hasher.hash_one(page.data);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.latest.insert(hash, id);
+        self.order.push_back(hash);
+        if self.order.len() as u64 > self.window {
+            let old = self.order.pop_front().expect("window is at least 1");
+            if self.latest.get(&old) == Some(&(id - self.window)) {
+                self.latest.remove(&old);
+            }
+        }
+    }
+}
+
+/// The destination half of seen-before: a ring of the last delivered pages.
+#[derive(Debug)]
+pub struct SeenBeforeRestore {
+    window: u64,
+    page_size: usize,
+    next_id: u64,
+    /// Page `id` lives at slot `id % window`; grows up to `window` pages.
+    ring: Vec<u8>,
+}
+
+impl SeenBeforeRestore {
+    /// Keeps the last `window_pages` delivered pages of `page_size` bytes (memory:
+    /// `window_pages * page_size` at most, allocated as pages arrive).
+    pub fn new(window_pages: u64, page_size: usize) -> Self {
+        Self {
+            window: window_pages.max(1),
+            page_size,
+            next_id: 0,
+            ring: Vec::new(),
+        }
+    }
+}
+
+impl Restore for SeenBeforeRestore {
+    fn tag(&self) -> u8 {
+        tag::SEEN
+    }
+
+    fn restore(&mut self, body: &[u8], out: &mut [u8]) -> Result<()> {
+        let malformed = |reason| Error::Malformed {
+            offset: 0,
+            field: "seen-before body",
+            reason,
+        };
+        let (distance, n) = varint::get(body).ok_or(malformed("bad distance"))?;
+        let fp: [u8; FINGERPRINT_LEN] = body[n..]
+            .try_into()
+            .map_err(|_| malformed("not a distance and a fingerprint"))?;
+        let fingerprint = Fingerprint(fp);
+        if distance >= self.next_id.min(self.window) {
+            return Err(Error::Unresolved {
+                resolver: "seen-before",
+                fingerprint,
+                reason: "refers beyond the pages this end keeps",
+            });
+        }
+        let slot = ((self.next_id - 1 - distance) % self.window) as usize * self.page_size;
+        out.copy_from_slice(&self.ring[slot..slot + self.page_size]);
+        if !fingerprint.matches(out) {
+            return Err(Error::Unresolved {
+                resolver: "seen-before",
+                fingerprint,
+                reason: "the kept page does not match the fingerprint",
+            });
+        }
+        Ok(())
+    }
+
+    fn delivered(&mut self, page: &[u8]) {
+        if fill_byte(page).is_some() {
+            return;
+        }
+        let slot = (self.next_id % self.window) as usize * self.page_size;
+        if self.ring.len() < slot + self.page_size {
+            self.ring.resize(slot + self.page_size, 0);
+        }
+        self.ring[slot..slot + self.page_size].copy_from_slice(page);
+        self.next_id += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(n: u8) -> Vec<u8> {
+        let mut p = vec![n; 64];
+        p[0] = n.wrapping_add(1);
+        p
+    }
+
+    fn deliver(src: &mut SeenBefore, dst: &mut SeenBeforeRestore, data: &[u8]) {
+        src.delivered(&Page {
+            block: b"b",
+            offset: 0,
+            data,
+        });
+        dst.delivered(data);
+    }
+
+    #[test]
+    fn references_stay_within_the_window_on_both_sides() {
+        let (mut src, mut dst) = (SeenBefore::new(3), SeenBeforeRestore::new(3, 64));
+        for n in 0..5 {
+            deliver(&mut src, &mut dst, &page(n));
+        }
+        let mut body = Vec::new();
+        // pages 0 and 1 have left the window of 3
+        for n in [0, 1] {
+            let p = page(n);
+            assert!(!src.claim(
+                &Page {
+                    block: b"b",
+                    offset: 0,
+                    data: &p
+                },
+                &mut body
+            ));
+        }
+        for n in [2, 3, 4] {
+            body.clear();
+            let p = page(n);
+            assert!(src.claim(
+                &Page {
+                    block: b"b",
+                    offset: 0,
+                    data: &p
+                },
+                &mut body
+            ));
+            let mut out = vec![0; 64];
+            dst.restore(&body, &mut out).unwrap();
+            assert_eq!(out, p);
+        }
+    }
+
+    #[test]
+    fn a_wrong_fingerprint_or_distance_fails() {
+        let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4, 64));
+        deliver(&mut src, &mut dst, &page(9));
+        let mut body = Vec::new();
+        let p = page(9);
+        assert!(src.claim(
+            &Page {
+                block: b"b",
+                offset: 0,
+                data: &p
+            },
+            &mut body
+        ));
+        let mut out = vec![0; 64];
+        let mut forged = body.clone();
+        *forged.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            dst.restore(&forged, &mut out),
+            Err(Error::Unresolved { .. })
+        ));
+        body[0] = 1; // distance 1: nothing that far back
+        assert!(matches!(
+            dst.restore(&body, &mut out),
+            Err(Error::Unresolved { .. })
+        ));
+    }
+}
