@@ -5,8 +5,9 @@ use bytes::{Bytes, BytesMut};
 use super::wire::{self, Hello, codec, frame};
 use super::{Limits, Stats};
 use crate::error::{Error, Result};
-use crate::qemu::DEFAULT_PAGE_SIZE;
-use crate::resolve::{Restore, tag};
+use crate::qemu::wire::ram_flag;
+use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
+use crate::resolve::{Page, PageAt, Restore, tag};
 use crate::varint;
 
 /// Turns the dedup stream back into the QEMU stream.
@@ -28,11 +29,50 @@ pub struct DedupDecoder {
     /// Stream offset of the first byte of `src` not yet consumed.
     offset: u64,
     raw: Vec<u8>,
+    /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
+    block: Option<Bytes>,
     /// QEMU bytes of HOLD frames, released when END confirms the stream.
     held: BytesMut,
     hold_started: bool,
     hasher: blake3::Hasher,
     stats: Stats,
+}
+
+/// Reads the fields of batch entries; `None` when the batch ends too early.
+struct EntryReader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> EntryReader<'a> {
+    fn u8(&mut self) -> Option<u8> {
+        let (&b, rest) = self.rest.split_first()?;
+        self.rest = rest;
+        Some(b)
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let (v, n) = varint::get(self.rest)?;
+        self.rest = &self.rest[n..];
+        Some(v)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let bytes = self.rest.get(..n)?;
+        self.rest = &self.rest[n..];
+        Some(bytes)
+    }
+
+    /// A varint length and that many bytes.
+    fn counted(&mut self) -> Option<&'a [u8]> {
+        let n = usize::try_from(self.varint()?).ok()?;
+        self.take(n)
+    }
+
+    /// A u8 length and that many bytes.
+    fn cstr8(&mut self) -> Option<&'a [u8]> {
+        let n = self.u8()?;
+        self.take(usize::from(n))
+    }
 }
 
 impl std::fmt::Debug for DedupDecoder {
@@ -67,6 +107,7 @@ impl DedupDecoder {
             failed: false,
             offset: 0,
             raw: Vec::new(),
+            block: None,
             held: BytesMut::new(),
             hold_started: false,
             hasher: blake3::Hasher::new(),
@@ -249,43 +290,75 @@ impl DedupDecoder {
 
     /// Rebuilds the QEMU bytes of the batch in `self.raw`.
     fn entries(&mut self) -> Result<BytesMut> {
+        let offset = self.offset;
         let bad = |reason| Error::Malformed {
-            offset: self.offset,
+            offset,
             field: "batch entry",
             reason,
         };
         let mut out = BytesMut::with_capacity(self.raw.len() + self.raw.len() / 2);
-        let mut raw = &self.raw[..];
-        while let Some((&tag, rest)) = raw.split_first() {
-            let (len, n) = varint::get(rest).ok_or_else(|| bad("bad length"))?;
-            let body = rest
-                .get(n..)
-                .and_then(|r| r.get(..len as usize))
-                .ok_or_else(|| bad("beyond the batch"))?;
-            raw = &rest[n + body.len()..];
+        let raw = std::mem::take(&mut self.raw);
+        let mut r = EntryReader { rest: &raw };
+        while let Some(tag) = r.u8() {
             if tag == wire::ENTRY_QEMU {
-                out.extend_from_slice(body);
+                out.extend_from_slice(
+                    r.counted()
+                        .ok_or_else(|| bad("verbatim bytes beyond the batch"))?,
+                );
                 continue;
             }
-            let at = out.len();
-            out.resize(at + self.page_size, 0);
-            let page = &mut out[at..];
+            let page = r.varint().ok_or_else(|| bad("bad page number"))?;
+            let flags = r.u8().ok_or_else(|| bad("page address beyond the batch"))?;
+            if flags & !(wire::PAGE_CONTINUE | wire::PAGE_SAME_BLOCK) != 0 {
+                return Err(bad("unknown page address flags"));
+            }
+            let continued = flags & wire::PAGE_CONTINUE != 0;
+            if flags & wire::PAGE_SAME_BLOCK == 0 {
+                let name = r
+                    .cstr8()
+                    .ok_or_else(|| bad("block name beyond the batch"))?;
+                if self.block.as_deref() != Some(name) {
+                    self.block = Some(Bytes::copy_from_slice(name));
+                }
+            }
+            let body = r
+                .counted()
+                .ok_or_else(|| bad("page body beyond the batch"))?;
+            let block = self
+                .block
+                .clone()
+                .ok_or_else(|| bad("same block as no earlier page"))?;
+            let offset = page
+                .checked_mul(self.page_size as u64)
+                .ok_or_else(|| bad("page number too large"))?;
+            // the source's QEMU encoder checked CONTINUE against every record; here it
+            // may refer to a ZERO record that travelled as verbatim bytes
+            put_page_header(&mut out, offset, ram_flag::PAGE, continued, &block);
+            let at = PageAt {
+                block: &block,
+                offset,
+            };
+            let start = out.len();
+            out.resize(start + self.page_size, 0);
+            let data = &mut out[start..];
             if tag == tag::RAW {
                 if body.len() != self.page_size {
                     return Err(bad("raw page of the wrong size"));
                 }
-                page.copy_from_slice(body);
+                data.copy_from_slice(body);
             } else {
                 let Some(i) = self.by_tag[usize::from(tag)] else {
                     return Err(bad("no resolver for this tag"));
                 };
-                self.restores[usize::from(i)].restore(body, page)?;
+                self.restores[usize::from(i)].restore(at, body, data)?;
             }
+            let page = Page { at, data };
             for r in &mut self.restores {
-                r.delivered(page);
+                r.delivered(&page);
             }
             self.stats.pages[usize::from(tag)] += 1;
         }
+        self.raw = raw;
         Ok(out)
     }
 

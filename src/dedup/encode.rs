@@ -6,7 +6,7 @@ use super::Stats;
 use super::wire::{self, Hello, codec, frame};
 use crate::error::Result;
 use crate::qemu::{DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record};
-use crate::resolve::{Claim, Page, tag};
+use crate::resolve::{Claim, Page, PageAt, tag};
 use crate::varint;
 
 /// Turns QEMU [`Record`]s into the dedup stream.
@@ -32,6 +32,8 @@ pub struct DedupEncoder {
     started: bool,
     /// QEMU's EOF has been taken in: the frames from here on are held until END.
     hold: bool,
+    /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
+    last_block: Option<Vec<u8>>,
     stats: Stats,
 }
 
@@ -65,6 +67,7 @@ impl DedupEncoder {
             hasher: blake3::Hasher::new(),
             started: false,
             hold: false,
+            last_block: None,
             stats: Stats::default(),
         }
     }
@@ -103,14 +106,17 @@ impl DedupEncoder {
         }
         match record {
             Record::Ram(RamRecord::Page { addr, data }) => {
-                self.qemu.encode_page_header(addr, &mut self.verbatim)?;
                 self.put_verbatim();
-                let page = Page {
+                // the destination rebuilds the record header from the entry's address
+                let mut header = BytesMut::new();
+                self.qemu.encode_page_header(addr, &mut header)?;
+                self.hasher.update(&header);
+                self.stats.qemu_bytes += header.len() as u64;
+                let at = PageAt {
                     block: &addr.block,
                     offset: addr.offset,
-                    data,
                 };
-                self.put_page(&page);
+                self.put_page(&Page { at, data }, addr.continued);
             }
             other => {
                 self.hold |= matches!(other, Record::Eof);
@@ -178,7 +184,8 @@ impl DedupEncoder {
         self.verbatim.clear();
     }
 
-    fn put_page(&mut self, page: &Page<'_>) {
+    /// Appends a page entry: tag, address, body (see `docs/wire-format.md`).
+    fn put_page(&mut self, page: &Page<'_>, continued: bool) {
         let mut claimed = None;
         for c in &mut self.claims {
             self.body.clear();
@@ -192,6 +199,20 @@ impl DedupEncoder {
             None => (tag::RAW, page.data),
         };
         self.batch.push(tag);
+        varint::put(&mut self.batch, page.at.offset / self.page_size as u64);
+        let same_block = self.last_block.as_deref() == Some(page.at.block);
+        let flags = match continued {
+            true => wire::PAGE_CONTINUE,
+            false => 0,
+        };
+        if same_block {
+            self.batch.push(flags | wire::PAGE_SAME_BLOCK);
+        } else {
+            self.batch.push(flags);
+            self.batch.push(page.at.block.len() as u8);
+            self.batch.extend_from_slice(page.at.block);
+            self.last_block = Some(page.at.block.to_vec());
+        }
         varint::put(&mut self.batch, body.len() as u64);
         self.batch.extend_from_slice(body);
         self.stats.pages[usize::from(tag)] += 1;

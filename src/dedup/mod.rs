@@ -36,7 +36,9 @@ pub use decode::DedupDecoder;
 pub use encode::{DEFAULT_BATCH, DedupEncoder};
 
 use crate::qemu::DEFAULT_PAGE_SIZE;
-use crate::resolve::{Fill, SeenBefore, SeenBeforeRestore};
+use crate::resolve::{
+    DEFAULT_CACHE_BYTES, Fill, SeenBefore, SeenBeforeRestore, XbzrleDelta, XbzrleRestore,
+};
 
 /// Default seen-before window: the last 65536 distinct pages (256 MiB of 4 KiB pages
 /// at the destination, ~2.5 MiB at the source).
@@ -87,11 +89,12 @@ impl Default for Stats {
 }
 
 impl DedupEncoder {
-    /// An encoder with the built-in local resolvers: fill pages, then seen-before
-    /// with [`DEFAULT_SEEN_WINDOW`].
+    /// An encoder with the built-in local resolvers, in this order: fill pages, XBZRLE
+    /// deltas against a 64 MiB cache, seen-before with [`DEFAULT_SEEN_WINDOW`].
     pub fn with_default_resolvers() -> Self {
         Self::new(vec![
             Box::new(Fill),
+            Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES, DEFAULT_PAGE_SIZE)),
             Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)),
         ])
     }
@@ -100,7 +103,13 @@ impl DedupEncoder {
 impl DedupDecoder {
     /// The decoder matching [`DedupEncoder::with_default_resolvers`].
     pub fn with_default_resolvers() -> Self {
-        let seen = SeenBeforeRestore::new(DEFAULT_SEEN_WINDOW, DEFAULT_PAGE_SIZE);
-        Self::new(vec![Box::new(Fill), Box::new(seen)])
+        Self::new(vec![
+            Box::new(Fill),
+            Box::new(XbzrleRestore::new(DEFAULT_CACHE_BYTES, DEFAULT_PAGE_SIZE)),
+            Box::new(SeenBeforeRestore::new(
+                DEFAULT_SEEN_WINDOW,
+                DEFAULT_PAGE_SIZE,
+            )),
+        ])
     }
 }

@@ -32,6 +32,13 @@ pub mod codec {
 /// Entry tag of QEMU bytes carried verbatim; page tags are in [`crate::resolve::tag`].
 pub const ENTRY_QEMU: u8 = 0x00;
 
+/// Page entry address flag: QEMU's record carried CONTINUE (block name omitted).
+pub const PAGE_CONTINUE: u8 = 0x01;
+/// Page entry address flag: the page is in the same block as the previous page
+/// entry, whose name is therefore omitted. (QEMU's CONTINUE may refer to a ZERO
+/// record in between, which travels as verbatim bytes: the two differ.)
+pub const PAGE_SAME_BLOCK: u8 = 0x02;
+
 /// The HELLO frame's contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {

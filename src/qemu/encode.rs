@@ -194,18 +194,23 @@ impl QemuEncoder {
 
     /// The record word and, unless CONTINUE, the block name.
     fn put_page_header(&mut self, dst: &mut BytesMut, addr: &PageAddr, flag: u64) -> Result<()> {
-        if addr.continued {
-            if self.last_block.as_ref() != Some(&addr.block) {
-                return Err(invalid(
-                    "page address",
-                    "CONTINUE with a block other than the previous page's",
-                ));
-            }
-            return self.put_word(dst, addr.offset, flag | ram_flag::CONTINUE);
+        if addr.continued && self.last_block.as_ref() != Some(&addr.block) {
+            return Err(invalid(
+                "page address",
+                "CONTINUE with a block other than the previous page's",
+            ));
         }
-        self.put_word(dst, addr.offset, flag)?;
-        put_cstr8(dst, &addr.block, "RAM block name")?;
-        if self.last_block.as_ref() != Some(&addr.block) {
+        if addr.offset & (self.page_size as u64 - 1) != 0 {
+            return Err(invalid(
+                "RAM record offset",
+                "not aligned to the target page size",
+            ));
+        }
+        if addr.block.len() > 255 {
+            return Err(invalid("RAM block name", "longer than 255 bytes"));
+        }
+        put_page_header(dst, addr.offset, flag, addr.continued, &addr.block);
+        if !addr.continued && self.last_block.as_ref() != Some(&addr.block) {
             self.last_block = Some(addr.block.clone());
         }
         Ok(())
@@ -220,6 +225,25 @@ impl QemuEncoder {
         }
         dst.put_u64(offset | flags);
         Ok(())
+    }
+}
+
+/// The header of a page-carrying RAM record: word, then the block name unless
+/// CONTINUE. `offset` is page aligned and `block` at most 255 bytes.
+pub(crate) fn put_page_header(
+    dst: &mut BytesMut,
+    offset: u64,
+    flag: u64,
+    continued: bool,
+    block: &[u8],
+) {
+    match continued {
+        true => dst.put_u64(offset | flag | ram_flag::CONTINUE),
+        false => {
+            dst.put_u64(offset | flag);
+            dst.put_u8(block.len() as u8);
+            dst.put_slice(block);
+        }
     }
 }
 

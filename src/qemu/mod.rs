@@ -38,6 +38,7 @@ pub mod wire;
 
 pub use decode::{DEFAULT_PAGE_SIZE, QemuDecoder};
 pub use encode::QemuEncoder;
+pub(crate) use encode::put_page_header;
 pub use limits::Limits;
 pub use record::{
     Command, ConfigSubsection, Configuration, MemSize, PageAddr, RamBlock, RamRecord, Record,

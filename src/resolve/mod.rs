@@ -12,7 +12,7 @@
 //! tag from [`CUSTOM_TAGS`] and add them to the encoder's and decoder's resolver lists.
 //!
 //! ```
-//! use migstream::resolve::{Claim, Page, Restore};
+//! use migstream::resolve::{Claim, Page, PageAt, Restore};
 //!
 //! /// Pages whose bytes count up 0, 1, 2, ... (mod 256) travel as an empty body.
 //! struct Ramp;
@@ -28,7 +28,7 @@
 //!
 //! impl Restore for Ramp {
 //!     fn tag(&self) -> u8 { 0x80 }
-//!     fn restore(&mut self, _body: &[u8], out: &mut [u8]) -> migstream::Result<()> {
+//!     fn restore(&mut self, _at: PageAt<'_>, _body: &[u8], out: &mut [u8]) -> migstream::Result<()> {
 //!         out.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
 //!         Ok(())
 //!     }
@@ -37,9 +37,11 @@
 
 mod fill;
 mod seen;
+mod xbzrle;
 
 pub use fill::Fill;
 pub use seen::{SeenBefore, SeenBeforeRestore};
+pub use xbzrle::{DEFAULT_CACHE_BYTES, XbzrleDelta, XbzrleRestore};
 
 use std::ops::RangeInclusive;
 
@@ -58,15 +60,24 @@ pub mod tag {
     pub const SEEN: u8 = 0x03;
     /// A page of the template catalog both ends hold.
     pub const TEMPLATE: u8 = 0x04;
+    /// An XBZRLE delta against the last version of the same page delivered.
+    pub const XBZRLE: u8 = 0x05;
 }
 
-/// A guest page as the source-side resolvers see it.
-#[derive(Debug, Clone, Copy)]
-pub struct Page<'a> {
+/// Where a guest page lives: its RAM block and offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageAt<'a> {
     /// The RAM block's name.
     pub block: &'a [u8],
     /// Byte offset of the page in its block.
     pub offset: u64,
+}
+
+/// A guest page and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Page<'a> {
+    /// Where it lives.
+    pub at: PageAt<'a>,
     /// The page's bytes (one target page).
     pub data: &'a [u8],
 }
@@ -89,10 +100,11 @@ pub trait Restore: Send {
     /// The entry tag it restores; the same as its [`Claim`] half's.
     fn tag(&self) -> u8;
 
-    /// Writes the page `body` describes into `out` (exactly one page). Any error fails
-    /// the migration: a page that cannot be restored exactly is never guessed.
-    fn restore(&mut self, body: &[u8], out: &mut [u8]) -> Result<()>;
+    /// Writes the page at `at` that `body` describes into `out` (exactly one page).
+    /// Any error fails the migration: a page that cannot be restored exactly is never
+    /// guessed.
+    fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()>;
 
     /// Called with every page delivered, whoever restored it, in stream order.
-    fn delivered(&mut self, _page: &[u8]) {}
+    fn delivered(&mut self, _page: &Page<'_>) {}
 }

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::fill::fill_byte;
-use super::{Claim, Page, Restore, tag};
+use super::{Claim, Page, PageAt, Restore, tag};
 use crate::error::{Error, Result};
 use crate::page::{FINGERPRINT_LEN, Fingerprint};
 use crate::varint;
@@ -103,7 +103,7 @@ impl Restore for SeenBeforeRestore {
         tag::SEEN
     }
 
-    fn restore(&mut self, body: &[u8], out: &mut [u8]) -> Result<()> {
+    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
         let malformed = |reason| Error::Malformed {
             offset: 0,
             field: "seen-before body",
@@ -133,7 +133,8 @@ impl Restore for SeenBeforeRestore {
         Ok(())
     }
 
-    fn delivered(&mut self, page: &[u8]) {
+    fn delivered(&mut self, page: &Page<'_>) {
+        let page = page.data;
         if fill_byte(page).is_some() {
             return;
         }
@@ -156,13 +157,14 @@ mod tests {
         p
     }
 
+    const AT: PageAt<'static> = PageAt {
+        block: b"b",
+        offset: 0,
+    };
+
     fn deliver(src: &mut SeenBefore, dst: &mut SeenBeforeRestore, data: &[u8]) {
-        src.delivered(&Page {
-            block: b"b",
-            offset: 0,
-            data,
-        });
-        dst.delivered(data);
+        src.delivered(&Page { at: AT, data });
+        dst.delivered(&Page { at: AT, data });
     }
 
     #[test]
@@ -175,28 +177,14 @@ mod tests {
         // pages 0 and 1 have left the window of 3
         for n in [0, 1] {
             let p = page(n);
-            assert!(!src.claim(
-                &Page {
-                    block: b"b",
-                    offset: 0,
-                    data: &p
-                },
-                &mut body
-            ));
+            assert!(!src.claim(&Page { at: AT, data: &p }, &mut body));
         }
         for n in [2, 3, 4] {
             body.clear();
             let p = page(n);
-            assert!(src.claim(
-                &Page {
-                    block: b"b",
-                    offset: 0,
-                    data: &p
-                },
-                &mut body
-            ));
+            assert!(src.claim(&Page { at: AT, data: &p }, &mut body));
             let mut out = vec![0; 64];
-            dst.restore(&body, &mut out).unwrap();
+            dst.restore(AT, &body, &mut out).unwrap();
             assert_eq!(out, p);
         }
     }
@@ -207,24 +195,17 @@ mod tests {
         deliver(&mut src, &mut dst, &page(9));
         let mut body = Vec::new();
         let p = page(9);
-        assert!(src.claim(
-            &Page {
-                block: b"b",
-                offset: 0,
-                data: &p
-            },
-            &mut body
-        ));
+        assert!(src.claim(&Page { at: AT, data: &p }, &mut body));
         let mut out = vec![0; 64];
         let mut forged = body.clone();
         *forged.last_mut().unwrap() ^= 1;
         assert!(matches!(
-            dst.restore(&forged, &mut out),
+            dst.restore(AT, &forged, &mut out),
             Err(Error::Unresolved { .. })
         ));
         body[0] = 1; // distance 1: nothing that far back
         assert!(matches!(
-            dst.restore(&body, &mut out),
+            dst.restore(AT, &body, &mut out),
             Err(Error::Unresolved { .. })
         ));
     }

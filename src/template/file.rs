@@ -35,8 +35,8 @@ impl Catalog {
         Ok(())
     }
 
-    /// Loads and verifies the catalog file at `path`. Its length is checked against
-    /// the header before the pages are read.
+    /// Loads and verifies the catalog file at `path`, checking its length against
+    /// the header before anything is allocated.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let mut file = File::open(path)?;
         let len = file.metadata()?.len();
@@ -58,33 +58,32 @@ impl Catalog {
 
 fn read(r: &mut impl Read, file_len: Option<u64>) -> Result<Catalog> {
     let (header, fingerprints) = format::read_head(r, file_len)?;
-    let (start, len) = (header.pages_offset(), header.pages_len());
+    let page_size = header.page_size as usize;
     let mut pages = Vec::new();
-    format::read_into(
-        r,
-        &mut pages,
-        start,
-        len,
-        "template pages",
-        file_len.is_some(),
-    )?;
-    let catalog = Catalog {
+    // no more than the file holds: a short file fails where its pages run out
+    let in_file = file_len.map_or(0, |len| len - header.pages_offset());
+    pages.reserve_exact(in_file.min(header.pages_len()) as usize);
+    for (first, offset, len) in format::page_reads(header) {
+        let start = pages.len();
+        format::read_into(r, &mut pages, offset, len, "template pages")?;
+        let expected = &fingerprints[first as usize..];
+        let bad = pages[start..]
+            .chunks_exact(page_size)
+            .zip(expected)
+            .position(|(page, fp)| !fp.matches(page));
+        if let Some(i) = bad {
+            return Err(Error::Malformed {
+                offset: offset + (i * page_size) as u64,
+                field: "template page",
+                reason: "does not match its fingerprint",
+            });
+        }
+    }
+    format::expect_end(r, header.file_len())?;
+    Ok(Catalog {
         page_size: header.page_size,
         fingerprints,
         pages,
         id: header.id,
-    };
-    let bad = catalog
-        .pages()
-        .zip(&catalog.fingerprints)
-        .position(|(page, fp)| !fp.matches(page));
-    if let Some(i) = bad {
-        return Err(Error::Malformed {
-            offset: start + i as u64 * u64::from(header.page_size),
-            field: "template page",
-            reason: "does not match its fingerprint",
-        });
-    }
-    format::expect_end(r, header.file_len())?;
-    Ok(catalog)
+    })
 }

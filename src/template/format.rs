@@ -27,8 +27,11 @@
 //! A loader checks, in this order, and stops at the first failure with a typed
 //! [`Error`] carrying the byte offset: magic, version, page size, count (against
 //! 2³² − 1 and, when the length of the file is known, against that length, before
-//! anything is allocated), the identity digest, the order of the table, every page
-//! against its fingerprint, and that nothing follows the last page.
+//! the table is allocated), the identity digest, the order of the table, every page
+//! against its fingerprint as it is read, and that nothing follows the last page.
+//! Memory is never reserved beyond the bytes the input holds (plus one megabyte
+//! when its length is unknown), and a file gives the same error whether its length
+//! is known or not.
 
 use std::io::Read;
 
@@ -46,9 +49,12 @@ pub const HEADER_LEN: usize = 56;
 /// never a template number.
 pub const MAX_TEMPLATES: u64 = u32::MAX as u64;
 
-/// Allocation ahead of the bytes actually read, for a reader of unknown length:
-/// a hostile count then costs at most this much before the input runs out.
+/// Allocation ahead of the bytes actually read: a hostile count costs at most this
+/// much before the input runs out.
 const UNCHECKED_RESERVE: u64 = 1 << 20;
+
+/// Bytes of pages read at once by the loaders.
+const PAGE_READ: u64 = 1 << 20;
 
 /// The fixed-size header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,17 +133,16 @@ impl Header {
 }
 
 /// Reads and checks a catalog's header and fingerprint table: everything up to the
-/// pages. `file_len`, when known, is checked against the count before anything is
-/// allocated, and a file too short gives the error reading it would have given.
+/// pages. `file_len`, when known, is checked against the count before the table is
+/// allocated; a file too short for its table gives the error reading it would give.
 pub(super) fn read_head(
     r: &mut impl Read,
     file_len: Option<u64>,
 ) -> Result<(Header, Vec<Fingerprint>)> {
     let mut raw = Vec::new();
-    read_into(r, &mut raw, 0, HEADER_LEN as u64, "catalog header", true)?;
+    read_into(r, &mut raw, 0, HEADER_LEN as u64, "catalog header")?;
     let header = Header::parse(raw[..].try_into().expect("header length"))?;
-    let short = file_len.filter(|&len| len < header.file_len());
-    if let Some(len) = short.filter(|&len| len < header.pages_offset()) {
+    if let Some(len) = file_len.filter(|&len| len < header.pages_offset()) {
         return Err(Error::Truncated {
             offset: len,
             field: "fingerprint table",
@@ -145,14 +150,12 @@ pub(super) fn read_head(
     }
     let table_len = header.count * FINGERPRINT_LEN as u64;
     raw.clear();
-    let checked = file_len.is_some();
     read_into(
         r,
         &mut raw,
         HEADER_LEN as u64,
         table_len,
         "fingerprint table",
-        checked,
     )?;
     let fingerprints: Vec<Fingerprint> = raw
         .chunks_exact(FINGERPRINT_LEN)
@@ -173,32 +176,35 @@ pub(super) fn read_head(
             "not strictly ascending",
         ));
     }
-    if let Some(len) = short {
-        return Err(Error::Truncated {
-            offset: len,
-            field: "template pages",
-        });
-    }
     Ok((header, fingerprints))
 }
 
-/// Appends the `len` bytes found at file offset `offset` to `buf`, as few big reads
-/// as the reader allows. Unless `checked` (the file is known to hold them), memory is
-/// reserved only as bytes arrive.
+/// The page region in reads of one megabyte: the number of
+/// the first template read, its file offset and the bytes to read. Loaders work on
+/// each read while it is in the CPU cache.
+pub(super) fn page_reads(header: Header) -> impl Iterator<Item = (u64, u64, u64)> {
+    let page_size = u64::from(header.page_size);
+    let per_read = PAGE_READ / page_size; // a page is at most 64 KiB
+    (0..header.count)
+        .step_by(per_read as usize)
+        .map(move |first| {
+            let pages = per_read.min(header.count - first);
+            let offset = header.pages_offset() + first * page_size;
+            (first, offset, pages * page_size)
+        })
+}
+
+/// Appends the `len` bytes found at file offset `offset` to `buf`, in as few reads
+/// as the reader allows. Memory beyond `buf`'s spare capacity is reserved only as
+/// bytes arrive, so a hostile length costs at most a megabyte ahead of the input.
 pub(super) fn read_into(
     r: &mut impl Read,
     buf: &mut Vec<u8>,
     offset: u64,
     len: u64,
     field: &'static str,
-    checked: bool,
 ) -> Result<()> {
-    let reserve = match checked {
-        true => len,
-        false => len.min(UNCHECKED_RESERVE),
-    };
-    // fits: the header's count limit keeps the whole file within usize
-    buf.reserve_exact(reserve as usize);
+    buf.reserve(len.min(UNCHECKED_RESERVE) as usize);
     let n = r.by_ref().take(len).read_to_end(buf)? as u64;
     match n == len {
         true => Ok(()),

@@ -20,9 +20,6 @@ use crate::page::{self, Fingerprint};
 /// Marks an empty slot: never a template number (see [`format::MAX_TEMPLATES`]).
 const EMPTY: u32 = u32::MAX;
 
-/// Pages of the catalog file read at once while indexing it.
-const READ: u64 = 1 << 20;
-
 /// Maps a page to its template number and fingerprint, for the source side.
 ///
 /// A page is looked up by its fast [`page::prefilter`] value; a hit is then
@@ -180,26 +177,14 @@ impl TemplateIndex {
 
 fn read(r: &mut impl Read, file_len: Option<u64>) -> Result<TemplateIndex> {
     let (header, fingerprints) = format::read_head(r, file_len)?;
-    let page_size = u64::from(header.page_size);
-    let mut index = TemplateIndex::empty(page_size as usize, fingerprints, header.id);
-    let per_read = READ / page_size;
+    let page_size = header.page_size as usize;
+    let mut index = TemplateIndex::empty(page_size, fingerprints, header.id);
     let mut buf = Vec::new();
-    let mut template = 0;
-    while template < header.count {
-        let pages = per_read.min(header.count - template);
-        let offset = header.pages_offset() + template * page_size;
+    for (first, offset, len) in format::page_reads(header) {
         buf.clear();
-        format::read_into(
-            r,
-            &mut buf,
-            offset,
-            pages * page_size,
-            "template pages",
-            true,
-        )?;
-        for page in buf.chunks_exact(page_size as usize) {
-            index.insert(page::prefilter(page), template as u32);
-            template += 1;
+        format::read_into(r, &mut buf, offset, len, "template pages")?;
+        for (i, page) in buf.chunks_exact(page_size).enumerate() {
+            index.insert(page::prefilter(page), (first as usize + i) as u32);
         }
     }
     format::expect_end(r, header.file_len())?;

@@ -4,7 +4,7 @@
 //! - [`CatalogBuilder`] counts page contents over many VMs' migration streams or
 //!   memory images and keeps those that reach a [`Threshold`];
 //! - a [`Catalog`] holds the templates, is saved as a versioned file (layout in
-//!   [`format`]) and, at the destination, restores referenced pages;
+//!   [`format`](mod@format)) and, at the destination, restores referenced pages;
 //! - a [`TemplateIndex`] is the source's compact view of the same file: it finds
 //!   whether a page is a template without keeping any template page;
 //! - both ends compare the [`CatalogId`] before any reference is sent.

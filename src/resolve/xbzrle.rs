@@ -1,0 +1,184 @@
+//! XBZRLE deltas: a page delivered before travels as its difference to the last
+//! version both ends hold, in QEMU's XBZRLE encoding ([`crate::xbzrle`]).
+//!
+//! Both halves keep the last delivered version of pages in a direct-mapped cache of
+//! the same geometry, updated with every page delivered in stream order, so they
+//! agree on which base a delta refers to. A page identical to its cached version has
+//! an empty body.
+
+use super::{Claim, Page, PageAt, Restore, tag};
+use crate::error::{Error, Result};
+use crate::xbzrle::{self, Delta};
+
+/// Default cache size of both halves, as QEMU's `xbzrle-cache-size`.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// The cache both halves keep: slot → (block number, offset) and the page bytes.
+#[derive(Debug)]
+struct Cache {
+    page_size: usize,
+    keys: Vec<Option<(u32, u64)>>,
+    /// One page per slot, allocated when the slot is first used.
+    pages: Vec<Box<[u8]>>,
+    /// Block names in the order first seen (the same order at both ends).
+    blocks: Vec<Vec<u8>>,
+}
+
+impl Cache {
+    fn new(bytes: usize, page_size: usize) -> Self {
+        let slots = (bytes / page_size).max(1);
+        Self {
+            page_size,
+            keys: vec![None; slots],
+            pages: vec![Box::default(); slots],
+            blocks: Vec::new(),
+        }
+    }
+
+    fn block_number(&mut self, block: &[u8]) -> u32 {
+        // pages come block by block: look from the most recent name back
+        match self.blocks.iter().rposition(|b| b == block) {
+            Some(i) => i as u32,
+            None => {
+                self.blocks.push(block.to_vec());
+                (self.blocks.len() - 1) as u32
+            }
+        }
+    }
+
+    fn slot(&mut self, at: PageAt<'_>) -> (usize, (u32, u64)) {
+        let key = (self.block_number(at.block), at.offset);
+        let page = at.offset / self.page_size as u64;
+        let mixed = page ^ u64::from(key.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((mixed % self.keys.len() as u64) as usize, key)
+    }
+
+    /// The cached version of the page at `at`, if the cache holds it.
+    fn get(&mut self, at: PageAt<'_>) -> Option<&[u8]> {
+        let (slot, key) = self.slot(at);
+        (self.keys[slot] == Some(key)).then(|| &self.pages[slot][..])
+    }
+
+    fn put(&mut self, page: &Page<'_>) {
+        let (slot, key) = self.slot(page.at);
+        match self.pages[slot].len() == page.data.len() {
+            true => self.pages[slot].copy_from_slice(page.data),
+            false => self.pages[slot] = page.data.into(),
+        }
+        self.keys[slot] = Some(key);
+    }
+}
+
+/// The source half: claims pages whose delta to their cached version is smaller than
+/// half a page.
+#[derive(Debug)]
+pub struct XbzrleDelta {
+    cache: Cache,
+    out: Vec<u8>,
+}
+
+impl XbzrleDelta {
+    /// A cache of `cache_bytes` for pages of `page_size` bytes; the destination's
+    /// [`XbzrleRestore`] must have the same geometry.
+    pub fn new(cache_bytes: usize, page_size: usize) -> Self {
+        Self {
+            cache: Cache::new(cache_bytes, page_size),
+            out: vec![0; page_size / 2],
+        }
+    }
+}
+
+impl Claim for XbzrleDelta {
+    fn tag(&self) -> u8 {
+        tag::XBZRLE
+    }
+
+    fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool {
+        let Some(old) = self.cache.get(page.at) else {
+            return false;
+        };
+        match xbzrle::encode(old, page.data, &mut self.out) {
+            Delta::Unchanged => true,
+            Delta::Encoded(n) => {
+                body.extend_from_slice(&self.out[..n]);
+                true
+            }
+            Delta::TooLarge => false,
+        }
+    }
+
+    fn delivered(&mut self, page: &Page<'_>) {
+        self.cache.put(page);
+    }
+}
+
+/// The destination half: applies deltas to the cached version of the page.
+#[derive(Debug)]
+pub struct XbzrleRestore {
+    cache: Cache,
+}
+
+impl XbzrleRestore {
+    /// The counterpart of [`XbzrleDelta::new`] with the same arguments.
+    pub fn new(cache_bytes: usize, page_size: usize) -> Self {
+        Self {
+            cache: Cache::new(cache_bytes, page_size),
+        }
+    }
+}
+
+impl Restore for XbzrleRestore {
+    fn tag(&self) -> u8 {
+        tag::XBZRLE
+    }
+
+    fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
+        let Some(old) = self.cache.get(at) else {
+            return Err(Error::Malformed {
+                offset: 0,
+                field: "XBZRLE delta",
+                reason: "no earlier version of the page is cached",
+            });
+        };
+        out.copy_from_slice(old);
+        xbzrle::decode(body, out)
+    }
+
+    fn delivered(&mut self, page: &Page<'_>) {
+        self.cache.put(page);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_against_the_same_cached_version() {
+        let at = PageAt {
+            block: b"pc.ram",
+            offset: 8192,
+        };
+        let (mut src, mut dst) = (XbzrleDelta::new(4 * 64, 64), XbzrleRestore::new(4 * 64, 64));
+        let v1 = vec![1u8; 64];
+        let mut body = Vec::new();
+        assert!(
+            !src.claim(&Page { at, data: &v1 }, &mut body),
+            "nothing cached yet"
+        );
+        src.delivered(&Page { at, data: &v1 });
+        dst.delivered(&Page { at, data: &v1 });
+        let mut v2 = v1.clone();
+        v2[10] = 7;
+        assert!(src.claim(&Page { at, data: &v2 }, &mut body));
+        let mut out = vec![0; 64];
+        dst.restore(at, &body, &mut out).unwrap();
+        assert_eq!(out, v2);
+        // another page in a different block never uses this one's version
+        let other = PageAt {
+            block: b"pc.bios",
+            offset: 8192,
+        };
+        assert!(dst.restore(other, &body, &mut out).is_err());
+    }
+}
