@@ -31,6 +31,8 @@ pub struct DedupDecoder {
     raw: Vec<u8>,
     /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
     block: Option<Bytes>,
+    /// Where QEMU bytes are rebuilt.
+    out: BytesMut,
     /// QEMU bytes of HOLD frames, released when END confirms the stream.
     held: BytesMut,
     hold_started: bool,
@@ -108,6 +110,7 @@ impl DedupDecoder {
             offset: 0,
             raw: Vec::new(),
             block: None,
+            out: BytesMut::new(),
             held: BytesMut::new(),
             hold_started: false,
             hasher: blake3::Hasher::new(),
@@ -296,7 +299,9 @@ impl DedupDecoder {
             field: "batch entry",
             reason,
         };
-        let mut out = BytesMut::with_capacity(self.raw.len() + self.raw.len() / 2);
+        // reuses the allocation once the caller has dropped the previous frame's bytes
+        let mut out = std::mem::take(&mut self.out);
+        out.reserve(self.raw.len() + self.raw.len() / 2);
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader { rest: &raw };
         while let Some(tag) = r.u8() {
@@ -359,7 +364,9 @@ impl DedupDecoder {
             self.stats.pages[usize::from(tag)] += 1;
         }
         self.raw = raw;
-        Ok(out)
+        let bytes = out.split();
+        self.out = out;
+        Ok(bytes)
     }
 
     fn on_end(&mut self, p: &[u8]) -> Result<()> {
