@@ -183,3 +183,42 @@ proptest! {
         prop_assert!(out == qemu);
     }
 }
+
+#[tokio::test]
+async fn async_adapters_over_pipes() {
+    use futures::{SinkExt, StreamExt};
+    use migstream::dedup::DedupFrames;
+    use migstream::qemu::QemuDecoder;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite};
+
+    let qemu = testdata("qemu-10.0-q35-paused.mig");
+    // QEMU -> source proxy over a small pipe, source proxy -> destination proxy over another
+    let (mut from_qemu, qemu_rx) = tokio::io::duplex(8192);
+    let (wan_tx, wan_rx) = tokio::io::duplex(8192);
+    let input = qemu.clone();
+    let qemu_side = tokio::spawn(async move {
+        from_qemu.write_all(&input).await.unwrap();
+        from_qemu.shutdown().await.unwrap();
+    });
+    let source = tokio::spawn(async move {
+        let records = FramedRead::new(qemu_rx, QemuDecoder::new());
+        let mut frames =
+            DedupFrames::new(records, DedupEncoder::with_default_resolvers(), 64 << 10);
+        let mut wan = FramedWrite::new(wan_tx, BytesCodec::new());
+        while let Some(chunk) = frames.next().await {
+            wan.send(chunk.unwrap()).await.unwrap();
+        }
+        SinkExt::<bytes::Bytes>::close(&mut wan).await.unwrap();
+        frames.stats().clone()
+    });
+    let mut out = Vec::new();
+    let mut dest = FramedRead::new(wan_rx, DedupDecoder::with_default_resolvers());
+    while let Some(bytes) = dest.next().await {
+        out.extend_from_slice(&bytes.unwrap());
+    }
+    qemu_side.await.unwrap();
+    let stats = source.await.unwrap();
+    assert_eq!(stats.qemu_bytes, qemu.len() as u64);
+    assert!(out == qemu, "destination bytes differ");
+}

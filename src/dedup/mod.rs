@@ -30,10 +30,12 @@
 
 mod decode;
 mod encode;
+mod stream;
 pub mod wire;
 
 pub use decode::DedupDecoder;
 pub use encode::{DEFAULT_BATCH, DedupEncoder};
+pub use stream::DedupFrames;
 
 use crate::qemu::DEFAULT_PAGE_SIZE;
 use crate::resolve::{

@@ -1,0 +1,99 @@
+//! Async adapters: the dedup codecs over any transport.
+//!
+//! Source side: [`DedupFrames`] turns a stream of QEMU records (e.g.
+//! `FramedRead::new(qemu_socket, QemuDecoder::new())`) into dedup stream chunks to
+//! write to the WAN transport. It flushes a partial batch whenever the QEMU side has
+//! nothing more ready, so a QEMU waiting on its peer is never kept waiting on a
+//! batch, and it pulls no more input while a full chunk waits to be taken
+//! (back-pressure; memory stays bounded). Destination side: `DedupDecoder` is a
+//! tokio-util `Decoder`, so `FramedRead::new(wan, DedupDecoder::…)` yields verified
+//! QEMU bytes to write to the destination QEMU.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_core::Stream;
+use tokio_util::codec::Decoder;
+
+use super::{DedupDecoder, DedupEncoder, Stats};
+use crate::error::{Error, Result};
+use crate::qemu::Record;
+
+/// Dedup stream chunks from a stream of QEMU records; see the module docs.
+#[derive(Debug)]
+pub struct DedupFrames<S> {
+    records: S,
+    encoder: DedupEncoder,
+    out: BytesMut,
+    chunk: usize,
+    finished: bool,
+}
+
+impl<S> DedupFrames<S> {
+    /// Encodes `records` with `encoder`, handing out chunks of about `chunk` bytes
+    /// (or less when the input pauses or ends).
+    pub fn new(records: S, encoder: DedupEncoder, chunk: usize) -> Self {
+        Self {
+            records,
+            encoder,
+            out: BytesMut::new(),
+            chunk: chunk.max(1),
+            finished: false,
+        }
+    }
+
+    /// The encoder's counters so far.
+    pub fn stats(&self) -> &Stats {
+        self.encoder.stats()
+    }
+}
+
+impl<S: Stream<Item = Result<Record>> + Unpin> Stream for DedupFrames<S> {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        let this = &mut *self;
+        loop {
+            if this.out.len() >= this.chunk {
+                return Poll::Ready(Some(Ok(this.out.split().freeze())));
+            }
+            if this.finished {
+                return Poll::Ready((!this.out.is_empty()).then(|| Ok(this.out.split().freeze())));
+            }
+            let step = match Pin::new(&mut this.records).poll_next(cx) {
+                Poll::Ready(Some(Ok(record))) => this.encoder.encode(&record, &mut this.out),
+                Poll::Ready(Some(Err(e))) => Err(e),
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    this.encoder.finish(&mut this.out)
+                }
+                Poll::Pending => {
+                    if let Err(e) = this.encoder.flush(&mut this.out) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    return match this.out.is_empty() {
+                        true => Poll::Pending,
+                        false => Poll::Ready(Some(Ok(this.out.split().freeze()))),
+                    };
+                }
+            };
+            if let Err(e) = step {
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
+    }
+}
+
+impl Decoder for DedupDecoder {
+    type Item = Bytes;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        DedupDecoder::decode(self, src)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        DedupDecoder::decode_eof(self, src)
+    }
+}
