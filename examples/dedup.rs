@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example dedup -- encode IN.mig OUT.mz
 //! cargo run --release --example dedup -- decode IN.mz OUT.mig
+//! cargo run --release --features zstd --example dedup -- encode --zstd 3 IN.mig OUT.mz
 //! ```
 //!
 //! Both stream with bounded memory (1 MiB reads) and end with a line
@@ -25,7 +26,16 @@ const READ: usize = 1 << 20;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["encode", input, output] => encode(input, output),
+        ["encode", input, output] => encode(input, output, DedupEncoder::with_default_resolvers()),
+        #[cfg(feature = "zstd")]
+        ["encode", "--zstd", level, input, output] => match level.parse() {
+            Ok(level) => {
+                let enc = DedupEncoder::with_default_resolvers()
+                    .with_compression(migstream::dedup::Compression::Zstd(level));
+                encode(input, output, enc)
+            }
+            Err(_) => Err("--zstd takes a level".into()),
+        },
         ["decode", input, output] => decode(input, output),
         _ => {
             eprintln!("usage: dedup encode IN.mig OUT.mz | dedup decode IN.mz OUT.mig");
@@ -41,10 +51,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn encode(input: &str, output: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn encode(
+    input: &str,
+    output: &str,
+    mut enc: DedupEncoder,
+) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let (mut file, mut out) = (File::open(input)?, File::create(output)?);
-    let (mut records, mut enc) = (QemuDecoder::new(), DedupEncoder::with_default_resolvers());
+    let mut records = QemuDecoder::new();
     let (mut buf, mut wire) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
     let mut at_end = false;
     loop {

@@ -222,3 +222,22 @@ async fn async_adapters_over_pipes() {
     assert_eq!(stats.qemu_bytes, qemu.len() as u64);
     assert!(out == qemu, "destination bytes differ");
 }
+
+#[cfg(feature = "zstd")]
+#[test]
+fn zstd_batches_round_trip_and_are_smaller() {
+    use migstream::dedup::Compression;
+    let qemu = testdata("qemu-7.2-pc-paused.mig");
+    let lz4 = encode_with(DedupEncoder::with_default_resolvers(), &qemu, 1 << 20);
+    let enc = DedupEncoder::with_default_resolvers().with_compression(Compression::Zstd(3));
+    let zstd = encode_with(enc, &qemu, 1 << 20);
+    assert!(
+        zstd.len() < lz4.len(),
+        "zstd {} lz4 {}",
+        zstd.len(),
+        lz4.len()
+    );
+    let (out, err) = decode_with(DedupDecoder::with_default_resolvers(), &zstd, 4096);
+    assert!(err.is_none(), "{err:?}");
+    assert!(out == qemu);
+}

@@ -2,7 +2,8 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::wire::{self, Hello, codec, frame};
+use super::compress::Decompressor;
+use super::wire::{self, Hello, frame};
 use super::{Limits, Stats};
 use crate::error::{Error, Result};
 use crate::qemu::wire::ram_flag;
@@ -29,6 +30,7 @@ pub struct DedupDecoder {
     /// Stream offset of the first byte of `src` not yet consumed.
     offset: u64,
     raw: Vec<u8>,
+    decompressor: Decompressor,
     /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
     block: Option<Bytes>,
     /// Where QEMU bytes are rebuilt.
@@ -109,6 +111,7 @@ impl DedupDecoder {
             failed: false,
             offset: 0,
             raw: Vec::new(),
+            decompressor: Decompressor::default(),
             block: None,
             out: BytesMut::new(),
             held: BytesMut::new(),
@@ -246,22 +249,15 @@ impl DedupDecoder {
         let digest: [u8; wire::FRAME_DIGEST] = header[6..].try_into().expect("16 bytes");
         let body = &p[wire::DATA_HEADER..];
         self.raw.resize(raw_len, 0);
-        match header[0] {
-            codec::STORED if body.len() == raw_len => self.raw.copy_from_slice(body),
-            codec::LZ4 => match lz4_flex::block::decompress_into(body, &mut self.raw) {
-                Ok(n) if n == raw_len => {}
-                _ => {
-                    return Err(self.malformed(
-                        5 + wire::DATA_HEADER,
-                        "data frame",
-                        "LZ4 block does not decompress to its length",
-                    ));
-                }
-            },
-            codec::STORED => {
-                return Err(self.malformed(5, "data frame", "stored batch of the wrong length"));
-            }
-            _ => return Err(self.malformed(5, "data frame codec", "unknown")),
+        if !self
+            .decompressor
+            .decompress(header[0], body, &mut self.raw)?
+        {
+            return Err(self.malformed(
+                5 + wire::DATA_HEADER,
+                "data frame",
+                "batch does not decompress to its length",
+            ));
         }
         let out = self.entries()?;
         self.hasher.update(&out);

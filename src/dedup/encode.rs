@@ -3,6 +3,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::Stats;
+use super::compress::{Compression, Compressor};
 use super::wire::{self, Hello, codec, frame};
 use crate::error::Result;
 use crate::qemu::{DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record};
@@ -27,6 +28,7 @@ pub struct DedupEncoder {
     /// Scratch for a resolver's body and for the compressed batch.
     body: Vec<u8>,
     compressed: Vec<u8>,
+    compressor: Compressor,
     batch_target: usize,
     hasher: blake3::Hasher,
     started: bool,
@@ -63,6 +65,7 @@ impl DedupEncoder {
             verbatim: BytesMut::new(),
             body: Vec::new(),
             compressed: Vec::new(),
+            compressor: Compressor::new(Compression::Lz4),
             batch_target: DEFAULT_BATCH,
             hasher: blake3::Hasher::new(),
             started: false,
@@ -75,6 +78,12 @@ impl DedupEncoder {
     /// Announces the identity of the template catalog the resolvers refer to.
     pub fn with_catalog_id(mut self, id: [u8; 32]) -> Self {
         self.catalog = id;
+        self
+    }
+
+    /// Sets how batches are compressed (default LZ4).
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compressor = Compressor::new(compression);
         self
     }
 
@@ -135,12 +144,11 @@ impl DedupEncoder {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let bound = lz4_flex::block::get_maximum_output_size(self.batch.len());
-        self.compressed.resize(bound, 0);
-        let n = lz4_flex::block::compress_into(&self.batch, &mut self.compressed)
-            .expect("output sized by the bound");
+        let (codec, n) = self
+            .compressor
+            .compress(&self.batch, &mut self.compressed)?;
         let (codec, body) = match n < self.batch.len() {
-            true => (codec::LZ4, &self.compressed[..n]),
+            true => (codec, &self.compressed[..n]),
             false => (codec::STORED, &self.batch[..]),
         };
         let before = dst.len();

@@ -28,11 +28,13 @@
 //! # Ok::<(), migstream::Error>(())
 //! ```
 
+mod compress;
 mod decode;
 mod encode;
 mod stream;
 pub mod wire;
 
+pub use compress::Compression;
 pub use decode::DedupDecoder;
 pub use encode::{DEFAULT_BATCH, DedupEncoder};
 pub use stream::DedupFrames;

@@ -27,6 +27,8 @@ pub mod codec {
     pub const STORED: u8 = 0x00;
     /// One LZ4 block.
     pub const LZ4: u8 = 0x01;
+    /// One zstd frame (with the `zstd` cargo feature).
+    pub const ZSTD: u8 = 0x02;
 }
 
 /// Entry tag of QEMU bytes carried verbatim; page tags are in [`crate::resolve::tag`].
