@@ -331,6 +331,7 @@ class Relay:
         self.ls.bind(("127.0.0.1", 0))
         self.ls.listen(16)
         self.port = self.ls.getsockname()[1]
+        self.t0 = time.monotonic()      # opened_s / closed_s are relative to this
         self.stopping = False
         self._start(self._accept)
 
@@ -356,7 +357,8 @@ class Relay:
                 continue
             c.settimeout(None)
             d.settimeout(None)
-            info = {"index": len(self.conns), "kind": None, "src_to_dst": 0, "dst_to_src": 0, "eof": False}
+            info = {"index": len(self.conns), "kind": None, "src_to_dst": 0, "dst_to_src": 0, "eof": False,
+                    "opened_s": round(time.monotonic() - self.t0, 3), "closed_s": None}
             with self.lock:
                 self.conns.append(info)
                 self.socks += [c, d]
@@ -391,6 +393,7 @@ class Relay:
                 info["src_to_dst"] += len(head)
             if forward:
                 info["eof"] = True
+                info["closed_s"] = round(time.monotonic() - self.t0, 3)
         except OSError as e:
             if not self.stopping:
                 self.errors.append("connection %d %s: %s" % (info["index"], "src->dst" if forward else "dst->src", e))
@@ -401,6 +404,22 @@ class Relay:
                 b.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def totals(self):
+        """Bytes over ALL connections (main + multifd channels), each direction
+        separately: what the migration really put on the wire (TCP payload)."""
+        c = self.conns
+        opened = [x["opened_s"] for x in c]
+        closed = [x["closed_s"] for x in c if x["closed_s"] is not None]
+        return {"connections": len(c),
+                "main_connections": sum(1 for x in c if x["kind"] == "main"),
+                "src_to_dst": sum(x["src_to_dst"] for x in c),
+                "dst_to_src": sum(x["dst_to_src"] for x in c),
+                "total": sum(x["src_to_dst"] + x["dst_to_src"] for x in c),
+                "main_src_to_dst": sum(x["src_to_dst"] for x in c if x["kind"] == "main"),
+                "other_src_to_dst": sum(x["src_to_dst"] for x in c if x["kind"] != "main"),
+                # first connection opened -> last source->destination EOF, seconds
+                "elapsed_s": round(max(closed) - min(opened), 3) if opened and closed else None}
 
     def finish(self, timeout):
         """Wait until every connection has drained (QEMU closes them after
@@ -456,6 +475,15 @@ def make_rundir(kind):
     return rd
 
 
+def effective_params(vm):
+    """query-migrate-parameters (the values in force, defaults included: e.g. the
+    multifd-zstd-level actually used); None if the QEMU cannot answer any more."""
+    try:
+        return vm.qmp.cmd("query-migrate-parameters")
+    except Fail:
+        return None
+
+
 def base_meta(a, vm, out, kind, caps, params, ready):
     return {"file": os.path.basename(out), "kind": kind, "qemu": a.qemu,
             "qemu_version": vm.version, "machine": a.machine, "machine_type": vm.machine_type(),
@@ -477,6 +505,7 @@ def capture_file(a, rundir, vms):
     ready = vm.wait_ready()
     log("src: READY sum=%s" % ready)
     vm.configure(caps, params)
+    eff = effective_params(vm)
     # cat writes a .part file and renames it when done: the file exists only complete
     uri = "exec:cat > %s && mv %s %s" % (shlex.quote(part), shlex.quote(part), shlex.quote(out))
     info = migrate(vm, uri, a.timeout)
@@ -486,7 +515,7 @@ def capture_file(a, rundir, vms):
         if os.path.exists(out):
             break
     meta = base_meta(a, vm, out, "file", caps, params, ready)
-    meta.update(size=os.path.getsize(out), migration=summary(info))
+    meta.update(size=os.path.getsize(out), migration=summary(info), effective_params=eff)
     return out, meta, True
 
 
@@ -516,6 +545,7 @@ def capture_live(a, rundir, vms):
     ready = src.wait_ready()
     log("src: READY sum=%s" % ready)
     src.configure(caps, params)
+    eff = {"src": effective_params(src), "dst": effective_params(dst)}
     relay = Relay(ports[0], out)
     log("relay 127.0.0.1:%d -> destination 127.0.0.1:%d" % (relay.port, ports[0]))
     info = migrate(src, "tcp:127.0.0.1:%d" % relay.port, a.timeout)
@@ -555,7 +585,8 @@ def capture_live(a, rundir, vms):
     meta = base_meta(a, src, out, "live", caps, params, ready)
     meta.update(size=size, src_qemu=a.qemu, dst_qemu=dst_ver, dst_qemu_version=dst.version,
                 check_sum=after, dirty_sync_count=syncs, migration=summary(info),
-                connections=relay.conns, relay_errors=relay.errors, checks=checks)
+                connections=relay.conns, relay_errors=relay.errors, checks=checks,
+                wire=relay.totals(), effective_params=eff)
     failed = [k for k, v in checks.items() if not v]
     if failed:
         log("FAILED checks: %s %s" % (", ".join(failed), relay.errors or info.get("error-desc", "")))
