@@ -44,7 +44,8 @@ impl fmt::Display for Fingerprint {
 
 /// A fast 64-bit hash of a page, for pre-filtering only (never for identity): a
 /// miss proves a page is not in a set; a hit must be confirmed by its [`Fingerprint`].
-/// Keyed with fixed seeds so both ends and every run agree.
+/// Fixed seeds make it repeatable within one build on one machine; it is not stable
+/// across ahash versions or CPU features, so it never goes on the wire or into files.
 pub fn prefilter(page: &[u8]) -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = ahash::RandomState::with_seeds(0x6d69_6773, 0x7472_6561, 0x6d20_7061, 0x6765_7321)

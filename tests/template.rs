@@ -134,6 +134,9 @@ fn a_partial_page_at_the_end_of_an_image_does_not_count() {
     let path = image(&dir, "a", &[&p1, &p1[..100]]);
     let mut builder = CatalogBuilder::new(Threshold::Occurrences(1));
     assert_eq!(builder.add(&path).expect("image").pages, 1);
+    let mut builder = CatalogBuilder::new(Threshold::Occurrences(1)).with_page_size(KIB);
+    assert_eq!(builder.add(&path).expect("image").pages, 4);
+    assert_eq!(builder.build().expect("built").page_size(), KIB);
 }
 
 #[test]

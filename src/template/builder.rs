@@ -7,6 +7,7 @@
 //! reads the inputs again to copy out only the pages that qualify.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -50,7 +51,6 @@ pub struct InputStats {
 /// let catalog = builder.build()?;
 /// # Ok::<(), migstream::Error>(())
 /// ```
-#[derive(Debug)]
 pub struct CatalogBuilder {
     threshold: Threshold,
     page_size: usize,
@@ -60,11 +60,23 @@ pub struct CatalogBuilder {
 }
 
 /// The count of one page content.
-#[derive(Debug)]
 struct Tally {
     count: u32,
     /// The last input that counted it, so that [`Threshold::Inputs`] counts once per input.
     last_input: u32,
+}
+
+/// Summary only: the tallies may be millions.
+impl fmt::Debug for CatalogBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CatalogBuilder")
+            .field("threshold", &self.threshold)
+            .field("page_size", &self.page_size)
+            .field("inputs", &self.inputs)
+            .field("distinct", &self.tallies.len())
+            .field("failed", &self.failed)
+            .finish()
+    }
 }
 
 impl CatalogBuilder {
@@ -80,7 +92,8 @@ impl CatalogBuilder {
     }
 
     /// Sets the page size: a power of two from 1 KiB to 64 KiB (it panics
-    /// otherwise), chosen before any input is added.
+    /// otherwise), chosen before any input is added. It is also the target page
+    /// size QEMU streams are decoded with, unless they announce theirs.
     pub fn with_page_size(mut self, page_size: usize) -> Self {
         assert!(
             page_size.is_power_of_two() && (1024..=65536).contains(&page_size),

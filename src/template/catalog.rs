@@ -73,7 +73,7 @@ impl Catalog {
     ///
     /// # Panics
     ///
-    /// With more than [`MAX_TEMPLATES`] templates (64 TiB of 16 KiB pages).
+    /// With more than [`MAX_TEMPLATES`] templates (16 TiB of 4 KiB pages).
     pub(super) fn from_sorted(
         page_size: u32,
         fingerprints: Vec<Fingerprint>,

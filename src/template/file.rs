@@ -49,8 +49,9 @@ impl Catalog {
     }
 
     /// Loads and verifies a catalog file from a reader of unknown length. Memory is
-    /// reserved only as the bytes arrive, so a hostile count costs nothing before
-    /// the input runs out. Reads in big pieces: no need to buffer the reader.
+    /// reserved only as the bytes arrive (a megabyte ahead), so a hostile count
+    /// costs nothing until the input holds that much. Reads in big pieces: no need
+    /// to buffer the reader.
     pub fn from_reader(mut r: impl Read) -> Result<Self> {
         read(&mut r, None)
     }

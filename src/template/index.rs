@@ -31,8 +31,8 @@ const EMPTY: u32 = u32::MAX;
 /// fingerprint is also what the reference carries.
 ///
 /// Two templates with one pre-filter value (for a million templates, a chance of
-/// about 3·10⁻⁸) keep only the first in the table: the other is never found, a
-/// missed deduplication and never a wrong one.
+/// about 3·10⁻⁸) keep only the lower-numbered one in the table: the other is never
+/// found, a missed deduplication and never a wrong one.
 #[derive(Debug, Clone)]
 pub struct TemplateIndex {
     slots: Vec<Slot>,
@@ -72,11 +72,11 @@ impl TemplateIndex {
     ///
     /// The header, the identity digest and the order of the fingerprint table are
     /// checked as by [`Catalog::load`]; the pages are read only for their pre-filter
-    /// values and not checked against their fingerprints: a damaged page gets a
-    /// pre-filter value no real page has, so it is never found (every hit is
-    /// confirmed against the verified fingerprint table). The pre-filter values are
-    /// not stored in the file because they are only stable within one build of the
-    /// crate (a fast hash need not agree across versions or CPUs).
+    /// values and not checked against their fingerprints: a damaged page can only
+    /// cause misses, since every hit is confirmed against the verified table. The
+    /// pre-filter values are not stored in the file because they are only stable
+    /// within one build of the crate (a fast hash need not agree across versions or
+    /// CPUs).
     pub fn from_reader(mut r: impl Read) -> Result<Self> {
         read(&mut r, None)
     }
