@@ -1,8 +1,8 @@
 //! Deduplicate a QEMU migration stream file, and rebuild it.
 //!
 //! ```text
-//! cargo run --release --example dedup -- encode IN.mig OUT.mz
-//! cargo run --release --example dedup -- decode IN.mz OUT.mig
+//! cargo run --release --example dedup -- encode [--catalog C] IN.mig OUT.mz
+//! cargo run --release --example dedup -- decode [--catalog C] IN.mz OUT.mig
 //! cargo run --release --features zstd --example dedup -- encode --zstd 3 IN.mig OUT.mz
 //! ```
 //!
@@ -14,41 +14,73 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use migstream::dedup::{DedupDecoder, DedupEncoder, Stats};
 use migstream::qemu::QemuDecoder;
 use migstream::resolve::tag;
+use migstream::template::{Catalog, TemplateIndex};
 
 const READ: usize = 1 << 20;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["encode", input, output] => encode(input, output, DedupEncoder::with_default_resolvers()),
-        #[cfg(feature = "zstd")]
-        ["encode", "--zstd", level, input, output] => match level.parse() {
-            Ok(level) => {
-                let enc = DedupEncoder::with_default_resolvers()
-                    .with_compression(migstream::dedup::Compression::Zstd(level));
-                encode(input, output, enc)
-            }
-            Err(_) => Err("--zstd takes a level".into()),
-        },
-        ["decode", input, output] => decode(input, output),
-        _ => {
-            eprintln!("usage: dedup encode IN.mig OUT.mz | dedup decode IN.mz OUT.mig");
-            return ExitCode::from(2);
-        }
-    };
-    match result {
+    match run(std::env::args().skip(1).collect()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dedup: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+const USAGE: &str = "usage: dedup encode [--catalog C] [--zstd LEVEL] IN.mig OUT.mz | dedup decode [--catalog C] IN.mz OUT.mig";
+
+fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+    let (mut catalog, mut zstd, mut files) = (None, None, Vec::new());
+    let mut args = args.into_iter();
+    let command = args.next().ok_or(USAGE)?;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--catalog" => catalog = Some(args.next().ok_or(USAGE)?),
+            "--zstd" => zstd = Some(args.next().ok_or(USAGE)?.parse::<i32>()?),
+            _ => files.push(arg),
+        }
+    }
+    let [input, output] = &files[..] else {
+        return Err(USAGE.into());
+    };
+    match command.as_str() {
+        "encode" => {
+            let mut enc = match &catalog {
+                Some(path) => DedupEncoder::with_templates(Arc::new(TemplateIndex::load(path)?)),
+                None => DedupEncoder::with_default_resolvers(),
+            };
+            if let Some(level) = zstd {
+                enc = with_zstd(enc, level)?;
+            }
+            encode(input, output, enc)
+        }
+        "decode" => {
+            let dec = match &catalog {
+                Some(path) => DedupDecoder::with_templates(Arc::new(Catalog::load(path)?)),
+                None => DedupDecoder::with_default_resolvers(),
+            };
+            decode(input, output, dec)
+        }
+        _ => Err(USAGE.into()),
+    }
+}
+
+#[cfg(feature = "zstd")]
+fn with_zstd(enc: DedupEncoder, level: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
+    Ok(enc.with_compression(migstream::dedup::Compression::Zstd(level)))
+}
+
+#[cfg(not(feature = "zstd"))]
+fn with_zstd(_: DedupEncoder, _: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
+    Err("--zstd needs the zstd feature: cargo run --release --features zstd --example dedup".into())
 }
 
 fn encode(
@@ -87,10 +119,13 @@ fn encode(
     Ok(())
 }
 
-fn decode(input: &str, output: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn decode(
+    input: &str,
+    output: &str,
+    mut dec: DedupDecoder,
+) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let (mut file, mut out) = (File::open(input)?, File::create(output)?);
-    let mut dec = DedupDecoder::with_default_resolvers();
     let mut buf = BytesMut::with_capacity(2 * READ);
     let mut at_end = false;
     loop {

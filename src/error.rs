@@ -22,6 +22,8 @@ pub enum ErrorKind {
     InvalidRecord,
     /// A page could not be restored exactly (missing template, fingerprint mismatch).
     Unresolved,
+    /// The peer refers to a template catalog this end does not hold.
+    CatalogMismatch,
     /// The transport failed.
     Io,
 }
@@ -89,6 +91,14 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// The peer refers to a template catalog this end does not hold.
+    #[error("the stream refers to template catalog {wanted}, this end holds {}", held.map_or("none".to_string(), |id| id.to_string()))]
+    CatalogMismatch {
+        /// The catalog the stream refers to.
+        wanted: crate::template::CatalogId,
+        /// The catalog this end holds, if any.
+        held: Option<crate::template::CatalogId>,
+    },
     /// The transport failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
@@ -104,6 +114,7 @@ impl Error {
             Self::Truncated { .. } => ErrorKind::Truncated,
             Self::InvalidRecord { .. } => ErrorKind::InvalidRecord,
             Self::Unresolved { .. } => ErrorKind::Unresolved,
+            Self::CatalogMismatch { .. } => ErrorKind::CatalogMismatch,
             Self::Io(_) => ErrorKind::Io,
         }
     }
@@ -115,7 +126,10 @@ impl Error {
             | Self::Unsupported { offset, .. }
             | Self::LimitExceeded { offset, .. }
             | Self::Truncated { offset, .. } => Some(offset),
-            Self::InvalidRecord { .. } | Self::Unresolved { .. } | Self::Io(_) => None,
+            Self::InvalidRecord { .. }
+            | Self::Unresolved { .. }
+            | Self::CatalogMismatch { .. }
+            | Self::Io(_) => None,
         }
     }
 
@@ -127,7 +141,7 @@ impl Error {
             | Self::LimitExceeded { field, .. }
             | Self::Truncated { field, .. }
             | Self::InvalidRecord { field, .. } => Some(field),
-            Self::Unresolved { .. } | Self::Io(_) => None,
+            Self::Unresolved { .. } | Self::CatalogMismatch { .. } | Self::Io(_) => None,
         }
     }
 }

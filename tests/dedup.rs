@@ -241,3 +241,42 @@ fn zstd_batches_round_trip_and_are_smaller() {
     assert!(err.is_none(), "{err:?}");
     assert!(out == qemu);
 }
+
+#[test]
+fn templates_round_trip_and_a_wrong_catalog_is_refused() {
+    use migstream::template::{Catalog, CatalogBuilder, TemplateIndex, Threshold};
+    use std::sync::Arc;
+    let path = format!(
+        "{}/testdata/qemu-7.2-pc-paused.mig",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut builder = CatalogBuilder::new(Threshold::Occurrences(1));
+    builder.add(&path).unwrap();
+    let catalog = Arc::new(builder.build().unwrap());
+    assert!(catalog.len() > 40);
+    let qemu = testdata("qemu-7.2-pc-paused.mig");
+    let index = Arc::new(TemplateIndex::new(&catalog));
+    let mut enc = DedupEncoder::with_templates(index);
+    let mut wire = BytesMut::new();
+    for r in support::decode(&qemu, 1 << 20) {
+        enc.encode(&r, &mut wire).unwrap();
+    }
+    enc.finish(&mut wire).unwrap();
+    assert_eq!(
+        enc.stats().pages[usize::from(migstream::resolve::tag::TEMPLATE)],
+        catalog.len() as u64
+    );
+    let (out, err) = decode_with(DedupDecoder::with_templates(catalog.clone()), &wire, 5000);
+    assert!(err.is_none(), "{err:?}");
+    assert!(out == qemu);
+    // another catalog, or none: refused at the HELLO, before any QEMU byte
+    let other = Arc::new(Catalog::from_pages(4096, [vec![7u8; 4096]]).unwrap());
+    for dec in [
+        DedupDecoder::with_templates(other),
+        DedupDecoder::with_default_resolvers(),
+    ] {
+        let (out, err) = decode_with(dec, &wire, 5000);
+        assert_eq!(err.unwrap().kind(), ErrorKind::CatalogMismatch);
+        assert!(out.is_empty());
+    }
+}

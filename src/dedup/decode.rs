@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::qemu::wire::ram_flag;
 use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
 use crate::resolve::{Page, PageAt, Restore, tag};
+use crate::template::CatalogId;
 use crate::varint;
 
 /// Turns the dedup stream back into the QEMU stream.
@@ -25,6 +26,8 @@ pub struct DedupDecoder {
     /// Resolver index per entry tag.
     by_tag: [Option<u8>; 256],
     hello: Option<Hello>,
+    /// The catalog this end holds.
+    catalog: Option<CatalogId>,
     done: bool,
     failed: bool,
     /// Stream offset of the first byte of `src` not yet consumed.
@@ -107,6 +110,7 @@ impl DedupDecoder {
             restores,
             by_tag,
             hello: None,
+            catalog: None,
             done: false,
             failed: false,
             offset: 0,
@@ -119,6 +123,13 @@ impl DedupDecoder {
             hasher: blake3::Hasher::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// The identity of the template catalog this end holds: a stream naming another
+    /// catalog is refused at its HELLO.
+    pub fn with_catalog_id(mut self, id: CatalogId) -> Self {
+        self.catalog = Some(id);
+        self
     }
 
     /// Sets the limits.
@@ -229,7 +240,13 @@ impl DedupDecoder {
             return Err(self.malformed(13, "page size", "not a power of two from 1 KiB to 64 KiB"));
         }
         self.page_size = page_size as usize;
-        let catalog = p[12..44].try_into().expect("32 bytes");
+        let catalog: [u8; 32] = p[12..44].try_into().expect("32 bytes");
+        if catalog != [0; 32] && self.catalog.map(|id| id.0) != Some(catalog) {
+            return Err(Error::CatalogMismatch {
+                wanted: CatalogId(catalog),
+                held: self.catalog,
+            });
+        }
         self.hello = Some(Hello { page_size, catalog });
         Ok(())
     }

@@ -39,10 +39,14 @@ pub use decode::DedupDecoder;
 pub use encode::{DEFAULT_BATCH, DedupEncoder};
 pub use stream::DedupFrames;
 
+use std::sync::Arc;
+
 use crate::qemu::DEFAULT_PAGE_SIZE;
 use crate::resolve::{
-    DEFAULT_CACHE_BYTES, Fill, SeenBefore, SeenBeforeRestore, XbzrleDelta, XbzrleRestore,
+    Claim, DEFAULT_CACHE_BYTES, Fill, Restore, SeenBefore, SeenBeforeRestore, TemplateClaim,
+    TemplateRestore, XbzrleDelta, XbzrleRestore,
 };
+use crate::template::{Catalog, TemplateIndex};
 
 /// Default seen-before window: the last 65536 distinct pages (256 MiB of 4 KiB pages
 /// at the destination, ~2.5 MiB at the source).
@@ -96,24 +100,56 @@ impl DedupEncoder {
     /// An encoder with the built-in local resolvers, in this order: fill pages, XBZRLE
     /// deltas against a 64 MiB cache, seen-before with [`DEFAULT_SEEN_WINDOW`].
     pub fn with_default_resolvers() -> Self {
-        Self::new(vec![
-            Box::new(Fill),
-            Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES, DEFAULT_PAGE_SIZE)),
-            Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)),
-        ])
+        Self::new(default_claims(None))
+    }
+
+    /// The built-in resolvers plus templates of the catalog `index` was built from
+    /// (tried right after fill pages); the catalog's identity goes in the HELLO.
+    pub fn with_templates(index: Arc<TemplateIndex>) -> Self {
+        let id = index.id();
+        Self::new(default_claims(Some(index))).with_catalog_id(id.0)
     }
 }
 
 impl DedupDecoder {
     /// The decoder matching [`DedupEncoder::with_default_resolvers`].
     pub fn with_default_resolvers() -> Self {
-        Self::new(vec![
-            Box::new(Fill),
-            Box::new(XbzrleRestore::new(DEFAULT_CACHE_BYTES, DEFAULT_PAGE_SIZE)),
-            Box::new(SeenBeforeRestore::new(
-                DEFAULT_SEEN_WINDOW,
-                DEFAULT_PAGE_SIZE,
-            )),
-        ])
+        Self::new(default_restores(None))
     }
+
+    /// The decoder matching [`DedupEncoder::with_templates`]: refuses a stream that
+    /// names another catalog than `catalog`.
+    pub fn with_templates(catalog: Arc<Catalog>) -> Self {
+        let id = catalog.id();
+        Self::new(default_restores(Some(catalog))).with_catalog_id(id)
+    }
+}
+
+fn default_claims(templates: Option<Arc<TemplateIndex>>) -> Vec<Box<dyn Claim>> {
+    let mut claims: Vec<Box<dyn Claim>> = vec![Box::new(Fill)];
+    if let Some(index) = templates {
+        claims.push(Box::new(TemplateClaim::new(index)));
+    }
+    claims.push(Box::new(XbzrleDelta::new(
+        DEFAULT_CACHE_BYTES,
+        DEFAULT_PAGE_SIZE,
+    )));
+    claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)));
+    claims
+}
+
+fn default_restores(catalog: Option<Arc<Catalog>>) -> Vec<Box<dyn Restore>> {
+    let mut restores: Vec<Box<dyn Restore>> = vec![Box::new(Fill)];
+    if let Some(catalog) = catalog {
+        restores.push(Box::new(TemplateRestore::new(catalog)));
+    }
+    restores.push(Box::new(XbzrleRestore::new(
+        DEFAULT_CACHE_BYTES,
+        DEFAULT_PAGE_SIZE,
+    )));
+    restores.push(Box::new(SeenBeforeRestore::new(
+        DEFAULT_SEEN_WINDOW,
+        DEFAULT_PAGE_SIZE,
+    )));
+    restores
 }

@@ -37,10 +37,12 @@
 
 mod fill;
 mod seen;
+mod template;
 mod xbzrle;
 
 pub use fill::Fill;
 pub use seen::{SeenBefore, SeenBeforeRestore};
+pub use template::{TemplateClaim, TemplateRestore};
 pub use xbzrle::{DEFAULT_CACHE_BYTES, XbzrleDelta, XbzrleRestore};
 
 use std::ops::RangeInclusive;

@@ -1,0 +1,94 @@
+//! Templates (TMDM): a page that is in the template catalog both ends hold travels as
+//! its template number.
+//!
+//! The source needs only the catalog's [`TemplateIndex`] (pre-filter and fingerprints,
+//! no page bytes); the destination holds the [`Catalog`] and checks every page it
+//! restores against the template's fingerprint. Which catalog is meant travels in the
+//! dedup stream's HELLO, and the destination refuses a stream that names another.
+
+use std::sync::Arc;
+
+use super::{Claim, Page, PageAt, Restore, tag};
+use crate::error::{Error, Result};
+use crate::template::{Catalog, TemplateIndex};
+use crate::varint;
+
+/// The source half: claims pages found in the catalog's index.
+#[derive(Debug, Clone)]
+pub struct TemplateClaim {
+    index: Arc<TemplateIndex>,
+}
+
+impl TemplateClaim {
+    /// Claims the pages of `index`'s catalog.
+    pub fn new(index: Arc<TemplateIndex>) -> Self {
+        Self { index }
+    }
+}
+
+impl Claim for TemplateClaim {
+    fn tag(&self) -> u8 {
+        tag::TEMPLATE
+    }
+
+    fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool {
+        match self.index.lookup(page.data) {
+            Some((template, _)) => {
+                varint::put(body, u64::from(template));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The destination half: copies the template and checks its fingerprint.
+#[derive(Debug, Clone)]
+pub struct TemplateRestore {
+    catalog: Arc<Catalog>,
+}
+
+impl TemplateRestore {
+    /// Restores pages of `catalog`.
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Self { catalog }
+    }
+}
+
+impl Restore for TemplateRestore {
+    fn tag(&self) -> u8 {
+        tag::TEMPLATE
+    }
+
+    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
+        let template = match varint::get(body) {
+            Some((n, len)) if len == body.len() => u32::try_from(n).ok(),
+            _ => None,
+        };
+        let found =
+            template.and_then(|t| Some((self.catalog.get(t)?, self.catalog.fingerprint(t)?)));
+        let Some((page, fingerprint)) = found else {
+            return Err(Error::Malformed {
+                offset: 0,
+                field: "template body",
+                reason: "not a template number of this catalog",
+            });
+        };
+        if page.len() != out.len() {
+            return Err(Error::Malformed {
+                offset: 0,
+                field: "template body",
+                reason: "the catalog's page size differs from the stream's",
+            });
+        }
+        out.copy_from_slice(page);
+        if !fingerprint.matches(out) {
+            return Err(Error::Unresolved {
+                resolver: "template",
+                fingerprint,
+                reason: "the catalog's page does not match its fingerprint",
+            });
+        }
+        Ok(())
+    }
+}
