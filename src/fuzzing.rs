@@ -124,9 +124,89 @@ pub fn catalog_load(data: &[u8]) {
     }
 }
 
+/// The dedup stream decoder. Odd `data[0]`: the rest is fed as dedup frames in
+/// reads of `data[0] / 2 + 1` bytes (hostile input: must end in `Ok` or a typed
+/// error). Even `data[0]`: the rest is taken as a QEMU stream; whatever the QEMU
+/// decoder accepts goes through the dedup encoder and decoder, which must give the
+/// same QEMU bytes back, and then with one byte of the dedup stream flipped (at a
+/// position drawn from the data), which must fail without releasing a wrong byte.
+pub fn dedup_decode(data: &[u8]) {
+    use crate::dedup::DedupEncoder;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode % 2 == 1 {
+        let _ = dedup_round(rest, usize::from(mode / 2) + 1);
+        return;
+    }
+    // the records the QEMU decoder accepts, and their exact bytes
+    let (mut records, mut qemu) = (QemuDecoder::new(), QemuEncoder::new());
+    let (mut input, mut expected) = (BytesMut::from(rest), BytesMut::new());
+    let mut enc =
+        DedupEncoder::with_default_resolvers().with_batch_size(1 + usize::from(mode) * 64);
+    let mut wire = BytesMut::new();
+    while let Ok(Some(record)) = records.decode_eof(&mut input) {
+        qemu.encode(&record, &mut expected)
+            .expect("a decoded record encodes");
+        if enc.encode(&record, &mut wire).is_err() {
+            return;
+        }
+    }
+    enc.finish(&mut wire).expect("finishing a dedup stream");
+    let (out, err) = dedup_round(&wire, 1 + usize::from(mode));
+    assert!(
+        err.is_none(),
+        "dedup stream of accepted records failed: {err:?}"
+    );
+    assert!(out[..] == expected[..], "decode(encode(x)) != x");
+    let at = rest.iter().fold(0usize, |h, &b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    }) % wire.len();
+    wire[at] ^= 0x01;
+    let (out, err) = dedup_round(&wire, 1 + usize::from(mode));
+    assert!(
+        err.is_some(),
+        "a flipped byte at {at} of {} went unnoticed",
+        wire.len()
+    );
+    assert!(
+        expected.starts_with(&out),
+        "bytes released after a flip differ"
+    );
+}
+
+/// Decodes a dedup stream fed in reads of `read` bytes: the QEMU bytes released and
+/// the error, if any.
+fn dedup_round(wire: &[u8], read: usize) -> (Vec<u8>, Option<crate::Error>) {
+    let mut dec = crate::dedup::DedupDecoder::with_default_resolvers();
+    let (mut buf, mut out) = (BytesMut::new(), Vec::new());
+    let mut chunks = wire.chunks(read);
+    loop {
+        let step = match chunks.next() {
+            Some(chunk) => {
+                buf.extend_from_slice(chunk);
+                dec.decode(&mut buf)
+            }
+            None => dec.decode_eof(&mut buf),
+        };
+        match step {
+            Ok(Some(bytes)) => out.extend_from_slice(&bytes),
+            Ok(None) if chunks.len() == 0 => match dec.decode_eof(&mut buf) {
+                Ok(Some(bytes)) => out.extend_from_slice(&bytes),
+                Ok(None) => return (out, None),
+                Err(e) => return (out, Some(e)),
+            },
+            Ok(None) => {}
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use bytes::BytesMut;
 
     /// Runs every file of a target's checked-in seed corpus through its entry point.
     fn replay(target: &str, entry_point: fn(&[u8])) {
@@ -153,6 +233,55 @@ mod tests {
     #[test]
     fn xbzrle_corpus_replays() {
         replay("xbzrle", super::xbzrle);
+    }
+
+    /// `MIGSTREAM_BLESS=1 cargo test --lib write_dedup_decode_seeds` rewrites the
+    /// seeds of `dedup_decode` from the valid seeds of `qemu_decode`: each stream as a
+    /// QEMU stream (even mode byte) and as its dedup stream (odd mode byte).
+    #[test]
+    fn write_dedup_decode_seeds() {
+        if std::env::var_os("MIGSTREAM_BLESS").is_none() {
+            return;
+        }
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let out = corpus.join("dedup_decode");
+        std::fs::create_dir_all(&out).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(corpus.join("qemu_decode"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| {
+                !n.starts_with("bad-") && !n.starts_with("trunc") && !n.starts_with("regress-")
+            })
+            .collect();
+        names.sort();
+        for (i, name) in names.iter().enumerate() {
+            let data = std::fs::read(corpus.join("qemu_decode").join(name)).unwrap();
+            let stream = &data[1..];
+            let mode = (2 * i) as u8;
+            std::fs::write(
+                out.join(format!("qemu-{name}")),
+                [&[mode][..], stream].concat(),
+            )
+            .unwrap();
+            let (mut records, mut input) =
+                (crate::qemu::QemuDecoder::new(), BytesMut::from(stream));
+            let mut enc = crate::dedup::DedupEncoder::with_default_resolvers().with_batch_size(512);
+            let mut wire = BytesMut::new();
+            while let Ok(Some(r)) = records.decode_eof(&mut input) {
+                enc.encode(&r, &mut wire).unwrap();
+            }
+            enc.finish(&mut wire).unwrap();
+            std::fs::write(
+                out.join(format!("wire-{name}")),
+                [&[mode + 1][..], &wire[..]].concat(),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn dedup_decode_corpus_replays() {
+        replay("dedup_decode", super::dedup_decode);
     }
 
     #[test]

@@ -280,3 +280,13 @@ fn templates_round_trip_and_a_wrong_catalog_is_refused() {
         assert!(out.is_empty());
     }
 }
+
+#[test]
+fn an_empty_stream_is_hello_and_end() {
+    let mut wire = BytesMut::new();
+    DedupEncoder::with_default_resolvers()
+        .finish(&mut wire)
+        .unwrap();
+    let (out, err) = decode_with(DedupDecoder::with_default_resolvers(), &wire, 7);
+    assert!(err.is_none() && out.is_empty(), "{err:?}");
+}

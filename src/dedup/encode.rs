@@ -6,7 +6,9 @@ use super::Stats;
 use super::compress::{Compression, Compressor};
 use super::wire::{self, Hello, codec, frame};
 use crate::error::Result;
-use crate::qemu::{DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record};
+use crate::qemu::{
+    ConfigSubsection, Configuration, DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record,
+};
 use crate::resolve::{Claim, Page, PageAt, tag};
 use crate::varint;
 
@@ -101,20 +103,9 @@ impl DedupEncoder {
 
     /// Takes in one QEMU record; appends any frames that became ready to `dst`.
     pub fn encode(&mut self, record: &Record, dst: &mut BytesMut) -> Result<()> {
-        if !self.started {
-            self.started = true;
-            let hello = Hello {
-                page_size: self.page_size as u32,
-                catalog: self.catalog,
-            };
-            let at = dst.len();
-            hello.put(dst);
-            // every frame digest covers the HELLO too
-            self.hasher.update(&dst[at + wire::FRAME_HEADER..]);
-            self.stats.wire_bytes += (dst.len() - at) as u64;
-        }
         match record {
             Record::Ram(RamRecord::Page { addr, data }) => {
+                self.start(dst);
                 self.put_verbatim();
                 // the destination rebuilds the record header from the entry's address
                 let mut header = BytesMut::new();
@@ -129,6 +120,9 @@ impl DedupEncoder {
             }
             other => {
                 self.hold |= matches!(other, Record::Eof);
+                if let Record::Configuration(config) = other {
+                    self.learn_page_size(config);
+                }
                 self.qemu.encode(other, &mut self.verbatim)?;
             }
         }
@@ -140,6 +134,7 @@ impl DedupEncoder {
 
     /// Sends what is pending as a DATA frame (e.g. when the QEMU side goes quiet).
     pub fn flush(&mut self, dst: &mut BytesMut) -> Result<()> {
+        self.start(dst);
         self.put_verbatim();
         if self.batch.is_empty() {
             return Ok(());
@@ -171,12 +166,41 @@ impl DedupEncoder {
 
     /// Sends what is pending and the END frame. Call once, after the last record.
     pub fn finish(&mut self, dst: &mut BytesMut) -> Result<()> {
+        self.start(dst);
         self.flush(dst)?;
         wire::put_frame_header(dst, frame::END, wire::END_LEN);
         dst.put_u64(self.stats.qemu_bytes);
         dst.put_slice(self.hasher.finalize().as_bytes());
         self.stats.wire_bytes += (wire::FRAME_HEADER + wire::END_LEN) as u64;
         Ok(())
+    }
+
+    /// Targets other than x86 announce their page size in the configuration.
+    fn learn_page_size(&mut self, config: &Configuration) {
+        for sub in &config.subsections {
+            if let ConfigSubsection::TargetPageBits(bits @ 10..=16) = sub {
+                self.page_size = 1 << bits;
+            }
+        }
+    }
+
+    /// Writes the HELLO frame, once, before the first DATA frame: by then the page
+    /// size is known, and no QEMU byte has entered the running digest yet (they do
+    /// when they join a batch).
+    fn start(&mut self, dst: &mut BytesMut) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let hello = Hello {
+            page_size: self.page_size as u32,
+            catalog: self.catalog,
+        };
+        let at = dst.len();
+        hello.put(dst);
+        // every frame digest covers the HELLO too
+        self.hasher.update(&dst[at + wire::FRAME_HEADER..]);
+        self.stats.wire_bytes += (dst.len() - at) as u64;
     }
 
     /// Moves pending verbatim QEMU bytes into the batch as one entry.

@@ -41,7 +41,6 @@ pub use stream::DedupFrames;
 
 use std::sync::Arc;
 
-use crate::qemu::DEFAULT_PAGE_SIZE;
 use crate::resolve::{
     Claim, DEFAULT_CACHE_BYTES, Fill, Restore, SeenBefore, SeenBeforeRestore, TemplateClaim,
     TemplateRestore, XbzrleDelta, XbzrleRestore,
@@ -130,10 +129,7 @@ fn default_claims(templates: Option<Arc<TemplateIndex>>) -> Vec<Box<dyn Claim>> 
     if let Some(index) = templates {
         claims.push(Box::new(TemplateClaim::new(index)));
     }
-    claims.push(Box::new(XbzrleDelta::new(
-        DEFAULT_CACHE_BYTES,
-        DEFAULT_PAGE_SIZE,
-    )));
+    claims.push(Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES)));
     claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)));
     claims
 }
@@ -143,13 +139,7 @@ fn default_restores(catalog: Option<Arc<Catalog>>) -> Vec<Box<dyn Restore>> {
     if let Some(catalog) = catalog {
         restores.push(Box::new(TemplateRestore::new(catalog)));
     }
-    restores.push(Box::new(XbzrleRestore::new(
-        DEFAULT_CACHE_BYTES,
-        DEFAULT_PAGE_SIZE,
-    )));
-    restores.push(Box::new(SeenBeforeRestore::new(
-        DEFAULT_SEEN_WINDOW,
-        DEFAULT_PAGE_SIZE,
-    )));
+    restores.push(Box::new(XbzrleRestore::new(DEFAULT_CACHE_BYTES)));
+    restores.push(Box::new(SeenBeforeRestore::new(DEFAULT_SEEN_WINDOW)));
     restores
 }

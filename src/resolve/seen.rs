@@ -79,6 +79,7 @@ impl Claim for SeenBefore {
 #[derive(Debug)]
 pub struct SeenBeforeRestore {
     window: u64,
+    /// The stream's page size, learnt from the first page delivered.
     page_size: usize,
     next_id: u64,
     /// Page `id` lives at slot `id % window`; grows up to `window` pages.
@@ -86,12 +87,12 @@ pub struct SeenBeforeRestore {
 }
 
 impl SeenBeforeRestore {
-    /// Keeps the last `window_pages` delivered pages of `page_size` bytes (memory:
-    /// `window_pages * page_size` at most, allocated as pages arrive).
-    pub fn new(window_pages: u64, page_size: usize) -> Self {
+    /// Keeps the last `window_pages` delivered pages (memory: `window_pages` × the
+    /// stream's page size at most, allocated as pages arrive).
+    pub fn new(window_pages: u64) -> Self {
         Self {
             window: window_pages.max(1),
-            page_size,
+            page_size: 0,
             next_id: 0,
             ring: Vec::new(),
         }
@@ -114,7 +115,7 @@ impl Restore for SeenBeforeRestore {
             .try_into()
             .map_err(|_| malformed("not a distance and a fingerprint"))?;
         let fingerprint = Fingerprint(fp);
-        if distance >= self.next_id.min(self.window) {
+        if distance >= self.next_id.min(self.window) || out.len() != self.page_size {
             return Err(Error::Unresolved {
                 resolver: "seen-before",
                 fingerprint,
@@ -137,6 +138,9 @@ impl Restore for SeenBeforeRestore {
         let page = page.data;
         if fill_byte(page).is_some() {
             return;
+        }
+        if self.page_size == 0 {
+            self.page_size = page.len();
         }
         let slot = (self.next_id % self.window) as usize * self.page_size;
         if self.ring.len() < slot + self.page_size {
@@ -169,7 +173,7 @@ mod tests {
 
     #[test]
     fn references_stay_within_the_window_on_both_sides() {
-        let (mut src, mut dst) = (SeenBefore::new(3), SeenBeforeRestore::new(3, 64));
+        let (mut src, mut dst) = (SeenBefore::new(3), SeenBeforeRestore::new(3));
         for n in 0..5 {
             deliver(&mut src, &mut dst, &page(n));
         }
@@ -191,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_wrong_fingerprint_or_distance_fails() {
-        let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4, 64));
+        let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4));
         deliver(&mut src, &mut dst, &page(9));
         let mut body = Vec::new();
         let p = page(9);

@@ -14,9 +14,10 @@ use crate::xbzrle::{self, Delta};
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// The cache both halves keep: slot → (block number, offset) and the page bytes.
+/// Its geometry is fixed by the first page it sees: `cache_bytes / page size` slots.
 #[derive(Debug)]
 struct Cache {
-    page_size: usize,
+    cache_bytes: usize,
     keys: Vec<Option<(u32, u64)>>,
     /// One page per slot, allocated when the slot is first used.
     pages: Vec<Box<[u8]>>,
@@ -25,12 +26,11 @@ struct Cache {
 }
 
 impl Cache {
-    fn new(bytes: usize, page_size: usize) -> Self {
-        let slots = (bytes / page_size).max(1);
+    fn new(cache_bytes: usize) -> Self {
         Self {
-            page_size,
-            keys: vec![None; slots],
-            pages: vec![Box::default(); slots],
+            cache_bytes,
+            keys: Vec::new(),
+            pages: Vec::new(),
             blocks: Vec::new(),
         }
     }
@@ -46,21 +46,27 @@ impl Cache {
         }
     }
 
-    fn slot(&mut self, at: PageAt<'_>) -> (usize, (u32, u64)) {
+    fn slot(&mut self, at: PageAt<'_>, page_size: usize) -> (usize, (u32, u64)) {
+        if self.keys.is_empty() {
+            let slots = (self.cache_bytes / page_size.max(1)).max(1);
+            self.keys = vec![None; slots];
+            self.pages = vec![Box::default(); slots];
+        }
         let key = (self.block_number(at.block), at.offset);
-        let page = at.offset / self.page_size as u64;
+        let page = at.offset / page_size.max(1) as u64;
         let mixed = page ^ u64::from(key.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         ((mixed % self.keys.len() as u64) as usize, key)
     }
 
-    /// The cached version of the page at `at`, if the cache holds it.
-    fn get(&mut self, at: PageAt<'_>) -> Option<&[u8]> {
-        let (slot, key) = self.slot(at);
-        (self.keys[slot] == Some(key)).then(|| &self.pages[slot][..])
+    /// The cached version of the page at `at`, if the cache holds one of this size.
+    fn get(&mut self, at: PageAt<'_>, page_size: usize) -> Option<&[u8]> {
+        let (slot, key) = self.slot(at, page_size);
+        let page = &self.pages[slot];
+        (self.keys[slot] == Some(key) && page.len() == page_size).then_some(&page[..])
     }
 
     fn put(&mut self, page: &Page<'_>) {
-        let (slot, key) = self.slot(page.at);
+        let (slot, key) = self.slot(page.at, page.data.len());
         match self.pages[slot].len() == page.data.len() {
             true => self.pages[slot].copy_from_slice(page.data),
             false => self.pages[slot] = page.data.into(),
@@ -78,12 +84,12 @@ pub struct XbzrleDelta {
 }
 
 impl XbzrleDelta {
-    /// A cache of `cache_bytes` for pages of `page_size` bytes; the destination's
-    /// [`XbzrleRestore`] must have the same geometry.
-    pub fn new(cache_bytes: usize, page_size: usize) -> Self {
+    /// A cache of `cache_bytes`; the destination's [`XbzrleRestore`] must have the
+    /// same size.
+    pub fn new(cache_bytes: usize) -> Self {
         Self {
-            cache: Cache::new(cache_bytes, page_size),
-            out: vec![0; page_size / 2],
+            cache: Cache::new(cache_bytes),
+            out: Vec::new(),
         }
     }
 }
@@ -94,9 +100,11 @@ impl Claim for XbzrleDelta {
     }
 
     fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool {
-        let Some(old) = self.cache.get(page.at) else {
+        let Some(old) = self.cache.get(page.at, page.data.len()) else {
             return false;
         };
+        // a delta is worth it only below half a page
+        self.out.resize(page.data.len() / 2, 0);
         match xbzrle::encode(old, page.data, &mut self.out) {
             Delta::Unchanged => true,
             Delta::Encoded(n) => {
@@ -119,10 +127,10 @@ pub struct XbzrleRestore {
 }
 
 impl XbzrleRestore {
-    /// The counterpart of [`XbzrleDelta::new`] with the same arguments.
-    pub fn new(cache_bytes: usize, page_size: usize) -> Self {
+    /// The counterpart of [`XbzrleDelta::new`] with the same size.
+    pub fn new(cache_bytes: usize) -> Self {
         Self {
-            cache: Cache::new(cache_bytes, page_size),
+            cache: Cache::new(cache_bytes),
         }
     }
 }
@@ -133,7 +141,7 @@ impl Restore for XbzrleRestore {
     }
 
     fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
-        let Some(old) = self.cache.get(at) else {
+        let Some(old) = self.cache.get(at, out.len()) else {
             return Err(Error::Malformed {
                 offset: 0,
                 field: "XBZRLE delta",
@@ -159,7 +167,7 @@ mod tests {
             block: b"pc.ram",
             offset: 8192,
         };
-        let (mut src, mut dst) = (XbzrleDelta::new(4 * 64, 64), XbzrleRestore::new(4 * 64, 64));
+        let (mut src, mut dst) = (XbzrleDelta::new(4 * 64), XbzrleRestore::new(4 * 64));
         let v1 = vec![1u8; 64];
         let mut body = Vec::new();
         assert!(
