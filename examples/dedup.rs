@@ -12,7 +12,7 @@
 //! the damage, on any corruption.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +23,10 @@ use migstream::qemu::QemuDecoder;
 use migstream::resolve::tag;
 use migstream::template::{Catalog, TemplateIndex};
 
-const READ: usize = 1 << 20;
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{READ, read_into};
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -146,15 +149,6 @@ fn decode(
         started,
     );
     Ok(())
-}
-
-/// Reads up to `READ` bytes appended to `buf`; returns how many.
-fn read_into(file: &mut File, buf: &mut BytesMut) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + READ, 0);
-    let n = file.read(&mut buf[start..])?;
-    buf.truncate(start + n);
-    Ok(n)
 }
 
 fn report(stats: &Stats, bytes_in: u64, bytes_out: u64, started: Instant) {

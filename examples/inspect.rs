@@ -19,7 +19,10 @@ use bytes::{Bytes, BytesMut};
 use migstream::qemu::{QemuDecoder, QemuEncoder, RamRecord, Record, wire};
 use serde_json::{Value, json};
 
-const READ: usize = 1 << 20;
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{READ, read_into};
 
 fn main() -> ExitCode {
     let mut json_out = false;
@@ -155,15 +158,6 @@ fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Er
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
-}
-
-/// Reads up to `READ` bytes appended to `buf`; returns how many.
-fn read_into(file: &mut File, buf: &mut BytesMut) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + READ, 0);
-    let n = file.read(&mut buf[start..])?;
-    buf.truncate(start + n);
-    Ok(n)
 }
 
 /// Compares the encoded output so far with the same span of the original file.

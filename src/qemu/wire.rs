@@ -102,6 +102,12 @@ pub const XBZRLE_ENCODING: u8 = 0x01;
 /// The VMState name of the configuration record, prefix of its subsections.
 pub const CONFIGURATION_NAME: &[u8] = b"configuration";
 
+/// Whether QEMU could use `n` as its target page size: a power of two from 1 KiB
+/// (the smallest `TARGET_PAGE_BITS`, 10) to 64 KiB.
+pub const fn is_page_size(n: usize) -> bool {
+    n.is_power_of_two() && n >= 1024 && n <= 65536
+}
+
 /// zlib's `compressBound()`: QEMU 7.2 rejects a compressed page longer than this.
 pub const fn zlib_compress_bound(len: usize) -> usize {
     len + (len >> 12) + (len >> 14) + (len >> 25) + 13

@@ -165,7 +165,7 @@ impl QemuDecoder {
     /// to 64 KiB.
     pub fn with_page_size(mut self, page_size: usize) -> Self {
         assert!(
-            page_size.is_power_of_two() && (1024..=65536).contains(&page_size),
+            wire::is_page_size(page_size),
             "target page size must be a power of two from 1 KiB to 64 KiB"
         );
         self.page_size = page_size;

@@ -229,33 +229,20 @@ impl QemuDecoder {
                 ));
             }
             let mut c = Cursor::new(src);
-            let (Some(name), Some(used_length)) = (c.cstr8(), c.be64()) else {
-                return Ok((
-                    Phase::MemSizeBlocks {
-                        section_id,
-                        total,
-                        listed,
-                        blocks,
-                    },
-                    Step::NeedMore,
-                ));
+            let mr_addr = |c: &mut Cursor<'_>| match self.ram.ignore_shared {
+                true => c.be64().map(Some),
+                false => Some(None),
             };
-            let mr_addr = match self.ram.ignore_shared {
-                false => None,
-                true => match c.be64() {
-                    Some(addr) => Some(addr),
-                    None => {
-                        return Ok((
-                            Phase::MemSizeBlocks {
-                                section_id,
-                                total,
-                                listed,
-                                blocks,
-                            },
-                            Step::NeedMore,
-                        ));
-                    }
-                },
+            let (Some(name), Some(used_length), Some(mr_addr)) =
+                (c.cstr8(), c.be64(), mr_addr(&mut c))
+            else {
+                let phase = Phase::MemSizeBlocks {
+                    section_id,
+                    total,
+                    listed,
+                    blocks,
+                };
+                return Ok((phase, Step::NeedMore));
             };
             if name.is_empty() {
                 return Err(self.malformed(0, "RAM block name", "empty"));
