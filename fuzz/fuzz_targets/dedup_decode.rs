@@ -2,4 +2,4 @@
 //! the QEMU decoder accepts, with one flipped byte that must be caught.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: \&[u8]| migstream::fuzzing::dedup_decode(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| migstream::fuzzing::dedup_decode(data));
