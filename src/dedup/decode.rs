@@ -357,20 +357,22 @@ impl DedupDecoder {
                 offset,
             };
             let start = out.len();
-            out.resize(start + self.page_size, 0);
-            let data = &mut out[start..];
             if tag == tag::RAW {
                 if body.len() != self.page_size {
                     return Err(bad("raw page of the wrong size"));
                 }
-                data.copy_from_slice(body);
+                out.extend_from_slice(body);
             } else {
                 let Some(i) = self.by_tag[usize::from(tag)] else {
                     return Err(bad("no resolver for this tag"));
                 };
-                self.restores[usize::from(i)].restore(at, body, data)?;
+                out.resize(start + self.page_size, 0);
+                self.restores[usize::from(i)].restore(at, body, &mut out[start..])?;
             }
-            let page = Page { at, data };
+            let page = Page {
+                at,
+                data: &out[start..],
+            };
             for r in &mut self.restores {
                 r.delivered(&page);
             }

@@ -1,6 +1,6 @@
 //! The source side: QEMU records in, dedup frames out.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 
 use super::Stats;
 use super::compress::{Compression, Compressor};
@@ -27,6 +27,9 @@ pub struct DedupEncoder {
     batch: Vec<u8>,
     /// QEMU bytes not yet put in an entry of `batch`.
     verbatim: BytesMut,
+    /// QEMU bytes of `batch` not yet fed to `hasher`, in stream order (see
+    /// [`HASH_SLICE`]).
+    unhashed: BytesMut,
     /// Scratch for a resolver's body and for the compressed batch.
     body: Vec<u8>,
     compressed: Vec<u8>,
@@ -54,6 +57,13 @@ impl std::fmt::Debug for DedupEncoder {
 /// Default size at which a batch is compressed and sent.
 pub const DEFAULT_BATCH: usize = 256 * 1024;
 
+/// The running digest is fed QEMU bytes in slices that end on a multiple of this
+/// many bytes of its input. BLAKE3 hashes many 1 KiB chunks at once only within one
+/// `update`, and only from a position aligned to their number: page by page, with
+/// the record headers shifting every page off the chunk boundaries, it runs at about
+/// a third of its speed on long aligned slices.
+const HASH_SLICE: usize = 64 * 1024;
+
 impl DedupEncoder {
     /// An encoder whose resolvers are tried in the order given; pages none of them
     /// claims travel raw.
@@ -65,6 +75,7 @@ impl DedupEncoder {
             claims,
             batch: Vec::new(),
             verbatim: BytesMut::new(),
+            unhashed: BytesMut::new(),
             body: Vec::new(),
             compressed: Vec::new(),
             compressor: Compressor::new(Compression::Lz4),
@@ -108,10 +119,9 @@ impl DedupEncoder {
                 self.start(dst);
                 self.put_verbatim();
                 // the destination rebuilds the record header from the entry's address
-                let mut header = BytesMut::new();
-                self.qemu.encode_page_header(addr, &mut header)?;
-                self.hasher.update(&header);
-                self.stats.qemu_bytes += header.len() as u64;
+                let before = self.unhashed.len();
+                self.qemu.encode_page_header(addr, &mut self.unhashed)?;
+                self.stats.qemu_bytes += (self.unhashed.len() - before) as u64;
                 let at = PageAt {
                     block: &addr.block,
                     offset: addr.offset,
@@ -139,6 +149,8 @@ impl DedupEncoder {
         if self.batch.is_empty() {
             return Ok(());
         }
+        self.hasher.update(&self.unhashed);
+        self.unhashed.clear();
         let (codec, n) = self
             .compressor
             .compress(&self.batch, &mut self.compressed)?;
@@ -208,7 +220,7 @@ impl DedupEncoder {
         if self.verbatim.is_empty() {
             return;
         }
-        self.hasher.update(&self.verbatim);
+        self.unhashed.extend_from_slice(&self.verbatim);
         self.stats.qemu_bytes += self.verbatim.len() as u64;
         self.batch.push(wire::ENTRY_QEMU);
         varint::put(&mut self.batch, self.verbatim.len() as u64);
@@ -251,7 +263,21 @@ impl DedupEncoder {
         for c in &mut self.claims {
             c.delivered(page);
         }
-        self.hasher.update(page.data);
+        self.unhashed.extend_from_slice(page.data);
         self.stats.qemu_bytes += page.data.len() as u64;
+        self.hash_slices();
+    }
+
+    /// Feeds the running digest the gathered QEMU bytes up to the last multiple of
+    /// [`HASH_SLICE`] bytes of its input, if there is one.
+    fn hash_slices(&mut self) {
+        let slice = HASH_SLICE as u64;
+        let to_boundary = (slice - self.hasher.count() % slice) as usize;
+        if self.unhashed.len() < to_boundary {
+            return;
+        }
+        let n = to_boundary + (self.unhashed.len() - to_boundary) / HASH_SLICE * HASH_SLICE;
+        self.hasher.update(&self.unhashed[..n]);
+        self.unhashed.advance(n);
     }
 }

@@ -10,6 +10,7 @@
 //! fingerprint; the destination checks the page it restores against it.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::fill::fill_byte;
 use super::{Claim, Page, PageAt, Restore, tag};
@@ -24,9 +25,38 @@ pub struct SeenBefore {
     next_id: u64,
     hasher: ahash::RandomState,
     /// Hash of a delivered page's bytes → its latest number.
-    latest: HashMap<u64, u64>,
+    latest: HashMap<u64, u64, BuildHasherDefault<KeyBits>>,
     /// Hashes of the pages numbered `next_id - order.len() .. next_id`.
     order: VecDeque<u64>,
+    /// Where the page `claim` was last offered lies (address, length) and its hash,
+    /// which `delivered` reuses when it is handed the same slice next: the encoder
+    /// offers a page, then delivers it, and hashing a page costs as much as all the
+    /// rest of seen-before. (A caller that changed the bytes in between would make
+    /// a later reference to that page fail the destination's fingerprint check: a
+    /// failed migration, never a wrong page.)
+    offered: Option<((usize, usize), u64)>,
+}
+
+/// The keys of [`SeenBefore::latest`] are already keyed hashes: the map uses their
+/// bits as they are instead of hashing them again.
+#[derive(Debug, Default)]
+struct KeyBits(u64);
+
+impl Hasher for KeyBits {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // only u64 keys are hashed; fold anything else in for completeness
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 impl SeenBefore {
@@ -37,8 +67,9 @@ impl SeenBefore {
             window: window_pages.max(1),
             next_id: 0,
             hasher: ahash::RandomState::new(),
-            latest: HashMap::new(),
+            latest: HashMap::default(),
             order: VecDeque::new(),
+            offered: None,
         }
     }
 }
@@ -49,7 +80,9 @@ impl Claim for SeenBefore {
     }
 
     fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool {
-        let Some(&id) = self.latest.get(&self.hasher.hash_one(page.data)) else {
+        let hash = self.hasher.hash_one(page.data);
+        self.offered = Some((place(page.data), hash));
+        let Some(&id) = self.latest.get(&hash) else {
             return false;
         };
         varint::put(body, self.next_id - 1 - id);
@@ -58,10 +91,14 @@ impl Claim for SeenBefore {
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
+        let offered = self.offered.take();
         if fill_byte(page.data).is_some() {
             return;
         }
-        let hash = self.hasher.hash_one(page.data);
+        let hash = match offered {
+            Some((at, hash)) if at == place(page.data) => hash,
+            _ => self.hasher.hash_one(page.data),
+        };
         let id = self.next_id;
         self.next_id += 1;
         self.latest.insert(hash, id);
@@ -73,6 +110,11 @@ impl Claim for SeenBefore {
             }
         }
     }
+}
+
+/// Where `bytes` lie: address and length.
+fn place(bytes: &[u8]) -> (usize, usize) {
+    (bytes.as_ptr() as usize, bytes.len())
 }
 
 /// The destination half of seen-before: a ring of the last delivered pages.
@@ -88,7 +130,8 @@ pub struct SeenBeforeRestore {
 
 impl SeenBeforeRestore {
     /// Keeps the last `window_pages` delivered pages (memory: `window_pages` × the
-    /// stream's page size at most, allocated as pages arrive).
+    /// stream's page size at most, touched as pages arrive; the address space for
+    /// all of it is reserved at the first page).
     pub fn new(window_pages: u64) -> Self {
         Self {
             window: window_pages.max(1),
@@ -142,11 +185,21 @@ impl Restore for SeenBeforeRestore {
         if self.page_size == 0 {
             self.page_size = page.len();
         }
-        let slot = (self.next_id % self.window) as usize * self.page_size;
-        if self.ring.len() < slot + self.page_size {
-            self.ring.resize(slot + self.page_size, 0);
+        if self.ring.capacity() == 0 {
+            // address space for the whole window (touched only as pages arrive): a
+            // ring grown by doubling would be copied several times; if the allocator
+            // refuses that much at once, it grows as needed
+            let window = usize::try_from(self.window).unwrap_or(usize::MAX);
+            let _ = self
+                .ring
+                .try_reserve_exact(window.saturating_mul(self.page_size));
         }
-        self.ring[slot..slot + self.page_size].copy_from_slice(page);
+        let slot = (self.next_id % self.window) as usize * self.page_size;
+        match self.ring.get_mut(slot..slot + self.page_size) {
+            Some(kept) => kept.copy_from_slice(page),
+            // the ring grows one page at a time until it holds `window` pages
+            None => self.ring.extend_from_slice(page),
+        }
         self.next_id += 1;
     }
 }
@@ -190,6 +243,40 @@ mod tests {
             let mut out = vec![0; 64];
             dst.restore(AT, &body, &mut out).unwrap();
             assert_eq!(out, p);
+        }
+    }
+
+    #[test]
+    fn the_hash_of_an_offered_page_serves_only_that_page() {
+        let mut src = SeenBefore::new(4);
+        let (offered, other) = (page(1), page(2));
+        let mut body = Vec::new();
+        // offered, then another page delivered: that one is remembered, not the first
+        assert!(!src.claim(
+            &Page {
+                at: AT,
+                data: &offered
+            },
+            &mut body
+        ));
+        src.delivered(&Page {
+            at: AT,
+            data: &other,
+        });
+        assert!(!src.claim(
+            &Page {
+                at: AT,
+                data: &offered
+            },
+            &mut body
+        ));
+        src.delivered(&Page {
+            at: AT,
+            data: &offered,
+        });
+        for p in [&other, &offered] {
+            body.clear();
+            assert!(src.claim(&Page { at: AT, data: p }, &mut body));
         }
     }
 

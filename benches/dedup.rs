@@ -1,0 +1,318 @@
+//! Throughput of the dedup stream on one core: `DedupEncoder` (QEMU records in,
+//! frames out, LZ4) and `DedupDecoder` (frames in, the QEMU bytes out), with the
+//! default resolvers and with a template catalog. Throughput counts QEMU bytes.
+//!
+//! The input is the synthetic stream of `support/mod.rs`, shape `Dedup`: a
+//! `pc-i440fx-10.0` guest with 400 MiB of RAM, about 35 % ZERO records, code and data
+//! pages that hardly repeat, sparse and random pages, 5 % copies of recent pages and
+//! a dirty pass. Its first 48 MiB of code pages are a "shared OS image": the
+//! `templates` benches build a catalog of exactly those pages, as if other guests
+//! had contributed them.
+//!
+//! - `dedup_encode/*`: the stream is decoded into records once, outside the timing;
+//!   each iteration builds a fresh encoder (a new migration) and encodes every
+//!   record, writing frames into a buffer that is cleared at 1 MiB, as if written to
+//!   a socket.
+//! - `dedup_decode/*`: the dedup stream is encoded once, outside the timing; each
+//!   iteration gets a fresh copy of it (untimed setup) and a fresh decoder, and
+//!   decodes it whole; the QEMU bytes handed out are dropped.
+//!
+//! Before any timing, each case checks once that decoding the encoded stream gives
+//! back the QEMU stream byte for byte.
+//!
+//! Set `MIGSTREAM_BENCH_STREAM` to a captured main-channel stream to bench that file
+//! too (id `capture`), and `MIGSTREAM_BENCH_CATALOG` to a catalog file (see the
+//! `catalog` example) to bench the capture with it. Set `MIGSTREAM_BENCH_CPU_TIME=1`
+//! to time the thread's CPU time instead of wall time, on a machine where other jobs
+//! run (Linux only: `/proc/thread-self/schedstat`, which the kernel brings up to date
+//! at every scheduler tick, i.e. to within 4 ms at HZ=250; an iteration takes
+//! 150-900 ms).
+//!
+//! ```text
+//! cargo bench --bench dedup -- --noplot
+//! MIGSTREAM_BENCH_CPU_TIME=1 MIGSTREAM_BENCH_STREAM=target/ratio/heldout-idle.mig \
+//! MIGSTREAM_BENCH_CATALOG=target/ratio/catalog.cat cargo bench --bench dedup -- --noplot
+//! ```
+
+mod support;
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
+use migstream::dedup::{DedupDecoder, DedupEncoder, Stats};
+use migstream::qemu::{QemuDecoder, Record};
+use migstream::resolve::tag;
+use migstream::template::{Catalog, TemplateIndex};
+use support::{MIB, Shape, synthetic_stream};
+
+/// Encoder output kept before it is dropped, as if written to a socket.
+const SINK: usize = 1 << 20;
+
+/// One stream to bench, with or without templates.
+struct Case {
+    /// `stream` id in the benchmark names.
+    stream: &'static str,
+    /// The QEMU stream.
+    qemu: Bytes,
+    /// Its records, decoded once.
+    records: Vec<Record>,
+    catalog: Option<(Arc<Catalog>, Arc<TemplateIndex>)>,
+    /// The dedup stream, encoded once (the decode benchmarks' input).
+    wire: Bytes,
+}
+
+impl Case {
+    fn resolvers(&self) -> &'static str {
+        match self.catalog {
+            Some(_) => "templates",
+            None => "default",
+        }
+    }
+
+    fn encoder(&self) -> DedupEncoder {
+        match &self.catalog {
+            Some((_, index)) => DedupEncoder::with_templates(index.clone()),
+            None => DedupEncoder::with_default_resolvers(),
+        }
+    }
+
+    fn decoder(&self) -> DedupDecoder {
+        match &self.catalog {
+            Some((catalog, _)) => DedupDecoder::with_templates(catalog.clone()),
+            None => DedupDecoder::with_default_resolvers(),
+        }
+    }
+}
+
+/// Decodes a whole QEMU stream into its records.
+fn records(stream: &Bytes) -> Vec<Record> {
+    let mut buf = BytesMut::from(&stream[..]);
+    let mut dec = QemuDecoder::new();
+    let mut records = Vec::new();
+    while let Some(record) = dec.decode_eof(&mut buf).expect("valid QEMU stream") {
+        records.push(record);
+    }
+    records
+}
+
+/// Encodes `records` with `enc` into `sink`, clearing it whenever it holds
+/// [`SINK`] bytes; returns the encoder (dropped outside the timing).
+fn encode(records: &[Record], mut enc: DedupEncoder, sink: &mut BytesMut) -> DedupEncoder {
+    for record in records {
+        enc.encode(record, sink).expect("encodable record");
+        if sink.len() >= SINK {
+            black_box(&sink[..]);
+            sink.clear();
+        }
+    }
+    enc.finish(sink).expect("end of stream");
+    sink.clear();
+    enc
+}
+
+/// Decodes the whole dedup stream in `wire`; returns the QEMU bytes' length.
+fn decode(mut wire: BytesMut, dec: &mut DedupDecoder) -> usize {
+    let mut n = 0;
+    while let Some(bytes) = dec.decode_eof(&mut wire).expect("valid dedup stream") {
+        n += black_box(bytes).len();
+    }
+    n
+}
+
+/// Builds the case, encoding the stream once and checking the round trip.
+fn case(
+    stream: &'static str,
+    qemu: Bytes,
+    records: Vec<Record>,
+    catalog: Option<Arc<Catalog>>,
+) -> Case {
+    let mut case = Case {
+        stream,
+        qemu,
+        records,
+        catalog: catalog.map(|c| {
+            let index = Arc::new(TemplateIndex::new(&c));
+            (c, index)
+        }),
+        wire: Bytes::new(),
+    };
+    let mut enc = case.encoder();
+    let mut wire = BytesMut::new();
+    for record in &case.records {
+        enc.encode(record, &mut wire).expect("encodable record");
+    }
+    enc.finish(&mut wire).expect("end of stream");
+    case.wire = wire.freeze();
+    let mut dec = case.decoder();
+    let mut src = BytesMut::from(&case.wire[..]);
+    let mut out = Vec::with_capacity(case.qemu.len());
+    while let Some(bytes) = dec.decode_eof(&mut src).expect("valid dedup stream") {
+        out.extend_from_slice(&bytes);
+    }
+    assert!(
+        out[..] == case.qemu[..],
+        "{stream}/{}: the round trip differs",
+        case.resolvers()
+    );
+    eprintln!(
+        "{stream}/{}: {} QEMU bytes -> {} dedup bytes (ratio {:.4}), round trip exact; {}",
+        case.resolvers(),
+        case.qemu.len(),
+        case.wire.len(),
+        case.wire.len() as f64 / case.qemu.len() as f64,
+        pages(enc.stats())
+    );
+    case
+}
+
+fn pages(stats: &Stats) -> String {
+    let kinds = [
+        ("raw", tag::RAW),
+        ("fill", tag::FILL),
+        ("seen", tag::SEEN),
+        ("template", tag::TEMPLATE),
+        ("xbzrle", tag::XBZRLE),
+    ];
+    let pages: Vec<String> = kinds
+        .iter()
+        .map(|(name, t)| format!("{name} {}", stats.pages[usize::from(*t)]))
+        .collect();
+    format!("pages {}", pages.join(", "))
+}
+
+/// The calling thread's CPU time, user and system (page faults included).
+struct CpuTime(WallTime);
+
+/// Nanoseconds the calling thread has run.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("/proc/thread-self/schedstat (Linux with schedstats)")
+}
+
+impl Measurement for CpuTime {
+    type Intermediate = u64;
+    type Value = Duration;
+
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+
+    fn end(&self, start: u64) -> Duration {
+        Duration::from_nanos(thread_cpu_ns() - start)
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+
+    /// Nanoseconds, like wall time: the same units and throughputs.
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.0.formatter()
+    }
+}
+
+fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
+    let mut group = c.benchmark_group("dedup_encode");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    for case in cases {
+        group.throughput(Throughput::Bytes(case.qemu.len() as u64));
+        let mut sink = BytesMut::with_capacity(2 * SINK);
+        group.bench_function(BenchmarkId::new(case.resolvers(), case.stream), |b| {
+            b.iter_batched(
+                || case.encoder(),
+                |enc| encode(&case.records, enc, &mut sink),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("dedup_decode");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    for case in cases {
+        group.throughput(Throughput::Bytes(case.qemu.len() as u64));
+        group.bench_function(BenchmarkId::new(case.resolvers(), case.stream), |b| {
+            b.iter_batched(
+                || (BytesMut::from(&case.wire[..]), case.decoder()),
+                |(wire, mut dec)| {
+                    let n = decode(wire, &mut dec);
+                    assert_eq!(n, case.qemu.len(), "QEMU bytes out");
+                    dec
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let synthetic = synthetic_stream(Shape::Dedup);
+    let mix = &synthetic.mix;
+    eprintln!(
+        "synthetic: {} bytes ({:.1} MiB), {} PART sections, {} PAGE and {} ZERO records; \
+         catalog of {} image pages",
+        synthetic.bytes.len(),
+        synthetic.bytes.len() as f64 / MIB as f64,
+        mix.parts,
+        mix.page,
+        mix.zero,
+        synthetic.image.len()
+    );
+    let catalog = Catalog::from_pages(support::PAGE, &synthetic.image).expect("valid pages");
+    let catalog = Arc::new(catalog);
+    let records = self::records(&synthetic.bytes);
+    let mut cases = vec![
+        case("synthetic", synthetic.bytes.clone(), records.clone(), None),
+        case("synthetic", synthetic.bytes, records, Some(catalog)),
+    ];
+    if let Some(path) = std::env::var_os("MIGSTREAM_BENCH_STREAM") {
+        let path = PathBuf::from(path);
+        let qemu = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("MIGSTREAM_BENCH_STREAM={}: {e}", path.display()));
+        let qemu = Bytes::from(qemu);
+        let records = self::records(&qemu);
+        cases.push(case("capture", qemu.clone(), records.clone(), None));
+        if let Some(path) = std::env::var_os("MIGSTREAM_BENCH_CATALOG") {
+            let path = PathBuf::from(path);
+            let catalog = Catalog::load(&path)
+                .unwrap_or_else(|e| panic!("MIGSTREAM_BENCH_CATALOG={}: {e}", path.display()));
+            cases.push(case("capture", qemu, records, Some(Arc::new(catalog))));
+        }
+    }
+
+    if std::env::var_os("MIGSTREAM_BENCH_CPU_TIME").is_some() {
+        let mut c = Criterion::default()
+            .with_measurement(CpuTime(WallTime))
+            .configure_from_args();
+        bench(&mut c, &cases);
+        c.final_summary();
+    } else {
+        let mut c = Criterion::default().configure_from_args();
+        bench(&mut c, &cases);
+        c.final_summary();
+    }
+}
