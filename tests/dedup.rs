@@ -290,3 +290,45 @@ fn an_empty_stream_is_hello_and_end() {
     let (out, err) = decode_with(DedupDecoder::with_default_resolvers(), &wire, 7);
     assert!(err.is_none() && out.is_empty(), "{err:?}");
 }
+
+#[test]
+fn output_per_frame_is_bounded_on_both_ends() {
+    use bytes::Bytes;
+    use migstream::dedup::{Limits, MAX_FRAME_QEMU_BYTES};
+    use migstream::qemu::{RamRecord, Record};
+    // 6000 one-byte-filled pages: a few bytes each in the batch, 4 KiB each out
+    let mut records = vec![
+        Record::Header,
+        Record::SectionStart(support::section(1, "ram", 0, 4)),
+    ];
+    records.push(support::mem_size(&[("pc.ram", 6000 * 4096)]));
+    for page in 0..6000 {
+        records.push(Record::Ram(RamRecord::Page {
+            addr: support::page_addr("pc.ram", page, page > 0),
+            data: Bytes::from(vec![0x11; 4096]),
+        }));
+    }
+    records.push(Record::Ram(RamRecord::Eos));
+    records.push(Record::Eof);
+    let qemu = support::encode(&records);
+    let wire = encode_with(DedupEncoder::with_default_resolvers(), &qemu, 1 << 20);
+    // the encoder cut frames at MAX_FRAME_QEMU_BYTES of output, though the batch is small
+    let mut small = Limits::default();
+    small.max_output = MAX_FRAME_QEMU_BYTES + (1 << 20);
+    let (out, err) = decode_with(
+        DedupDecoder::with_default_resolvers().with_limits(small),
+        &wire,
+        1 << 16,
+    );
+    assert!(err.is_none(), "{err:?}");
+    assert!(out == qemu);
+    // a decoder allowing less refuses before building more than its limit
+    let mut tiny = Limits::default();
+    tiny.max_output = 1 << 20;
+    let (_, err) = decode_with(
+        DedupDecoder::with_default_resolvers().with_limits(tiny),
+        &wire,
+        1 << 16,
+    );
+    assert_eq!(err.unwrap().kind(), ErrorKind::LimitExceeded);
+}

@@ -317,7 +317,16 @@ impl DedupDecoder {
         out.reserve(self.raw.len() + self.raw.len() / 2);
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader { rest: &raw };
+        let frame_start = out.len();
         while let Some(tag) = r.u8() {
+            if out.len() - frame_start > self.limits.max_output {
+                return Err(Error::LimitExceeded {
+                    offset,
+                    field: "QEMU bytes of one frame",
+                    value: (out.len() - frame_start) as u64,
+                    limit: self.limits.max_output as u64,
+                });
+            }
             if tag == wire::ENTRY_QEMU {
                 out.extend_from_slice(
                     r.counted()

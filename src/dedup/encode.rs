@@ -35,6 +35,8 @@ pub struct DedupEncoder {
     compressed: Vec<u8>,
     compressor: Compressor,
     batch_target: usize,
+    /// QEMU bytes the batch being built stands for.
+    batch_qemu: usize,
     hasher: blake3::Hasher,
     started: bool,
     /// QEMU's EOF has been taken in: the frames from here on are held until END.
@@ -53,6 +55,10 @@ impl std::fmt::Debug for DedupEncoder {
             .finish()
     }
 }
+
+/// QEMU bytes at which a batch is sent whatever its size: with a record of at most
+/// 16 MiB on top, a frame's output stays within the decoder's default `max_output`.
+pub const MAX_FRAME_QEMU_BYTES: usize = 16 << 20;
 
 /// Default size at which a batch is compressed and sent.
 pub const DEFAULT_BATCH: usize = 256 * 1024;
@@ -80,6 +86,7 @@ impl DedupEncoder {
             compressed: Vec::new(),
             compressor: Compressor::new(Compression::Lz4),
             batch_target: DEFAULT_BATCH,
+            batch_qemu: 0,
             hasher: blake3::Hasher::new(),
             started: false,
             hold: false,
@@ -136,7 +143,10 @@ impl DedupEncoder {
                 self.qemu.encode(other, &mut self.verbatim)?;
             }
         }
-        if self.batch.len() + self.verbatim.len() >= self.batch_target {
+        // pages claimed in a few bytes make small batches of much QEMU output: bound both
+        if self.batch.len() + self.verbatim.len() >= self.batch_target
+            || self.batch_qemu + self.verbatim.len() >= MAX_FRAME_QEMU_BYTES
+        {
             self.flush(dst)?;
         }
         Ok(())
@@ -173,6 +183,7 @@ impl DedupEncoder {
         dst.put_slice(body);
         self.stats.wire_bytes += (dst.len() - before) as u64;
         self.batch.clear();
+        self.batch_qemu = 0;
         Ok(())
     }
 
@@ -222,6 +233,7 @@ impl DedupEncoder {
         }
         self.unhashed.extend_from_slice(&self.verbatim);
         self.stats.qemu_bytes += self.verbatim.len() as u64;
+        self.batch_qemu += self.verbatim.len();
         self.batch.push(wire::ENTRY_QEMU);
         varint::put(&mut self.batch, self.verbatim.len() as u64);
         self.batch.extend_from_slice(&self.verbatim);
@@ -265,6 +277,7 @@ impl DedupEncoder {
         }
         self.unhashed.extend_from_slice(page.data);
         self.stats.qemu_bytes += page.data.len() as u64;
+        self.batch_qemu += page.data.len();
         self.hash_slices();
     }
 

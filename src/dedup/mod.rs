@@ -36,7 +36,7 @@ pub mod wire;
 
 pub use compress::Compression;
 pub use decode::DedupDecoder;
-pub use encode::{DEFAULT_BATCH, DedupEncoder};
+pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_FRAME_QEMU_BYTES};
 pub use stream::DedupFrames;
 
 use std::sync::Arc;
@@ -62,6 +62,9 @@ pub struct Limits {
     /// Most QEMU bytes held back from QEMU's EOF to the END frame (device
     /// description and what shares a batch with it).
     pub max_held: usize,
+    /// Most QEMU bytes one DATA frame may stand for (a page claimed in a few bytes
+    /// still makes a whole page).
+    pub max_output: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +73,7 @@ impl Default for Limits {
             max_frame: 32 << 20,
             max_batch: 32 << 20,
             max_held: 64 << 20,
+            max_output: 64 << 20,
         }
     }
 }
