@@ -171,14 +171,7 @@ fn case(
 }
 
 fn pages(stats: &Stats) -> String {
-    let kinds = [
-        ("raw", tag::RAW),
-        ("fill", tag::FILL),
-        ("seen", tag::SEEN),
-        ("template", tag::TEMPLATE),
-        ("xbzrle", tag::XBZRLE),
-    ];
-    let pages: Vec<String> = kinds
+    let pages: Vec<String> = tag::NAMED
         .iter()
         .map(|(name, t)| format!("{name} {}", stats.pages[usize::from(*t)]))
         .collect();

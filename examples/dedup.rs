@@ -159,14 +159,7 @@ fn report(stats: &Stats, bytes_in: u64, bytes_out: u64, started: Instant) {
         stats.wire_bytes as f64 / qemu.max(1.0),
         qemu / seconds / 1e9
     );
-    let kinds = [
-        ("raw", tag::RAW),
-        ("fill", tag::FILL),
-        ("seen", tag::SEEN),
-        ("template", tag::TEMPLATE),
-        ("xbzrle", tag::XBZRLE),
-    ];
-    let pages: Vec<String> = kinds
+    let pages: Vec<String> = tag::NAMED
         .iter()
         .map(|(name, t)| format!("{name} {}", stats.pages[usize::from(*t)]))
         .collect();

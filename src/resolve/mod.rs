@@ -64,6 +64,15 @@ pub mod tag {
     pub const TEMPLATE: u8 = 0x04;
     /// An XBZRLE delta against the last version of the same page delivered.
     pub const XBZRLE: u8 = 0x05;
+
+    /// The built-in page tags and their names, for reports.
+    pub const NAMED: [(&str, u8); 5] = [
+        ("raw", RAW),
+        ("fill", FILL),
+        ("seen", SEEN),
+        ("template", TEMPLATE),
+        ("xbzrle", XBZRLE),
+    ];
 }
 
 /// Where a guest page lives: its RAM block and offset.
