@@ -32,7 +32,11 @@ pub struct DedupDecoder {
     failed: bool,
     /// Stream offset of the first byte of `src` not yet consumed.
     offset: u64,
+    /// Stream offset of the frame being decoded.
+    frame_at: u64,
     raw: Vec<u8>,
+    /// The DATA frame in `raw`, while a resolver waits for some of its pages.
+    staged: Option<Staged>,
     decompressor: Decompressor,
     /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
     block: Option<Bytes>,
@@ -80,6 +84,56 @@ impl<'a> EntryReader<'a> {
         let n = self.u8()?;
         self.take(usize::from(n))
     }
+
+    /// The next entry of the batch, `Ok(None)` at its end.
+    fn entry(&mut self) -> std::result::Result<Option<Entry<'a>>, &'static str> {
+        let Some(tag) = self.u8() else {
+            return Ok(None);
+        };
+        if tag == wire::ENTRY_QEMU {
+            let bytes = self.counted().ok_or("verbatim bytes beyond the batch")?;
+            return Ok(Some(Entry::Qemu(bytes)));
+        }
+        let page = self.varint().ok_or("bad page number")?;
+        let flags = self.u8().ok_or("page address beyond the batch")?;
+        if flags & !(wire::PAGE_CONTINUE | wire::PAGE_SAME_BLOCK) != 0 {
+            return Err("unknown page address flags");
+        }
+        let block = match flags & wire::PAGE_SAME_BLOCK {
+            0 => Some(self.cstr8().ok_or("block name beyond the batch")?),
+            _ => None,
+        };
+        let body = self.counted().ok_or("page body beyond the batch")?;
+        Ok(Some(Entry::Page {
+            tag,
+            page,
+            continued: flags & wire::PAGE_CONTINUE != 0,
+            block,
+            body,
+        }))
+    }
+}
+
+/// One entry of a batch (`docs/wire-format.md`).
+enum Entry<'a> {
+    /// QEMU bytes carried verbatim.
+    Qemu(&'a [u8]),
+    /// A page: its resolver's tag, address and body.
+    Page {
+        tag: u8,
+        page: u64,
+        continued: bool,
+        /// The block name, unless it is the previous page entry's.
+        block: Option<&'a [u8]>,
+        body: &'a [u8],
+    },
+}
+
+/// A DATA frame decompressed into `DedupDecoder::raw` whose pages are not restored
+/// yet because a resolver is waiting for some of them.
+struct Staged {
+    /// The frame's payload.
+    payload: Bytes,
 }
 
 impl std::fmt::Debug for DedupDecoder {
@@ -114,7 +168,9 @@ impl DedupDecoder {
             done: false,
             failed: false,
             offset: 0,
+            frame_at: 0,
             raw: Vec::new(),
+            staged: None,
             decompressor: Decompressor::default(),
             block: None,
             out: BytesMut::new(),
@@ -148,8 +204,16 @@ impl DedupDecoder {
         &self.stats
     }
 
+    /// True while a resolver waits for pages of the frame `decode` stopped at (see
+    /// [`Restore::prepare`]): fetch them, then call `decode` again. Feeding more input
+    /// meanwhile is allowed but makes no progress.
+    pub fn waiting(&self) -> bool {
+        self.staged.is_some()
+    }
+
     /// Decodes the next frame: `Ok(Some(bytes))` with verified QEMU bytes, `Ok(None)`
-    /// if more input is needed (or the stream is complete).
+    /// if more input is needed (or the stream is complete, or the decoder is
+    /// [`waiting`](Self::waiting)).
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
         if self.failed {
             return Err(self.malformed(0, "stream", "the decoder failed earlier"));
@@ -176,11 +240,23 @@ impl DedupDecoder {
     }
 
     fn next(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        if self.staged.is_some() {
+            if let Some(bytes) = self.restore_staged()? {
+                return Ok(Some(bytes));
+            }
+            if self.staged.is_some() {
+                return Ok(None);
+            }
+        }
         loop {
             if self.done {
                 return match src.is_empty() {
                     true => Ok(None),
-                    false => Err(self.malformed(0, "trailing bytes", "bytes after the END frame")),
+                    false => Err(Error::Malformed {
+                        offset: self.offset,
+                        field: "trailing bytes",
+                        reason: "bytes after the END frame",
+                    }),
                 };
             }
             let Some(header) = src.get(..wire::FRAME_HEADER) else {
@@ -188,6 +264,7 @@ impl DedupDecoder {
             };
             let kind = header[0];
             let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+            self.frame_at = self.offset;
             if len > self.limits.max_frame {
                 return Err(self.limit(1, "frame length", len, self.limits.max_frame));
             }
@@ -199,9 +276,11 @@ impl DedupDecoder {
                 .split_to(wire::FRAME_HEADER + len)
                 .freeze()
                 .slice(wire::FRAME_HEADER..);
+            self.offset += (wire::FRAME_HEADER + len) as u64;
+            self.stats.wire_bytes += (wire::FRAME_HEADER + len) as u64;
             let out = match (kind, self.hello.is_some()) {
                 (frame::HELLO, false) => self.on_hello(&payload).map(|()| None),
-                (frame::DATA, true) => self.on_data(&payload),
+                (frame::DATA, true) => self.on_data(payload),
                 (frame::END, true) => self
                     .on_end(&payload)
                     .map(|()| Some(self.held.split().freeze())),
@@ -210,10 +289,11 @@ impl DedupDecoder {
                 }
                 _ => Err(self.malformed(0, "frame type", "unknown")),
             };
-            self.offset += (wire::FRAME_HEADER + len) as u64;
-            self.stats.wire_bytes += (wire::FRAME_HEADER + len) as u64;
             if let Some(bytes) = out?.filter(|b| !b.is_empty()) {
                 return Ok(Some(bytes));
+            }
+            if self.staged.is_some() {
+                return Ok(None);
             }
         }
     }
@@ -227,7 +307,7 @@ impl DedupDecoder {
         let version = u16::from_be_bytes([p[4], p[5]]);
         if version != wire::VERSION {
             return Err(Error::Unsupported {
-                offset: self.offset + 9,
+                offset: self.frame_at + 9,
                 field: "dedup stream version",
                 reason: "not 1",
             });
@@ -251,8 +331,10 @@ impl DedupDecoder {
         Ok(())
     }
 
-    fn on_data(&mut self, p: &Bytes) -> Result<Option<Bytes>> {
-        let Some(header) = p.get(..wire::DATA_HEADER) else {
+    /// Checks a DATA frame's header and decompresses its batch into `self.raw`; the
+    /// pages are restored by [`restore_staged`](Self::restore_staged).
+    fn on_data(&mut self, payload: Bytes) -> Result<Option<Bytes>> {
+        let Some(header) = payload.get(..wire::DATA_HEADER) else {
             return Err(self.malformed(5, "data frame", "shorter than its header"));
         };
         let flags = header[1];
@@ -263,24 +345,55 @@ impl DedupDecoder {
         if raw_len > self.limits.max_batch {
             return Err(self.limit(7, "batch length", raw_len, self.limits.max_batch));
         }
-        let digest: [u8; wire::FRAME_DIGEST] = header[6..].try_into().expect("16 bytes");
-        let body = &p[wire::DATA_HEADER..];
         self.raw.resize(raw_len, 0);
-        if !self
-            .decompressor
-            .decompress(header[0], body, &mut self.raw)?
-        {
+        if !self.decompressor.decompress(
+            header[0],
+            &payload[wire::DATA_HEADER..],
+            &mut self.raw,
+        )? {
             return Err(self.malformed(
                 5 + wire::DATA_HEADER,
                 "data frame",
                 "batch does not decompress to its length",
             ));
         }
+        self.staged = Some(Staged { payload });
+        self.restore_staged()
+    }
+
+    /// Offers the staged frame's page bodies to their resolvers; true when every
+    /// page can be restored now.
+    fn prepare(&mut self) -> Result<bool> {
+        let mut r = EntryReader { rest: &self.raw };
+        let mut ready = true;
+        loop {
+            match r.entry() {
+                Ok(Some(Entry::Page { tag, body, .. })) => {
+                    if let Some(i) = self.by_tag[usize::from(tag)] {
+                        ready &= self.restores[usize::from(i)].prepare(body)?;
+                    }
+                }
+                Ok(Some(Entry::Qemu(_))) => {}
+                // restore_staged reports it, at its place among the pages
+                Ok(None) | Err(_) => return Ok(ready),
+            }
+        }
+    }
+
+    /// Restores the staged frame's pages once its resolvers are ready, and checks
+    /// the frame's digest before its QEMU bytes go anywhere.
+    fn restore_staged(&mut self) -> Result<Option<Bytes>> {
+        if !self.prepare()? {
+            return Ok(None);
+        }
+        let Staged { payload } = self.staged.take().expect("a staged frame");
+        let header = &payload[..wire::DATA_HEADER];
+        let flags = header[1];
         let out = self.entries()?;
         self.hasher.update(&out);
         self.hasher.update(&header[..6]);
-        self.hasher.update(body);
-        if self.hasher.finalize().as_bytes()[..wire::FRAME_DIGEST] != digest {
+        self.hasher.update(&payload[wire::DATA_HEADER..]);
+        if self.hasher.finalize().as_bytes()[..wire::FRAME_DIGEST] != header[6..] {
             return Err(self.malformed(
                 11,
                 "data frame digest",
@@ -306,7 +419,7 @@ impl DedupDecoder {
 
     /// Rebuilds the QEMU bytes of the batch in `self.raw`.
     fn entries(&mut self) -> Result<BytesMut> {
-        let offset = self.offset;
+        let offset = self.frame_at;
         let bad = |reason| Error::Malformed {
             offset,
             field: "batch entry",
@@ -318,7 +431,7 @@ impl DedupDecoder {
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader { rest: &raw };
         let frame_start = out.len();
-        while let Some(tag) = r.u8() {
+        while let Some(entry) = r.entry().map_err(bad)? {
             if out.len() - frame_start > self.limits.max_output {
                 return Err(Error::LimitExceeded {
                     offset,
@@ -327,30 +440,24 @@ impl DedupDecoder {
                     limit: self.limits.max_output as u64,
                 });
             }
-            if tag == wire::ENTRY_QEMU {
-                out.extend_from_slice(
-                    r.counted()
-                        .ok_or_else(|| bad("verbatim bytes beyond the batch"))?,
-                );
-                continue;
-            }
-            let page = r.varint().ok_or_else(|| bad("bad page number"))?;
-            let flags = r.u8().ok_or_else(|| bad("page address beyond the batch"))?;
-            if flags & !(wire::PAGE_CONTINUE | wire::PAGE_SAME_BLOCK) != 0 {
-                return Err(bad("unknown page address flags"));
-            }
-            let continued = flags & wire::PAGE_CONTINUE != 0;
-            if flags & wire::PAGE_SAME_BLOCK == 0 {
-                let name = r
-                    .cstr8()
-                    .ok_or_else(|| bad("block name beyond the batch"))?;
+            let (tag, page, continued, block, body) = match entry {
+                Entry::Qemu(bytes) => {
+                    out.extend_from_slice(bytes);
+                    continue;
+                }
+                Entry::Page {
+                    tag,
+                    page,
+                    continued,
+                    block,
+                    body,
+                } => (tag, page, continued, block, body),
+            };
+            if let Some(name) = block {
                 if self.block.as_deref() != Some(name) {
                     self.block = Some(Bytes::copy_from_slice(name));
                 }
             }
-            let body = r
-                .counted()
-                .ok_or_else(|| bad("page body beyond the batch"))?;
             let block = self
                 .block
                 .clone()
@@ -409,9 +516,10 @@ impl DedupDecoder {
         Ok(())
     }
 
+    /// An error `at` bytes into the current frame.
     fn malformed(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
         Error::Malformed {
-            offset: self.offset + at as u64,
+            offset: self.frame_at + at as u64,
             field,
             reason,
         }
@@ -419,7 +527,7 @@ impl DedupDecoder {
 
     fn limit(&self, at: usize, field: &'static str, value: usize, limit: usize) -> Error {
         Error::LimitExceeded {
-            offset: self.offset + at as u64,
+            offset: self.frame_at + at as u64,
             field,
             value: value as u64,
             limit: limit as u64,

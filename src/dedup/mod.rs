@@ -45,7 +45,9 @@ use crate::resolve::{
     Claim, DEFAULT_CACHE_BYTES, Fill, Restore, SeenBefore, SeenBeforeRestore, TemplateClaim,
     TemplateRestore, XbzrleDelta, XbzrleRestore,
 };
-use crate::template::{Catalog, TemplateIndex};
+#[cfg(doc)]
+use crate::resolve::TemplateStore;
+use crate::template::{Catalog, CatalogId, TemplateIndex};
 
 /// Default seen-before window: the last 65536 distinct pages (256 MiB of 4 KiB pages
 /// at the destination, ~2.5 MiB at the source).
@@ -99,50 +101,102 @@ impl Default for Stats {
     }
 }
 
+/// Which built-in resolvers a [`DedupEncoder`] runs, tried in this order: fill pages,
+/// templates, XBZRLE deltas (64 MiB cache), seen-before ([`DEFAULT_SEEN_WINDOW`]).
+/// The decoders of [`DedupDecoder::with_default_resolvers`] and its siblings
+/// understand every combination.
+#[derive(Debug, Clone)]
+pub struct Resolvers {
+    /// Pages filled with one byte value.
+    pub fill: bool,
+    /// Pages of the catalog this index was built from.
+    pub templates: Option<Arc<TemplateIndex>>,
+    /// XBZRLE deltas against the last version of a page sent.
+    pub xbzrle: bool,
+    /// References to pages already sent in this migration.
+    pub seen: bool,
+}
+
+impl Default for Resolvers {
+    /// Every local resolver; no templates.
+    fn default() -> Self {
+        Self {
+            fill: true,
+            templates: None,
+            xbzrle: true,
+            seen: true,
+        }
+    }
+}
+
+impl Resolvers {
+    /// The resolver chain.
+    pub fn claims(&self) -> Vec<Box<dyn Claim>> {
+        let mut claims: Vec<Box<dyn Claim>> = Vec::new();
+        if self.fill {
+            claims.push(Box::new(Fill));
+        }
+        if let Some(index) = &self.templates {
+            claims.push(Box::new(TemplateClaim::new(index.clone())));
+        }
+        if self.xbzrle {
+            claims.push(Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES)));
+        }
+        if self.seen {
+            claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)));
+        }
+        claims
+    }
+}
+
 impl DedupEncoder {
-    /// An encoder with the built-in local resolvers, in this order: fill pages, XBZRLE
-    /// deltas against a 64 MiB cache, seen-before with [`DEFAULT_SEEN_WINDOW`].
-    pub fn with_default_resolvers() -> Self {
-        Self::new(default_claims(None))
+    /// An encoder running `resolvers`; the template catalog's identity, if any, goes
+    /// in the HELLO.
+    pub fn with_resolvers(resolvers: &Resolvers) -> Self {
+        let encoder = Self::new(resolvers.claims());
+        match &resolvers.templates {
+            Some(index) => encoder.with_catalog_id(index.id().0),
+            None => encoder,
+        }
     }
 
-    /// The built-in resolvers plus templates of the catalog `index` was built from
-    /// (tried right after fill pages); the catalog's identity goes in the HELLO.
+    /// An encoder with every built-in local resolver ([`Resolvers::default`]).
+    pub fn with_default_resolvers() -> Self {
+        Self::with_resolvers(&Resolvers::default())
+    }
+
+    /// The built-in resolvers plus templates of the catalog `index` was built from.
     pub fn with_templates(index: Arc<TemplateIndex>) -> Self {
-        let id = index.id();
-        Self::new(default_claims(Some(index))).with_catalog_id(id.0)
+        Self::with_resolvers(&Resolvers {
+            templates: Some(index),
+            ..Resolvers::default()
+        })
     }
 }
 
 impl DedupDecoder {
-    /// The decoder matching [`DedupEncoder::with_default_resolvers`].
+    /// A decoder for streams of any [`Resolvers`] without templates.
     pub fn with_default_resolvers() -> Self {
         Self::new(default_restores(None))
     }
 
-    /// The decoder matching [`DedupEncoder::with_templates`]: refuses a stream that
-    /// names another catalog than `catalog`.
+    /// A decoder for streams of any [`Resolvers`], templates of `catalog` included;
+    /// refuses a stream that names another catalog.
     pub fn with_templates(catalog: Arc<Catalog>) -> Self {
         let id = catalog.id();
-        Self::new(default_restores(Some(catalog))).with_catalog_id(id)
+        Self::with_template_resolver(Box::new(TemplateRestore::new(catalog)), id)
+    }
+
+    /// Like [`with_templates`](Self::with_templates) with templates of catalog `id`
+    /// restored by `templates` (e.g. from [`TemplateStore::open`]).
+    pub fn with_template_resolver(templates: Box<dyn Restore>, id: CatalogId) -> Self {
+        Self::new(default_restores(Some(templates))).with_catalog_id(id)
     }
 }
 
-fn default_claims(templates: Option<Arc<TemplateIndex>>) -> Vec<Box<dyn Claim>> {
-    let mut claims: Vec<Box<dyn Claim>> = vec![Box::new(Fill)];
-    if let Some(index) = templates {
-        claims.push(Box::new(TemplateClaim::new(index)));
-    }
-    claims.push(Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES)));
-    claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)));
-    claims
-}
-
-fn default_restores(catalog: Option<Arc<Catalog>>) -> Vec<Box<dyn Restore>> {
+fn default_restores(templates: Option<Box<dyn Restore>>) -> Vec<Box<dyn Restore>> {
     let mut restores: Vec<Box<dyn Restore>> = vec![Box::new(Fill)];
-    if let Some(catalog) = catalog {
-        restores.push(Box::new(TemplateRestore::new(catalog)));
-    }
+    restores.extend(templates);
     restores.push(Box::new(XbzrleRestore::new(DEFAULT_CACHE_BYTES)));
     restores.push(Box::new(SeenBeforeRestore::new(DEFAULT_SEEN_WINDOW)));
     restores

@@ -42,10 +42,12 @@ mod xbzrle;
 
 pub use fill::Fill;
 pub use seen::{SeenBefore, SeenBeforeRestore};
-pub use template::{TemplateClaim, TemplateRestore};
+pub use template::{TemplateClaim, TemplateRestore, TemplateStore};
 pub use xbzrle::{DEFAULT_CACHE_BYTES, XbzrleDelta, XbzrleRestore};
 
+use std::future::Future;
 use std::ops::RangeInclusive;
+use std::pin::Pin;
 
 use crate::error::Result;
 
@@ -116,6 +118,29 @@ pub trait Restore: Send {
     /// guessed.
     fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()>;
 
+    /// Sees the body of every page of this tag in a frame before any page of the
+    /// frame is restored, and says whether [`restore`](Self::restore) can run on it
+    /// now. A resolver that fetches pages from elsewhere (a DHT ring of store nodes)
+    /// notes what it lacks and returns false: the decoder then stops before the frame
+    /// ([`DedupDecoder::waiting`](crate::dedup::DedupDecoder::waiting)) so that
+    /// everything the frame needs is fetched in one batch, and tries again on the next
+    /// `decode`. Local resolvers keep the default.
+    fn prepare(&mut self, _body: &[u8]) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Called with every page delivered, whoever restored it, in stream order.
     fn delivered(&mut self, _page: &Page<'_>) {}
+}
+
+/// The asynchronous half of a resolver that fetches pages from elsewhere: what its
+/// [`Restore`] half found missing in [`Restore::prepare`], fetched in one batch.
+///
+/// An async driver of a [`DedupDecoder`](crate::dedup::DedupDecoder) calls `fetch`
+/// whenever the decoder is [`waiting`](crate::dedup::DedupDecoder::waiting), then
+/// decodes again.
+pub trait Fetch: Send {
+    /// Fetches every page the paired `Restore` is waiting for. An error fails the
+    /// migration (after the fetcher's own retries and replicas).
+    fn fetch(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
 }

@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use super::{Claim, Page, PageAt, Restore, tag};
+use super::{Claim, Fetch, Page, PageAt, Restore, tag};
 use crate::error::{Error, Result};
-use crate::template::{Catalog, TemplateIndex};
+use crate::template::{Catalog, CatalogId, TemplateIndex};
 use crate::varint;
 
 /// The source half: claims pages found in the catalog's index.
@@ -90,5 +90,26 @@ impl Restore for TemplateRestore {
             });
         }
         Ok(())
+    }
+}
+
+/// Where a destination restores template pages from: the local [`Catalog`] (through
+/// [`TemplateRestore`]) or a ring of store nodes. One store serves many migrations;
+/// each gets its own resolver.
+pub trait TemplateStore: Send + Sync + std::fmt::Debug {
+    /// The identity of the catalog whose templates it serves.
+    fn catalog_id(&self) -> CatalogId;
+
+    /// The resolver of one migration, and its fetcher if the pages are not local.
+    fn open(&self) -> (Box<dyn Restore>, Option<Box<dyn Fetch>>);
+}
+
+impl TemplateStore for TemplateRestore {
+    fn catalog_id(&self) -> CatalogId {
+        self.catalog.id()
+    }
+
+    fn open(&self) -> (Box<dyn Restore>, Option<Box<dyn Fetch>>) {
+        (Box::new(self.clone()), None)
     }
 }
