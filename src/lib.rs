@@ -42,6 +42,7 @@ mod error;
 pub mod fuzzing;
 pub mod page;
 pub mod qemu;
+pub mod relay;
 pub mod resolve;
 pub mod template;
 mod varint;

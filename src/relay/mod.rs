@@ -1,0 +1,108 @@
+//! Async adapters: the two ends of a dedup link over any transport.
+//!
+//! ```text
+//! QEMU ──▶ [source] ══ dedup stream ══▶ [destination] ──▶ QEMU
+//!      ◀──          ◀═ greeting, then ═           ◀──
+//!                      QEMU's return path
+//! ```
+//!
+//! [`source`] reads the source QEMU's stream, deduplicates it and writes the dedup
+//! stream to the link; [`destination`] restores the exact QEMU bytes and writes them to
+//! the destination QEMU. The destination speaks first on the way back: a
+//! [`Greeting`](crate::dedup::wire::Greeting) naming the template catalog it holds, so
+//! the source refers to templates only when both ends hold the same catalog (a
+//! mismatch costs ratio, never the migration). Then QEMU's return path is passed
+//! through unchanged.
+//!
+//! Both functions return an error, and drop (close) every transport they were given,
+//! on any failure: the source QEMU sees its migration connection fail while its VM
+//! keeps running, and the destination QEMU never receives the end of a stream that
+//! was not verified whole. Memory per link is bounded by the codecs' limits.
+//!
+//! The halves of each transport are passed separately (e.g. from
+//! `TcpStream::into_split`), so any `AsyncRead`/`AsyncWrite` pair works.
+//!
+//! ```
+//! use migstream::relay::{self, DestinationConfig, Progress, SourceConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), migstream::Error> {
+//! # let qemu_stream: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/qemu-7.2-pc-paused.mig"));
+//! // the link between the proxies, and the destination QEMU, as in-memory pipes
+//! let (link_src, link_dst) = tokio::io::duplex(1 << 20);
+//! let (src_read, src_write) = tokio::io::split(link_src);
+//! let (dst_read, dst_write) = tokio::io::split(link_dst);
+//! let mut delivered = Vec::new();
+//! let (from_source_qemu, to_source_qemu) = (qemu_stream, tokio::io::sink());
+//! let (from_dest_qemu, to_dest_qemu) = (tokio::io::empty(), &mut delivered);
+//! let (src_config, dst_config) = (SourceConfig::default(), DestinationConfig::default());
+//! let (src_progress, dst_progress) = (Progress::default(), Progress::default());
+//!
+//! let (sent, received) = tokio::try_join!(
+//!     relay::source(
+//!         (from_source_qemu, to_source_qemu),
+//!         (src_read, src_write),
+//!         &src_config,
+//!         &src_progress,
+//!     ),
+//!     relay::destination(
+//!         (dst_read, dst_write),
+//!         (from_dest_qemu, to_dest_qemu),
+//!         &dst_config,
+//!         &dst_progress,
+//!     ),
+//! )?;
+//! assert_eq!(delivered, qemu_stream);
+//! assert_eq!(sent.stats.wire_bytes, received.stats.wire_bytes);
+//! # Ok(())
+//! # }
+//! ```
+
+mod destination;
+mod pump;
+mod source;
+
+pub use destination::{DestinationConfig, destination};
+pub use pump::{dedup, restore};
+pub use source::{SourceConfig, source};
+
+use std::sync::Mutex;
+
+use crate::dedup::Stats;
+
+/// What one end of a link reports once its migration is over.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The codec's counters: QEMU bytes, dedup stream bytes, pages by kind.
+    pub stats: Stats,
+    /// Whether template references were in use (both ends held the same catalog).
+    pub templates: bool,
+}
+
+/// Counters of a link in progress, for a live progress line; shared with the task
+/// running the link.
+#[derive(Debug, Default)]
+pub struct Progress {
+    stats: Mutex<Option<Stats>>,
+}
+
+impl Progress {
+    /// The counters so far.
+    pub fn snapshot(&self) -> Stats {
+        self.lock().clone().unwrap_or_default()
+    }
+
+    fn set(&self, stats: &Stats) {
+        match &mut *self.lock() {
+            Some(s) => s.clone_from(stats),
+            slot => *slot = Some(stats.clone()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Stats>> {
+        // counters stay meaningful even if a reader panicked
+        self.stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
