@@ -41,12 +41,12 @@ pub use stream::DedupFrames;
 
 use std::sync::Arc;
 
+#[cfg(doc)]
+use crate::resolve::TemplateStore;
 use crate::resolve::{
     Claim, DEFAULT_CACHE_BYTES, Fill, Restore, SeenBefore, SeenBeforeRestore, TemplateClaim,
     TemplateRestore, XbzrleDelta, XbzrleRestore,
 };
-#[cfg(doc)]
-use crate::resolve::TemplateStore;
 use crate::template::{Catalog, CatalogId, TemplateIndex};
 
 /// Default seen-before window: the last 65536 distinct pages (256 MiB of 4 KiB pages
