@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run) and as the README tells a user to.
 #
-# On a fresh Debian 12 machine, as root: installs QEMU 7.2, unpacks QEMU 10.0 from
-# bookworm-backports beside it, fetches a kernel and builds a busybox guest
-# (harness/setup.sh); captures real migration streams (harness/capture-matrix.sh);
-# then runs formatting, lints and every test, the real-QEMU ones included. A real-QEMU
-# test that cannot run fails this script: nothing is skipped.
+# On a fresh Debian 12 machine, as root: installs QEMU 7.2 and redis-server, unpacks
+# QEMU 10.0 from bookworm-backports beside it, fetches a kernel and builds a busybox
+# guest (harness/setup.sh); captures real migration streams
+# (harness/capture-matrix.sh); builds the proxies; then runs formatting, lints and
+# every test: the real-QEMU ones (captured streams, and live migrations through the
+# proxies) and the ones with real Redis servers included. A test that cannot run
+# fails this script: nothing is skipped.
 #
 #   MIGSTREAM_STREAMS=DIR   where captures go (default target/qemu-streams); an
 #                           existing DIR/manifest.tsv is reused unless
@@ -33,5 +35,11 @@ cargo fmt --all -- --check
 step "clippy"
 cargo clippy --all-targets --all-features -- -D warnings
 
-step "tests (real-QEMU tests included)"
-MIGSTREAM_STREAMS=$(realpath "$streams") cargo test --all-features -- --include-ignored
+step "proxies for the live-migration tests (release build)"
+cargo build --release --all-features --example proxy
+
+step "tests (real QEMU and real Redis included)"
+MIGSTREAM_STREAMS=$(realpath "$streams") \
+MIGSTREAM_PROXY=$(realpath target/release/examples/proxy) \
+MIGSTREAM_REQUIRE_REDIS=1 \
+  cargo test --all-features -- --include-ignored

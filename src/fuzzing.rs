@@ -124,9 +124,9 @@ pub fn catalog_load(data: &[u8]) {
     }
 }
 
-/// The dedup stream decoder. Odd `data[0]`: the rest is fed as dedup frames in
-/// reads of `data[0] / 2 + 1` bytes (hostile input: must end in `Ok` or a typed
-/// error). Even `data[0]`: the rest is taken as a QEMU stream; whatever the QEMU
+/// The dedup stream decoder. Odd `data[0]`: the rest is parsed as a destination's
+/// greeting and fed as dedup frames in reads of `data[0] / 2 + 1` bytes (hostile
+/// input: must end in `Ok` or a typed error). Even `data[0]`: the rest is taken as a QEMU stream; whatever the QEMU
 /// decoder accepts goes through the dedup encoder and decoder, which must give the
 /// same QEMU bytes back, and then with one byte of the dedup stream flipped (at a
 /// position drawn from the data), which must fail without releasing a wrong byte.
@@ -136,6 +136,10 @@ pub fn dedup_decode(data: &[u8]) {
         return;
     };
     if mode % 2 == 1 {
+        // the destination's greeting, too, comes from the peer
+        if let Some(Ok(greeting)) = rest.first_chunk().map(crate::dedup::wire::Greeting::parse) {
+            assert_eq!(&greeting.to_bytes(), rest.first_chunk().expect("parsed"));
+        }
         let _ = dedup_round(rest, usize::from(mode / 2) + 1);
         return;
     }
