@@ -37,6 +37,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod dedup;
+pub mod dht;
 mod error;
 #[cfg(any(fuzzing, test))]
 pub mod fuzzing;

@@ -1,0 +1,3 @@
+//! TMDHT ring benchmarks (being written).
+
+fn main() {}

@@ -1,0 +1,210 @@
+//! What the ring's nodes hold, and under which keys (see `docs/dht.md`):
+//!
+//! | key | value | on |
+//! |---|---|---|
+//! | `mgs:t:` + 16-byte fingerprint | the template page | its R owner nodes |
+//! | `mgs:m:` + 32-byte catalog id | the manifest: the catalog file's header and fingerprint table | every node |
+//! | `mgs:current` | the 32-byte id of the catalog pushed last | every node |
+//!
+//! Templates are keyed by fingerprint, not by template number, so that catalogs
+//! sharing pages share their keys and a node's answer can be checked on its own.
+//! The manifest is on every node so a destination can start from any live one, and
+//! it is the catalog file's own head so the same checks apply: a manifest is used
+//! only if it hashes to the catalog id it is stored under.
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::page::{FINGERPRINT_LEN, Fingerprint};
+use crate::template::{Catalog, CatalogId, format};
+
+/// Key prefix of a template page.
+pub const TEMPLATE_PREFIX: &[u8] = b"mgs:t:";
+/// Key prefix of a catalog's manifest.
+pub const MANIFEST_PREFIX: &[u8] = b"mgs:m:";
+/// Key of the id of the catalog pushed last.
+pub const CURRENT_KEY: &[u8] = b"mgs:current";
+
+/// BLAKE3 key-derivation context of a catalog id (`docs/catalog-format.md`).
+const ID_CONTEXT: &str = "migstream template catalog v1 identity";
+
+/// The key of the template with fingerprint `fp`.
+pub fn template_key(fp: &Fingerprint) -> Vec<u8> {
+    [TEMPLATE_PREFIX, &fp.0[..]].concat()
+}
+
+/// The key of catalog `id`'s manifest.
+pub fn manifest_key(id: &CatalogId) -> Vec<u8> {
+    [MANIFEST_PREFIX, &id.0[..]].concat()
+}
+
+/// What a destination needs of a catalog to restore its templates from the ring:
+/// the page size and the fingerprint of every template number.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Manifest {
+    page_size: u32,
+    fingerprints: Vec<Fingerprint>,
+    id: CatalogId,
+}
+
+impl std::fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manifest")
+            .field("id", &self.id)
+            .field("page_size", &self.page_size)
+            .field("templates", &self.fingerprints.len())
+            .finish()
+    }
+}
+
+impl Manifest {
+    /// The manifest of `catalog`.
+    pub fn of(catalog: &Catalog) -> Self {
+        Self {
+            page_size: catalog.page_size() as u32,
+            fingerprints: catalog.fingerprints().to_vec(),
+            id: catalog.id(),
+        }
+    }
+
+    /// The catalog's identity.
+    pub fn id(&self) -> CatalogId {
+        self.id
+    }
+
+    /// Bytes of every template page.
+    pub fn page_size(&self) -> usize {
+        self.page_size as usize
+    }
+
+    /// The fingerprints, in template order.
+    pub fn fingerprints(&self) -> &[Fingerprint] {
+        &self.fingerprints
+    }
+
+    /// The fingerprint of template number `n`.
+    pub fn fingerprint(&self, n: u32) -> Option<Fingerprint> {
+        self.fingerprints.get(n as usize).copied()
+    }
+
+    /// The stored form: the first `56 + 16 × N` bytes of the catalog file.
+    pub fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(format::HEADER_LEN + self.fingerprints.len() * 16);
+        out.extend_from_slice(&format::MAGIC);
+        out.extend_from_slice(&format::VERSION.to_be_bytes());
+        out.extend_from_slice(&self.page_size.to_be_bytes());
+        out.extend_from_slice(&(self.fingerprints.len() as u64).to_be_bytes());
+        out.extend_from_slice(&self.id.0);
+        self.fingerprints
+            .iter()
+            .for_each(|fp| out.extend_from_slice(&fp.0));
+        out.into()
+    }
+
+    /// Parses a stored manifest and checks it: the catalog file's header checks,
+    /// at most `max_templates` templates, a table that hashes to the id in the
+    /// header, in strictly ascending order, and that id being `expected`.
+    pub fn decode(bytes: &[u8], expected: &CatalogId, max_templates: u64) -> Result<Self> {
+        let bad = |offset: usize, reason| Error::Malformed {
+            offset: offset as u64,
+            field: "dht manifest",
+            reason,
+        };
+        let Some(header) = bytes.get(..format::HEADER_LEN) else {
+            return Err(bad(bytes.len(), "shorter than a catalog header"));
+        };
+        let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("4"));
+        if header[..8] != format::MAGIC || be32(8) != format::VERSION {
+            return Err(bad(0, "not a version 1 catalog header"));
+        }
+        let page_size = be32(12);
+        if !page_size.is_power_of_two() || !(1024..=65536).contains(&page_size) {
+            return Err(bad(12, "page size not a power of two from 1 KiB to 64 KiB"));
+        }
+        let count = u64::from_be_bytes(header[16..24].try_into().expect("8 bytes"));
+        let limit = max_templates.min(format::MAX_TEMPLATES);
+        if count > limit {
+            return Err(Error::LimitExceeded {
+                offset: 16,
+                field: "dht manifest template count",
+                value: count,
+                limit,
+            });
+        }
+        let table = &bytes[format::HEADER_LEN..];
+        if table.len() as u64 != count * FINGERPRINT_LEN as u64 {
+            return Err(bad(
+                format::HEADER_LEN,
+                "table length differs from the count",
+            ));
+        }
+        let id = CatalogId(header[24..56].try_into().expect("32 bytes"));
+        if id != *expected {
+            return Err(bad(24, "the manifest of another catalog"));
+        }
+        let fingerprints: Vec<Fingerprint> = table
+            .chunks_exact(FINGERPRINT_LEN)
+            .map(|fp| Fingerprint(fp.try_into().expect("16 bytes")))
+            .collect();
+        if catalog_id(page_size, &fingerprints) != id {
+            return Err(bad(24, "the table does not hash to the catalog id"));
+        }
+        if let Some(i) = fingerprints.windows(2).position(|w| w[0] >= w[1]) {
+            let at = format::HEADER_LEN + (i + 1) * FINGERPRINT_LEN;
+            return Err(bad(at, "fingerprint table not strictly ascending"));
+        }
+        Ok(Self {
+            page_size,
+            fingerprints,
+            id,
+        })
+    }
+}
+
+/// The catalog id of a table (the formula of `docs/catalog-format.md`), computed
+/// here because a manifest arrives without its pages.
+fn catalog_id(page_size: u32, fingerprints: &[Fingerprint]) -> CatalogId {
+    let mut h = blake3::Hasher::new_derive_key(ID_CONTEXT);
+    h.update(&page_size.to_be_bytes());
+    h.update(&(fingerprints.len() as u64).to_be_bytes());
+    fingerprints.iter().for_each(|fp| {
+        h.update(&fp.0);
+    });
+    CatalogId(*h.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog::from_pages(4096, (1..=20u8).map(|b| vec![b; 4096])).unwrap()
+    }
+
+    #[test]
+    fn manifest_round_trips_and_hashes_to_the_catalog_id() {
+        let catalog = catalog();
+        let bytes = Manifest::of(&catalog).encode();
+        let mut file = Vec::new();
+        catalog.write_to(&mut file).unwrap();
+        assert_eq!(&bytes[..], &file[..bytes.len()]);
+        let back = Manifest::decode(&bytes, &catalog.id(), 1 << 20).unwrap();
+        assert_eq!(back, Manifest::of(&catalog));
+        assert_eq!(back.fingerprint(3), catalog.fingerprint(3));
+    }
+
+    #[test]
+    fn damaged_or_foreign_manifests_are_refused() {
+        let catalog = catalog();
+        let bytes = Manifest::of(&catalog).encode().to_vec();
+        let id = catalog.id();
+        for at in [0, 13, 23, 30, 60, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 1;
+            assert!(Manifest::decode(&bad, &id, 1 << 20).is_err(), "byte {at}");
+        }
+        assert!(Manifest::decode(&bytes[..bytes.len() - 16], &id, 1 << 20).is_err());
+        assert!(Manifest::decode(&bytes, &CatalogId([1; 32]), 1 << 20).is_err());
+        assert!(Manifest::decode(&bytes, &id, 19).is_err());
+    }
+}
