@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example dedup -- encode [--catalog C] IN.mig OUT.mz
-//! cargo run --release --example dedup -- decode [--catalog C] IN.mz OUT.mig
+//! cargo run --release --example dedup -- decode [--catalog C | --dht URLS [--replicas R]] IN.mz OUT.mig
 //! cargo run --release --features zstd --example dedup -- encode --zstd 3 IN.mig OUT.mz
 //! ```
 //!
@@ -19,14 +19,20 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use migstream::dedup::{DedupDecoder, DedupEncoder, Stats};
+use migstream::dht::DEFAULT_REPLICAS;
 use migstream::qemu::QemuDecoder;
-use migstream::resolve::tag;
-use migstream::template::{Catalog, TemplateIndex};
+use migstream::relay::{self, Progress};
+use migstream::resolve::{TemplateStore, tag};
+use migstream::template::TemplateIndex;
+use tokio::io::BufWriter;
 
 #[path = "support/mod.rs"]
 mod support;
+#[path = "support/templates.rs"]
+mod templates;
 
 use support::{READ, read_into};
+use templates::template_store;
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -38,16 +44,20 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: dedup encode [--catalog C] [--zstd LEVEL] IN.mig OUT.mz | dedup decode [--catalog C] IN.mz OUT.mig";
+const USAGE: &str = "usage: dedup encode [--catalog C] [--zstd LEVEL] IN.mig OUT.mz | \
+dedup decode [--catalog C | --dht URLS [--replicas R]] IN.mz OUT.mig";
 
 fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     let (mut catalog, mut zstd, mut files) = (None, None, Vec::new());
+    let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
     let mut args = args.into_iter();
     let command = args.next().ok_or(USAGE)?;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--catalog" => catalog = Some(args.next().ok_or(USAGE)?),
             "--zstd" => zstd = Some(args.next().ok_or(USAGE)?.parse::<i32>()?),
+            "--dht" => dht = Some(args.next().ok_or(USAGE)?),
+            "--replicas" => replicas = args.next().ok_or(USAGE)?.parse()?,
             _ => files.push(arg),
         }
     }
@@ -66,11 +76,13 @@ fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
             encode(input, output, enc)
         }
         "decode" => {
-            let dec = match &catalog {
-                Some(path) => DedupDecoder::with_templates(Arc::new(Catalog::load(path)?)),
-                None => DedupDecoder::with_default_resolvers(),
-            };
-            decode(input, output, dec)
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let store = template_store(catalog.as_deref(), dht.as_deref(), replicas).await?;
+                decode(input, output, store).await
+            })
         }
         _ => Err(USAGE.into()),
     }
@@ -122,26 +134,28 @@ fn encode(
     Ok(())
 }
 
-fn decode(
+/// Decodes through the same pump as the destination proxy, so that a store which
+/// fetches pages (the DHT ring) gets each frame's templates in one batch.
+async fn decode(
     input: &str,
     output: &str,
-    mut dec: DedupDecoder,
+    templates: Option<Arc<dyn TemplateStore>>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    let (mut file, mut out) = (File::open(input)?, File::create(output)?);
-    let mut buf = BytesMut::with_capacity(2 * READ);
-    let mut at_end = false;
-    loop {
-        let bytes = match at_end {
-            true => dec.decode_eof(&mut buf)?,
-            false => dec.decode(&mut buf)?,
-        };
-        match bytes {
-            Some(bytes) => out.write_all(&bytes)?,
-            None if at_end => break,
-            None => at_end = read_into(&mut file, &mut buf)? == 0,
+    let (mut dec, mut fetch) = match &templates {
+        Some(store) => {
+            let (restore, fetch) = store.open();
+            (
+                DedupDecoder::with_template_resolver(restore, store.catalog_id()),
+                fetch,
+            )
         }
-    }
+        None => (DedupDecoder::with_default_resolvers(), None),
+    };
+    let file = tokio::fs::File::open(input).await?;
+    let out = BufWriter::with_capacity(READ, tokio::fs::File::create(output).await?);
+    let progress = Progress::default();
+    relay::restore(file, out, &mut dec, fetch.as_deref_mut(), &progress).await?;
     report(
         dec.stats(),
         dec.stats().wire_bytes,

@@ -3,7 +3,7 @@
 //! ```text
 //! QEMU ──tcp──▶ proxy source ══ dedup stream ══▶ proxy destination ──tcp──▶ QEMU -incoming
 //!
-//! cargo run --release --example proxy -- destination --listen 0.0.0.0:4444 --to 127.0.0.1:4445 [--catalog C]
+//! cargo run --release --example proxy -- destination --listen 0.0.0.0:4444 --to 127.0.0.1:4445 [--catalog C | --dht URLS]
 //! cargo run --release --example proxy -- source --listen 127.0.0.1:4443 --to DEST_HOST:4444 [--catalog C]
 //! (source QEMU monitor)  migrate -d tcp:127.0.0.1:4443
 //! ```
@@ -13,7 +13,9 @@
 //! progress lines; `--connect-timeout SECS` (default 10). Source only: `--resolvers
 //! LIST` picks from `fill,xbzrle,seen` (default all; `none` for LZ4 alone), `--zstd
 //! LEVEL` (with the `zstd` feature). `--catalog` enables templates; the source uses
-//! them only if the destination holds the same catalog.
+//! them only if the destination holds the same catalog. Destination only: `--dht
+//! redis://H:P,redis://H:P,...` restores templates from the ring of Redis nodes the
+//! catalog was pushed to (`catalog -- push`), `--replicas R` as pushed (default 2).
 //!
 //! Each proxy prints `listening on IP:PORT` once listening, a progress line every
 //! second per migration, and when a migration ends either
@@ -27,13 +29,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use migstream::dedup::{Compression, Resolvers, Stats};
+use migstream::dht::DEFAULT_REPLICAS;
 use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig};
-use migstream::resolve::{TemplateRestore, tag};
-use migstream::template::{Catalog, TemplateIndex};
+use migstream::resolve::tag;
+use migstream::template::TemplateIndex;
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "support/templates.rs"]
+mod templates;
+
+use templates::template_store;
+
 const USAGE: &str = "usage: proxy source|destination --listen ADDR --to ADDR [--catalog FILE] \
-[--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] [--quiet] [--connect-timeout SECS]";
+[--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] \
+[--quiet] [--connect-timeout SECS]";
 
 /// One end's settings, shared by all its migrations.
 enum Role {
@@ -73,6 +82,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let mut args = args.into_iter();
     let role = args.next().ok_or(USAGE)?;
     let (mut listen, mut to, mut catalog, mut resolvers) = (None, None, None, None);
+    let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
     let (mut zstd, mut once, mut json, mut quiet, mut timeout) = (None, false, false, false, 10.0);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(USAGE);
@@ -80,6 +90,8 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
             "--listen" => listen = Some(value()?),
             "--to" => to = Some(value()?),
             "--catalog" => catalog = Some(value()?),
+            "--dht" => dht = Some(value()?),
+            "--replicas" => replicas = value()?.parse()?,
             "--resolvers" => resolvers = Some(value()?),
             "--zstd" => zstd = Some(value()?.parse::<i32>()?),
             "--connect-timeout" => timeout = value()?.parse::<f64>()?,
@@ -93,12 +105,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let role = match role.as_str() {
         "source" => Role::Source(source_config(catalog, resolvers, zstd)?),
         "destination" => Role::Destination(DestinationConfig {
-            templates: match catalog {
-                Some(path) => Some(Arc::new(TemplateRestore::new(Arc::new(Catalog::load(
-                    path,
-                )?)))),
-                None => None,
-            },
+            templates: template_store(catalog.as_deref(), dht.as_deref(), replicas).await?,
             ..DestinationConfig::default()
         }),
         _ => return Err(USAGE.into()),
