@@ -4,6 +4,8 @@
 //! ```text
 //! cargo run --release --example catalog -- build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...
 //! cargo run --release --example catalog -- info CATALOG
+//! cargo run --release --example catalog -- push --nodes redis://H:P,redis://H:P,... [--replicas R] CATALOG
+//! cargo run --release --example catalog -- verify --nodes redis://H:P,... [--replicas R] CATALOG
 //! ```
 //!
 //! `build` keeps the non-zero pages found in at least T inputs (`--count inputs`, the
@@ -11,13 +13,28 @@
 //! with "QEVM" is read as a QEMU stream, any other file as a raw memory image.
 //! `info` loads the catalog twice, whole with every page verified and as the
 //! source's index, and reports the speed of both.
+//!
+//! `push` distributes a catalog over a ring of Redis servers (TMDHT, see
+//! `docs/dht.md`): every template on its R nodes (default 2), the manifest on every
+//! node; it reports the templates per node and the time taken. `verify` checks that
+//! every template is present and correct on its R nodes and that every node holds
+//! the manifest, reports the balance (most templates on a node ÷ mean) and the
+//! missing copies, and exits non-zero if anything is missing. Both must be given the
+//! same node list, spelled as the proxies spell it, in any order.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use migstream::dht::{self, Cluster, DEFAULT_REPLICAS, DhtOptions};
 use migstream::template::{Catalog, CatalogBuilder, InputKind, TemplateIndex, Threshold, format};
 
-const USAGE: &str = "usage: catalog build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...\n       catalog info CATALOG";
+const USAGE: &str =
+    "usage: catalog build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...
+       catalog info CATALOG
+       catalog push --nodes redis://H:P,... [--replicas R] CATALOG
+       catalog verify --nodes redis://H:P,... [--replicas R] CATALOG";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +44,10 @@ fn main() -> ExitCode {
             None => return usage(),
         },
         Some("info") if args.len() == 2 => info(&args[1]),
+        Some(cmd @ ("push" | "verify")) => match parse_ring(&args[1..]) {
+            Some((nodes, replicas, path)) => ring(cmd, &nodes, replicas, &path),
+            None => return usage(),
+        },
         _ => return usage(),
     };
     match result {
@@ -119,4 +140,103 @@ fn info(path: &str) -> Result<(), String> {
         index.heap_bytes() as f64 / catalog.len().max(1) as f64
     );
     Ok(())
+}
+
+/// The node URLs, the replication factor and the catalog of `push` and `verify`.
+fn parse_ring(args: &[String]) -> Option<(Vec<String>, usize, String)> {
+    let (mut nodes, mut replicas, mut catalog) = (None, DEFAULT_REPLICAS, None);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--nodes" => {
+                let list = args.next()?.split(',').filter(|s| !s.is_empty());
+                nodes = Some(list.map(str::to_string).collect::<Vec<_>>());
+            }
+            "--replicas" => replicas = args.next()?.parse().ok()?,
+            _ if catalog.is_none() => catalog = Some(arg.clone()),
+            _ => return None,
+        }
+    }
+    Some((nodes.filter(|n| !n.is_empty())?, replicas, catalog?))
+}
+
+/// `push` or `verify` over the ring of Redis servers at `nodes`.
+fn ring(cmd: &str, nodes: &[String], replicas: usize, path: &str) -> Result<(), String> {
+    let catalog = Catalog::load(path).map_err(|e| format!("{path}: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let cluster =
+        Cluster::redis(nodes, replicas, DhtOptions::default()).map_err(|e| e.to_string())?;
+    let cluster = Arc::new(cluster);
+    println!(
+        "{path}: {} templates of {} bytes, id {}; {} nodes, {replicas} replicas",
+        catalog.len(),
+        catalog.page_size(),
+        catalog.id(),
+        nodes.len()
+    );
+    runtime.block_on(async {
+        match cmd {
+            "push" => push(&cluster, &catalog).await,
+            _ => verify(&cluster, &catalog).await,
+        }
+    })
+}
+
+async fn push(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<(), String> {
+    let report = dht::push(cluster, catalog)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (node, templates) in &report.per_node {
+        println!("  {node}: {templates} templates");
+    }
+    let seconds = report.elapsed.as_secs_f64();
+    let copies: usize = report.per_node.iter().map(|n| n.1).sum();
+    println!(
+        "pushed {} templates ({copies} copies, manifest on every node) in {seconds:.3} s, {:.0} copies/s, {:.1} MB/s",
+        report.templates,
+        copies as f64 / seconds,
+        (copies * catalog.page_size()) as f64 / seconds / 1e6
+    );
+    Ok(())
+}
+
+async fn verify(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<(), String> {
+    let started = Instant::now();
+    let report = dht::verify(cluster, catalog)
+        .await
+        .map_err(|e| e.to_string())?;
+    for n in &report.nodes {
+        println!(
+            "  {}: {} assigned, {} present, {} missing, {} wrong, manifest {}, current {}{}",
+            n.name,
+            n.assigned,
+            n.present,
+            n.missing,
+            n.wrong,
+            if n.manifest { "ok" } else { "MISSING" },
+            if n.current { "yes" } else { "no" },
+            n.error
+                .as_ref()
+                .map_or(String::new(), |e| format!(", error: {e}"))
+        );
+    }
+    println!(
+        "balance {:.3} (max/mean templates per node), {} copies missing or wrong, {} templates lost, in {:.3} s",
+        report.balance(),
+        report.missing(),
+        report.lost,
+        started.elapsed().as_secs_f64()
+    );
+    match report.ok() {
+        true => Ok(()),
+        false => Err(format!(
+            "{} copies missing or wrong, {} templates on no node, {} nodes without the manifest",
+            report.missing(),
+            report.lost,
+            report.nodes.iter().filter(|n| !n.manifest).count()
+        )),
+    }
 }
