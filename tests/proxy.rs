@@ -1,0 +1,154 @@
+//! The proxy example as an operator runs it: two processes over loopback TCP serving
+//! several migrations at once, each delivered byte-exact or failed on both sides.
+//!
+//! Uses the `proxy` example binary that `cargo test` builds next to the tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+fn testdata(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// `target/<profile>/examples/proxy`, built by `cargo test` with the tests.
+fn proxy_binary() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/proxy");
+    assert!(
+        bin.exists(),
+        "{} missing: run through `cargo test`",
+        bin.display()
+    );
+    bin
+}
+
+/// A proxy process, killed when dropped.
+struct Proxy {
+    child: Child,
+    port: u16,
+}
+
+impl Proxy {
+    fn start(args: &[&str]) -> Proxy {
+        let mut child = Command::new(proxy_binary())
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--json", "--quiet"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on 127.0.0.1:")
+            .unwrap_or_else(|| panic!("first line {line:?}"))
+            .parse()
+            .unwrap();
+        // keep draining stderr so the proxy never blocks on it
+        thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Proxy { child, port }
+    }
+
+    /// The JSON reports of the first `n` migrations.
+    fn reports(&mut self, n: usize) -> Vec<serde_json::Value> {
+        let stdout = BufReader::new(self.child.stdout.take().unwrap());
+        stdout
+            .lines()
+            .take(n)
+            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake QEMU that sends `stream`, then reads its return path to the end.
+fn source_qemu(port: u16, stream: Vec<u8>, cut_after: Option<usize>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let end = cut_after.unwrap_or(stream.len());
+        // a write may fail once the proxies gave up on a cut stream
+        let _ = conn.write_all(&stream[..end]);
+        let _ = conn.shutdown(Shutdown::Write);
+        let _ = conn.read_to_end(&mut Vec::new());
+    })
+}
+
+#[test]
+fn serves_several_migrations_at_once_and_fails_only_the_broken_one() {
+    let streams = [
+        testdata("qemu-7.2-pc-paused.mig"),
+        testdata("qemu-10.0-q35-paused.mig"),
+        testdata("qemu-7.2-pc-paused.mig"),
+    ];
+    // the fake destination QEMU: one connection per migration, answers on the return path
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let qemu_port = qemu.local_addr().unwrap().port();
+    let mut destination = Proxy::start(&["destination", "--to", &format!("127.0.0.1:{qemu_port}")]);
+    let mut source = Proxy::start(&["source", "--to", &format!("127.0.0.1:{}", destination.port)]);
+    let received = thread::spawn(move || {
+        let mut all = Vec::new();
+        for _ in 0..4 {
+            let (mut conn, _) = qemu.accept().unwrap();
+            all.push(thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                let mut got = Vec::new();
+                let complete = conn.read_to_end(&mut got).is_ok();
+                let _ = conn.write_all(b"rp");
+                (got, complete)
+            }));
+        }
+        all.into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut senders: Vec<_> = streams
+        .iter()
+        .map(|s| source_qemu(source.port, s.clone(), None))
+        .collect();
+    // a fourth migration whose source QEMU goes away mid-stream
+    senders.push(source_qemu(source.port, streams[0].clone(), Some(100_000)));
+    senders.into_iter().for_each(|s| s.join().unwrap());
+
+    let received = received.join().unwrap();
+    let exact = received
+        .iter()
+        .filter(|(got, _)| streams.iter().any(|s| s == got))
+        .count();
+    assert_eq!(exact, 3, "three migrations delivered byte-exact");
+    let cut = received
+        .iter()
+        .find(|(got, _)| !streams.iter().any(|s| s == got))
+        .expect("the cut migration");
+    assert!(cut.0.len() < 100_000, "the cut stream was not completed");
+
+    for reports in [source.reports(4), destination.reports(4)] {
+        let ok = reports.iter().filter(|r| r["ok"] == true).count();
+        assert_eq!(ok, 3, "{reports:?}");
+        let failed = reports.iter().find(|r| r["ok"] == false).unwrap();
+        assert!(failed["error"].as_str().unwrap().len() > 5, "{failed}");
+        for r in reports.iter().filter(|r| r["ok"] == true) {
+            let (wire, qemu) = (r["wire_bytes"].as_u64(), r["qemu_bytes"].as_u64());
+            assert!(wire.unwrap() < qemu.unwrap(), "{r}");
+        }
+    }
+}
