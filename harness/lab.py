@@ -7,8 +7,13 @@
       live-migrate source -> relay on 127.0.0.1 -> destination (-incoming tcp:),
       save the main channel (the connection starting with "QEVM") to FILE, and
       verify: completed, destination running, guest checksum unchanged.
+  lab.py migrate --proxy BIN [-o REPORT.json] [vm options] [--fault kill-dst-proxy|corrupt]
+      the same live migration through `BIN source` and `BIN destination` (the
+      dedup proxies, examples/proxy.rs), the same checks plus the proxies' own
+      reports; with a fault, a first migration must fail cleanly and a retry
+      to a new destination must succeed.
 
-Both write FILE.json (versions, machine, workload, caps, params, READY sum,
+The capture commands write FILE.json (versions, machine, workload, caps, params, READY sum,
 size, query-migrate summary). Needs harness/setup.sh to have run. Python 3
 standard library only. Only processes started here are ever signalled, by PID.
 """
@@ -20,6 +25,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -278,17 +284,20 @@ class VM:
             self.qmp.sock.close()
 
 
-def migrate(vm, uri, timeout):
-    """Run an outgoing migration to completion; return the final query-migrate."""
+def migrate(vm, uri, timeout, on_poll=None, poll=0.1):
+    """Run an outgoing migration to completion; return the final query-migrate.
+    on_poll(info), if given, sees every query-migrate while it is under way."""
     log("%s: migrate to %s" % (vm.name, uri))
     vm.qmp.cmd("migrate", uri=uri)
     last = 0.0
     t = time.monotonic()
     try:
-        for _ in deadline_loop(timeout, "the migration to finish"):
+        for _ in deadline_loop(timeout, "the migration to finish", poll):
             info = vm.qmp.cmd("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled"):
                 return info
+            if on_poll:
+                on_poll(info)
             if time.monotonic() - last >= 2:
                 last = time.monotonic()
                 r = info.get("ram", {})
@@ -318,10 +327,20 @@ def summary(info):
 class Relay:
     """TCP relay 127.0.0.1:<free port> -> 127.0.0.1:dst_port. Forwards every
     connection both ways (multifd opens several); the one whose first 4 bytes
-    are QEVM is the main channel, and its source->destination bytes go to a file."""
+    are QEVM is the main channel, and its source->destination bytes go to a file
+    (`capture`, if not None).
 
-    def __init__(self, dst_port, capture):
+    For `migrate --fault corrupt` (between the two proxies): `corrupt_at` flips
+    the byte at that source->destination offset of the first connection only
+    (later connections, the retry, pass untouched), and `abort_on_error` resets
+    both sides of a connection when either direction fails, as a dying TCP peer
+    would, instead of only half-closing. `dst_port` may be changed between
+    connections (the retry goes to a new destination)."""
+
+    def __init__(self, dst_port, capture, corrupt_at=None, abort_on_error=False):
         self.dst_port, self.capture = dst_port, capture
+        self.corrupt_at, self.abort_on_error = corrupt_at, abort_on_error
+        self.corrupted = None           # {"offset", "byte", "at_s"} once flipped
         self.conns = []                 # one dict per accepted connection
         self.threads = []
         self.socks = []
@@ -357,7 +376,8 @@ class Relay:
                 continue
             c.settimeout(None)
             d.settimeout(None)
-            info = {"index": len(self.conns), "kind": None, "src_to_dst": 0, "dst_to_src": 0, "eof": False,
+            info = {"index": len(self.conns), "dst_port": self.dst_port, "kind": None,
+                    "src_to_dst": 0, "dst_to_src": 0, "eof": False,
                     "opened_s": round(time.monotonic() - self.t0, 3), "closed_s": None}
             with self.lock:
                 self.conns.append(info)
@@ -379,13 +399,20 @@ class Relay:
                     data, head = head, b""
                     with self.lock:
                         info["kind"] = "main" if data[:4] == QEVM else "other"
-                        if info["kind"] == "main":
+                        if info["kind"] == "main" and self.capture:
                             if any(c["kind"] == "main" for c in self.conns if c is not info):
                                 self.errors.append("more than one connection starts with QEVM")
                             else:
                                 out = open(self.capture, "wb")
                 if out:
                     out.write(data)
+                if forward and self.corrupt_at is not None and info["index"] == 0:
+                    k = self.corrupt_at - info["src_to_dst"]
+                    if 0 <= k < len(data):
+                        data = bytearray(data)
+                        data[k] ^= 0xFF
+                        self.corrupted = {"offset": self.corrupt_at, "byte": data[k] ^ 0xFF,
+                                          "at_s": round(time.monotonic() - self.t0, 3)}
                 b.sendall(data)
                 info["src_to_dst" if forward else "dst_to_src"] += len(data)
             if head:                    # a connection that closed within 4 bytes
@@ -397,6 +424,10 @@ class Relay:
         except OSError as e:
             if not self.stopping:
                 self.errors.append("connection %d %s: %s" % (info["index"], "src->dst" if forward else "dst->src", e))
+            if self.abort_on_error:
+                info["aborted"] = True
+                for s in (a, b):
+                    self._reset(s)
         finally:
             if out:
                 out.close()
@@ -404,6 +435,18 @@ class Relay:
                 b.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    @staticmethod
+    def _reset(s):
+        """Close with an RST (SO_LINGER 0), as the kernel does for a process that
+        dies with unread data: the peer's next read or write fails. A FIN alone
+        would let a writer that never reads go on writing into a full buffer."""
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RDWR)    # wakes the other direction's recv
+        except OSError:
+            pass
+        s.close()
 
     def totals(self):
         """Bytes over ALL connections (main + multifd channels), each direction
@@ -429,9 +472,141 @@ class Relay:
         for t in self.threads:
             t.join(max(0.0, end - time.monotonic()))
         hung = any(t.is_alive() for t in self.threads)
+        self.stop()
+        return not hung
+
+    def stop(self):
+        self.stopping = True
         for s in self.socks + [self.ls]:
             s.close()
-        return not hung
+
+
+# --------------------------------------------------------------------------- proxies
+class Proxy:
+    """One `proxy source|destination` process (examples/proxy.rs) with --json.
+    Its stderr goes to NAME.stderr.log (the `listening on 127.0.0.1:PORT` line is
+    picked out of it), its stdout to NAME.stdout.log, one JSON object a migration."""
+
+    LISTENING = re.compile(r"^listening on 127\.0\.0\.1:(\d+)\s*$")
+
+    def __init__(self, name, binary, role, listen, to_port, extra, once, rundir):
+        self.name, self.role = name, role
+        self.argv = [binary, role, "--listen", listen, "--to", "127.0.0.1:%d" % to_port, "--json"]
+        if once:
+            self.argv.append("--once")
+        self.argv += extra
+        self.rundir = rundir
+        self.proc = None
+        self.port = None
+        self.results = []               # the JSON objects from stdout, in order
+        self.stderr = []                # stderr lines (progress lines split at \r too)
+        self.garbage = []               # stdout lines that are not JSON objects
+        self.cv = threading.Condition()
+        self.open_streams = 0
+        self.killed = False
+
+    def start(self):
+        with open(os.path.join(self.rundir, self.name + ".argv"), "w") as f:
+            f.write(" ".join(map(shlex.quote, self.argv)) + "\n")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            raise Fail("%s: cannot run %s: %s" % (self.name, self.argv[0], e))
+        log("%s: %s started, pid %d" % (self.name, " ".join(self.argv[1:]), self.proc.pid))
+        self.open_streams = 2
+        for stream, fn in ((self.proc.stdout, self._on_stdout), (self.proc.stderr, self._on_stderr)):
+            threading.Thread(target=self._reader, args=(stream, fn), daemon=True).start()
+        return self
+
+    def _reader(self, stream, fn):
+        suffix = ".stdout.log" if fn == self._on_stdout else ".stderr.log"
+        with open(os.path.join(self.rundir, self.name + suffix), "wb") as logf:
+            part = b""
+            while True:
+                d = stream.read1(65536)
+                logf.write(d)
+                logf.flush()
+                part += d
+                if d:
+                    *full, part = re.split(rb"[\r\n]", part)
+                else:
+                    full, part = [part], b""
+                with self.cv:
+                    for x in full:
+                        if x.strip():
+                            fn(x.decode("utf-8", "replace").strip())
+                    if not d:
+                        self.open_streams -= 1
+                    self.cv.notify_all()
+                if not d:
+                    return
+
+    def _on_stdout(self, line):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            self.results.append(obj)
+        else:
+            self.garbage.append(line)
+
+    def _on_stderr(self, line):
+        self.stderr.append(line)
+        m = self.LISTENING.match(line)
+        if m and self.port is None:
+            self.port = int(m.group(1))
+
+    def _wait(self, pred, timeout, what):
+        end = time.monotonic() + timeout
+        with self.cv:
+            while not pred():
+                left = end - time.monotonic()
+                if self.open_streams == 0 or left <= 0:
+                    tail = " | ".join(self.stderr[-5:])
+                    raise Fail("%s: %s waiting for %s (stderr: %s)" % (
+                        self.name, "exited with %s" % self.proc.poll() if self.open_streams == 0 else
+                        "timed out after %.0fs" % timeout, what, tail or "-"))
+                self.cv.wait(min(left, 1.0))
+
+    def wait_listening(self, timeout=30):
+        self._wait(lambda: self.port is not None, timeout, "its 'listening on 127.0.0.1:PORT' line")
+        log("%s: listening on 127.0.0.1:%d" % (self.name, self.port))
+        return self.port
+
+    def wait_results(self, n, timeout):
+        """Wait for the n-th JSON line (a proxy reports each migration once it ends)."""
+        self._wait(lambda: len(self.results) >= n, timeout, "its JSON line for migration %d" % n)
+        return self.results[n - 1]
+
+    def wait_exit(self, timeout):
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        with self.cv:                   # its last lines may still be in the pipes
+            end = time.monotonic() + 10
+            while self.open_streams and time.monotonic() < end:
+                self.cv.wait(1.0)
+        return rc
+
+    def kill(self):
+        """SIGKILL our own child by PID: the fault injection of --fault kill-dst-proxy."""
+        log("%s: SIGKILL pid %d" % (self.name, self.proc.pid))
+        self.killed = True
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            for sig in (self.proc.terminate, self.proc.kill):
+                sig()
+                try:
+                    self.proc.wait(10)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -519,16 +694,12 @@ def capture_file(a, rundir, vms):
     return out, meta, True
 
 
-def capture_live(a, rundir, vms):
-    out = os.path.abspath(a.out)
-    if os.path.exists(out):
-        os.unlink(out)
-    caps, params = parse_caps(a), parse_params(a)
-    a.qemu = a.src_qemu or a.qemu
-    dst_ver = a.dst_qemu or a.qemu
+def start_destination(a, rundir, vms, name, ver, caps, params):
+    """Boot a destination QEMU waiting for an incoming migration on a free
+    127.0.0.1 port; return (vm, port)."""
     # -incoming defer + migrate-incoming: QEMU 10 refuses multifd once an
     # incoming listener exists, so capabilities go in first
-    dst = VM("dst", dst_ver, a, rundir, incoming="defer")
+    dst = VM(name, ver, a, rundir, incoming="defer")
     vms.append(dst)
     dst.start()
     # capabilities must match on both ends; params too (multifd-channels)
@@ -539,26 +710,26 @@ def capture_live(a, rundir, vms):
     ports = [int(x["port"]) for x in addrs if x.get("type") == "inet"]
     if not ports:
         raise Fail("destination did not report its listening port (query-migrate socket-address)")
+    return dst, ports[0]
+
+
+def start_source(a, rundir, vms, caps, params):
+    """Boot the source QEMU, wait for the guest's READY; return (vm, READY sum)."""
     src = VM("src", a.qemu, a, rundir)
     vms.append(src)
     src.start()
     ready = src.wait_ready()
     log("src: READY sum=%s" % ready)
     src.configure(caps, params)
-    eff = {"src": effective_params(src), "dst": effective_params(dst)}
-    relay = Relay(ports[0], out)
-    log("relay 127.0.0.1:%d -> destination 127.0.0.1:%d" % (relay.port, ports[0]))
-    info = migrate(src, "tcp:127.0.0.1:%d" % relay.port, a.timeout)
-    drained = relay.finish(60)
+    return src, ready
 
-    checks = {"completed": info.get("status") == "completed", "relay_drained": drained,
-              "relay_no_errors": not relay.errors}
-    mains = [c for c in relay.conns if c["kind"] == "main"]
-    checks["one_main_channel"] = len(mains) == 1
-    if caps.get("multifd"):
-        checks["multifd_channels_seen"] = len(relay.conns) > 1
-    size = os.path.getsize(out) if os.path.exists(out) else 0
-    checks["capture_complete"] = bool(mains) and mains[0]["eof"] and size == mains[0]["src_to_dst"] > 0
+
+def check_arrival(a, src, dst, info, ready, checks):
+    """The checks of a completed live migration, added to `checks`: source
+    postmigrate, destination running, the destination guest's checksum of its
+    data equal to the source's READY sum, its kernel clean, for `dirty` the
+    dirtying loop still running. Returns the destination's sum (or None)."""
+    checks["completed"] = info.get("status") == "completed"
     after = None
     if checks["completed"]:
         checks["src_postmigrate"] = src.status() == "postmigrate"
@@ -566,7 +737,7 @@ def capture_live(a, rundir, vms):
             dst.wait_status("running", 30)
             after, passes = dst.check()
             checks["sum_matches"] = after == ready
-            log("dst: CHECK sum=%s passes=%d" % (after, passes))
+            log("%s: CHECK sum=%s passes=%d" % (dst.name, after, passes))
             if a.workload == "dirty":       # the dirtying loop survived and still runs
                 time.sleep(1)
                 checks["dirty_loop_alive"] = dst.check()[1] > passes
@@ -577,32 +748,245 @@ def capture_live(a, rundir, vms):
         # lost pages often show up as a guest kernel oops rather than a bad sum
         checks["dst_kernel_clean"] = not any(re.search(r"Oops|BUG:|Kernel panic|general protection", x)
                                              for x in dst.console.lines)
+    return after
+
+
+def check_minimums(a, info, checks):
+    """--min-dirty-syncs / --min-xbzrle-pages against the source's query-migrate."""
     syncs = info.get("ram", {}).get("dirty-sync-count")
     if a.min_dirty_syncs:
         checks["min_dirty_syncs"] = (syncs or 0) >= a.min_dirty_syncs
     if a.min_xbzrle_pages:
         checks["min_xbzrle_pages"] = info.get("xbzrle-cache", {}).get("pages", 0) >= a.min_xbzrle_pages
+    return syncs
+
+
+def report_failed(a, checks, detail):
+    failed = [k for k, v in checks.items() if not v]
+    if failed:
+        log("FAILED checks: %s %s" % (", ".join(failed), detail or ""))
+        if a.qemu == "7.2" and not a.ram_tail_kib:
+            log("hint: QEMU 7.2 under TCG loses guest writes during live migration; "
+                "--ram-tail-kib 8 avoids it (see harness/README.md)")
+    return not failed
+
+
+def capture_live(a, rundir, vms):
+    out = os.path.abspath(a.out)
+    if os.path.exists(out):
+        os.unlink(out)
+    caps, params = parse_caps(a), parse_params(a)
+    a.qemu = a.src_qemu or a.qemu
+    dst_ver = a.dst_qemu or a.qemu
+    dst, port = start_destination(a, rundir, vms, "dst", dst_ver, caps, params)
+    src, ready = start_source(a, rundir, vms, caps, params)
+    eff = {"src": effective_params(src), "dst": effective_params(dst)}
+    relay = Relay(port, out)
+    log("relay 127.0.0.1:%d -> destination 127.0.0.1:%d" % (relay.port, port))
+    info = migrate(src, "tcp:127.0.0.1:%d" % relay.port, a.timeout)
+    drained = relay.finish(60)
+
+    checks = {"relay_drained": drained, "relay_no_errors": not relay.errors}
+    mains = [c for c in relay.conns if c["kind"] == "main"]
+    checks["one_main_channel"] = len(mains) == 1
+    if caps.get("multifd"):
+        checks["multifd_channels_seen"] = len(relay.conns) > 1
+    size = os.path.getsize(out) if os.path.exists(out) else 0
+    checks["capture_complete"] = bool(mains) and mains[0]["eof"] and size == mains[0]["src_to_dst"] > 0
+    after = check_arrival(a, src, dst, info, ready, checks)
+    syncs = check_minimums(a, info, checks)
     meta = base_meta(a, src, out, "live", caps, params, ready)
     meta.update(size=size, src_qemu=a.qemu, dst_qemu=dst_ver, dst_qemu_version=dst.version,
                 check_sum=after, dirty_sync_count=syncs, migration=summary(info),
                 connections=relay.conns, relay_errors=relay.errors, checks=checks,
                 wire=relay.totals(), effective_params=eff)
-    failed = [k for k, v in checks.items() if not v]
-    if failed:
-        log("FAILED checks: %s %s" % (", ".join(failed), relay.errors or info.get("error-desc", "")))
-        if a.qemu == "7.2" and not a.ram_tail_kib:
-            log("hint: QEMU 7.2 under TCG loses guest writes during live migration; "
-                "--ram-tail-kib 8 avoids it (see harness/README.md)")
-    return out, meta, not failed
+    ok = report_failed(a, checks, relay.errors or info.get("error-desc", ""))
+    return out, meta, ok
+
+
+def proxy_result(proxy, n, timeout, checks, key):
+    """The proxy's n-th JSON report, or None (and checks[key] False) if it never came."""
+    try:
+        return proxy.wait_results(n, timeout)
+    except Fail as e:
+        log(str(e))
+        checks[key] = False
+        return None
+
+
+def guest_not_running(vm, timeout):
+    """After a failed incoming migration QEMU normally exits; if it stays, its
+    guest must not be running."""
+    try:
+        vm.proc.wait(timeout)
+        log("%s: QEMU exited with %s" % (vm.name, vm.proc.returncode))
+        return True
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        st = vm.status()
+    except Fail:
+        return True
+    log("%s: still up, status %s" % (vm.name, st))
+    return st != "running"
+
+
+def migrate_cmd(a, rundir, vms):
+    """Source QEMU -> source proxy -> [fault relay] -> destination proxy ->
+    destination QEMU; see harness/README.md."""
+    binary = os.path.abspath(a.proxy)
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        raise Fail("--proxy %s: no such executable (cargo build --release --example proxy)" % binary)
+    src_args = [x for v in a.src_proxy_arg for x in shlex.split(v)]
+    dst_args = [x for v in a.dst_proxy_arg for x in shlex.split(v)]
+    caps, params = parse_caps(a), parse_params(a)
+    a.qemu = a.src_qemu or a.qemu
+    dst_ver = a.dst_qemu or a.qemu
+    fault = a.fault
+    checks, attempts, relay = {}, [], None
+
+    def start_dst_proxy(name, listen, to_port):
+        px = Proxy(name, binary, "destination", listen, to_port, dst_args, True, rundir)
+        vms.append(px)
+        px.start().wait_listening()
+        return px
+
+    dst, dport = start_destination(a, rundir, vms, "dst", dst_ver, caps, params)
+    dproxy = start_dst_proxy("dst-proxy", "127.0.0.1:0", dport)
+    to = dproxy.port
+    if fault == "corrupt":
+        relay = Relay(dproxy.port, None, corrupt_at=a.corrupt_offset, abort_on_error=True)
+        vms.append(relay)
+        to = relay.port
+        log("corrupting relay 127.0.0.1:%d -> dst-proxy 127.0.0.1:%d, flips byte %d of the first connection"
+            % (relay.port, dproxy.port, a.corrupt_offset))
+    # with a fault the source proxy stays up (no --once) and carries the retry too
+    sproxy = Proxy("src-proxy", binary, "source", "127.0.0.1:0", to, src_args, fault == "none", rundir)
+    vms.append(sproxy)
+    sproxy.start().wait_listening()
+    src, ready = start_source(a, rundir, vms, caps, params)
+    eff = {"src": effective_params(src), "dst": effective_params(dst)}
+    uri = "tcp:127.0.0.1:%d" % sproxy.port
+    info = after = sres = dres = None
+
+    if fault != "none":
+        # The fault must hit while the source QEMU is still sending: without a
+        # return path (precopy), QEMU's only way to learn of a failure is a write
+        # error on its connection. Once it has written its last byte it declares
+        # the migration completed and leaves the VM paused (postmigrate), whatever
+        # happens to those bytes later: a destination failure then cannot be
+        # reported back, and the guest would be stranded on a stopped source. So
+        # the first attempt is throttled (--fault-bandwidth) and the fault comes
+        # early (--kill-after / --corrupt-offset, a fraction of a `fill` guest's
+        # stream); the check first_migration_failed catches a fault that came too late.
+        src.configure({}, {"max-bandwidth": a.fault_bandwidth})
+        fault_at = {}
+
+        def on_poll(info):
+            # the source's state at the poll that injects (kill) or first sees (corrupt) the fault
+            sent = info.get("ram", {}).get("transferred", 0)
+            if fault == "kill-dst-proxy" and not dproxy.killed and sent >= a.kill_after:
+                dproxy.kill()
+            elif fault != "corrupt" or relay.corrupted is None:
+                return
+            if "src_status" not in fault_at:
+                fault_at.update(src_status=info.get("status"), src_ram_transferred=sent)
+
+        info = migrate(src, uri, a.timeout, on_poll, 0.05)
+        f = {}
+        if fault == "kill-dst-proxy":
+            f["fault_injected"] = dproxy.killed
+        else:
+            f["fault_injected"] = relay.corrupted is not None
+            fault_at.update(relay.corrupted or {})
+        # (fault_at.src_status: the source's state at the first 50 ms poll after
+        # the fault, if the migration had not failed before it)
+        f["migration_failed"] = info.get("status") == "failed"
+        log("src: first migration %s %s" % (info.get("status"), info.get("error-desc", "")))
+        s1 = d1 = None
+        if f["migration_failed"]:
+            try:
+                src.wait_status("running", 30)
+                f["src_running"] = True
+                f["src_sum_intact"] = src.check()[0] == ready
+            except Fail as e:
+                log(str(e))
+                f["src_running"] = False
+            f["dst_guest_not_running"] = guest_not_running(dst, 30)
+            s1 = proxy_result(sproxy, 1, 60, f, "src_proxy_reported")
+            f["src_proxy_reported_failure"] = bool(s1) and s1.get("ok") is False
+            if fault == "corrupt":
+                d1 = proxy_result(dproxy, 1, 60, f, "dst_proxy_reported")
+                f["dst_proxy_reported_failure"] = bool(d1) and d1.get("ok") is False
+                f["dst_proxy_exit_nonzero"] = dproxy.wait_exit(30) not in (0, None)
+        else:
+            log("the fault did not fail the migration (it came too late, or went unnoticed): no retry")
+        attempts.append({"fault": fault, "fault_at": fault_at, "migration": summary(info), "checks": f,
+                         "proxies": {"src": s1, "dst": d1}})
+        checks.update({"first_" + k: v for k, v in f.items()})
+
+        if f["migration_failed"]:
+            # the retry: a new destination QEMU and a new destination proxy; the
+            # source proxy still sends to the same address (kill: the new proxy
+            # binds the dead one's port; corrupt: the relay now forwards untouched)
+            dst.stop()
+            dproxy.stop()
+            dst, dport = start_destination(a, rundir, vms, "dst2", dst_ver, caps, params)
+            listen = "127.0.0.1:%d" % (dproxy.port if fault == "kill-dst-proxy" else 0)
+            dproxy = start_dst_proxy("dst2-proxy", listen, dport)
+            if relay:
+                relay.dst_port = dproxy.port
+            src.configure({}, {"max-bandwidth": params["max-bandwidth"]})
+            info = None
+
+    if info is None:        # the migration (or, after a fault, the retry)
+        info = migrate(src, uri, a.timeout)
+        after = check_arrival(a, src, dst, info, ready, checks)
+        check_minimums(a, info, checks)
+        n = 1 if fault == "none" else 2
+        sres = proxy_result(sproxy, n, 60, checks, "src_proxy_reported")
+        dres = proxy_result(dproxy, 1, 60, checks, "dst_proxy_reported")
+        checks["src_proxy_ok"] = bool(sres) and sres.get("ok") is True
+        checks["dst_proxy_ok"] = bool(dres) and dres.get("ok") is True
+        checks["dst_proxy_exit_0"] = dproxy.wait_exit(30) == 0
+        if fault == "none":
+            checks["src_proxy_exit_0"] = sproxy.wait_exit(30) == 0
+        if sres and dres:
+            # byte-exact: the destination proxy delivered as many bytes as the source proxy took in
+            checks["proxies_agree_qemu_bytes"] = sres.get("qemu_bytes") == dres.get("qemu_bytes") > 0
+            checks["proxies_agree_wire_bytes"] = sres.get("wire_bytes") == dres.get("wire_bytes") > 0
+        for kind, want in kv_list(a.min_proxy_pages, "--min-proxy-pages").items():
+            got = ((sres or {}).get("pages") or {}).get(kind, 0)
+            checks["min_proxy_pages_" + kind] = got >= int(want)
+        if relay:
+            checks["relay_retry_clean"] = not [e for e in relay.errors if not e.startswith("connection 0 ")]
+
+    meta = base_meta(a, src, "", "migrate", caps, params, ready)
+    del meta["file"]
+    res = sres or {}
+    meta.update(src_qemu=a.qemu, dst_qemu=dst_ver, dst_qemu_version=dst.version, fault=fault,
+                proxy=binary, src_proxy_args=src_args, dst_proxy_args=dst_args,
+                qemu_bytes=res.get("qemu_bytes"), wire_bytes=res.get("wire_bytes"), ratio=res.get("ratio"),
+                seconds=res.get("seconds"), pages=res.get("pages"), proxies={"src": sres, "dst": dres},
+                proxy_stderr={"src": sproxy.stderr[-3:], "dst": dproxy.stderr[-3:]},
+                check_sum=after, dirty_sync_count=info.get("ram", {}).get("dirty-sync-count"),
+                migration=summary(info), checks=checks, attempts=attempts, effective_params=eff)
+    if relay:
+        meta["relay"] = {"connections": relay.conns, "errors": relay.errors, "corrupted": relay.corrupted}
+    ok = report_failed(a, checks, info.get("error-desc", ""))
+    return (os.path.abspath(a.out) if a.out else None), meta, ok
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("capture-file", capture_file), ("capture-live", capture_live)):
+    for name, fn in (("capture-file", capture_file), ("capture-live", capture_live), ("migrate", migrate_cmd)):
         p = sub.add_parser(name)
         p.set_defaults(fn=fn)
-        p.add_argument("-o", "--out", required=True, help="stream file to write (plus FILE.json)")
+        if name == "migrate":
+            p.add_argument("-o", "--out", help="write the report (JSON) to this file")
+        else:
+            p.add_argument("-o", "--out", required=True, help="stream file to write (plus FILE.json)")
         p.add_argument("--qemu", choices=("7.2", "10"), default="7.2")
         p.add_argument("--machine", default="pc", help="pc, q35, pc-i440fx-7.2, pc-q35-7.2, ...")
         p.add_argument("-m", "--mem", type=int, default=128, help="guest RAM in MiB (default 128)")
@@ -622,13 +1006,31 @@ def main():
                        help="add K KiB to the RAM (8 avoids a QEMU 7.2 TCG dirty-tracking bug; see README)")
         p.add_argument("--accel", default="tcg", help="-accel value (default tcg)")
         p.add_argument("--keep-run", action="store_true", help="keep the run dir (logs) even on success")
-        if name == "capture-live":
+        if name in ("capture-live", "migrate"):
             p.add_argument("--src-qemu", choices=("7.2", "10"), help="source QEMU (default --qemu)")
             p.add_argument("--dst-qemu", choices=("7.2", "10"), help="destination QEMU (default --qemu)")
             p.add_argument("--min-dirty-syncs", type=int, default=0,
                            help="fail unless query-migrate's dirty-sync-count reaches N")
             p.add_argument("--min-xbzrle-pages", type=int, default=0,
                            help="fail unless at least N pages were sent xbzrle-encoded")
+        if name == "migrate":
+            p.add_argument("--proxy", required=True, help="the proxy binary (target/release/examples/proxy)")
+            p.add_argument("--src-proxy-arg", action="append", default=[], metavar="ARG",
+                           help="extra argument(s) for the source proxy, split like a shell "
+                                "(repeatable; write --src-proxy-arg='--catalog FILE' or --src-proxy-arg=--once)")
+            p.add_argument("--dst-proxy-arg", action="append", default=[], metavar="ARG",
+                           help="the same for the destination proxy")
+            p.add_argument("--fault", choices=("none", "kill-dst-proxy", "corrupt"), default="none",
+                           help="fail a first migration, then retry with a new destination (see README)")
+            p.add_argument("--kill-after", type=int, default=8 << 20, metavar="BYTES",
+                           help="kill-dst-proxy: once the source QEMU has sent this much RAM (default 8 MiB)")
+            p.add_argument("--corrupt-offset", type=int, default=1 << 20, metavar="BYTES",
+                           help="corrupt: flip the byte at this offset of the dedup stream (default 1 MiB)")
+            p.add_argument("--fault-bandwidth", type=int, default=32 << 20, metavar="BYTES_PER_S",
+                           help="max-bandwidth of the faulty first attempt (default 32 MiB/s)")
+            p.add_argument("--min-proxy-pages", action="append", metavar="KIND=N",
+                           help="fail unless the source proxy reports at least N pages of KIND (raw, fill, "
+                                "seen, template, xbzrle; repeatable)")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # still runs the finally below
     try:
@@ -645,9 +1047,22 @@ def main():
     try:
         out, meta, ok = a.fn(a, rundir, vms)
         meta["ok"] = ok
+        m = meta["migration"]
+        if a.cmd == "migrate":
+            meta["run_dir"] = None if ok and not a.keep_run else rundir
+            if out:
+                with open(out, "w") as f:
+                    json.dump(meta, f, indent=1)
+            print("%s migrate qemu=%s machine=%s workload=%s caps=%s fault=%s sum=%s/%s qemu_bytes=%s "
+                  "wire_bytes=%s ratio=%s pages=%s xbzrle-pages=%s total-time=%sms" % (
+                      "OK" if ok else "FAILED", meta["src_qemu"] + "->" + meta["dst_qemu"], meta["machine_type"],
+                      a.workload, ",".join(k for k, v in meta["caps"].items() if v) or "-", a.fault,
+                      meta["ready_sum"], meta["check_sum"], meta["qemu_bytes"], meta["wire_bytes"], meta["ratio"],
+                      json.dumps(meta["pages"], separators=(",", ":")), m.get("xbzrle-cache", {}).get("pages", "-"),
+                      m.get("total-time")))
+            return 0 if ok else 1
         with open(out + ".json", "w") as f:
             json.dump(meta, f, indent=1)
-        m = meta["migration"]
         print("%s %s %d bytes qemu=%s machine=%s workload=%s caps=%s sum=%s dirty-sync-count=%s "
               "xbzrle-pages=%s total-time=%sms" % ("OK" if ok else "FAILED", out, meta["size"],
               meta.get("src_qemu", a.qemu) + ("->" + meta["dst_qemu"] if meta.get("dst_qemu", a.qemu) != a.qemu else ""),
@@ -661,7 +1076,7 @@ def main():
     finally:
         for vm in reversed(vms):
             vm.stop()
-        if not ok:      # never leave a partial or unverified stream where a good one is expected
+        if not ok and a.cmd != "migrate":   # never leave a partial or unverified stream where a good one is expected
             for f in (a.out, a.out + ".json", a.out + ".part"):
                 if os.path.exists(f):
                     shutil.move(f, os.path.join(rundir, os.path.basename(f)))

@@ -1,0 +1,396 @@
+//! End to end with real QEMU: a running guest migrates from a source QEMU through the
+//! source proxy and the destination proxy (`examples/proxy.rs`) into a destination
+//! QEMU, driven by `harness/lab.py migrate`. A case passes only if the migration
+//! completes, the destination runs, the guest's own checksum of the data it holds is
+//! unchanged, and both proxies report success (lab.py checks all of it and writes a
+//! JSON report, which the tests read for the figures they assert on).
+//!
+//! The tests are `#[ignore]`d, so plain `cargo test` lists them as ignored. They need
+//! `harness/setup.sh` to have run and `MIGSTREAM_PROXY` to name the proxy binary
+//! (`cargo build --release --example proxy` → `target/release/examples/proxy`);
+//! `scripts/test.sh` runs them with `--include-ignored`, where a missing binary is a
+//! failure. The guests are TCG VMs on a small box: one case runs at a time (a mutex),
+//! every port is picked by the kernel, every run has its own directory, and every
+//! wait, here and in lab.py, is bounded.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One QEMU pair at a time: TCG guests load both cores, and the fault tests depend on
+/// a migration being under way when the fault comes.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Upper bound of one lab.py run (its own limits are shorter: boot 120 s, migration
+/// 300 s); past it the run is stopped with SIGTERM, then SIGKILL.
+const RUN_LIMIT: Duration = Duration::from_secs(900);
+
+const MIB: u64 = 1 << 20;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where the reports, logs and the template test's streams go.
+fn out_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-qemu");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+fn proxy() -> PathBuf {
+    let path = std::env::var_os("MIGSTREAM_PROXY")
+        .map(PathBuf::from)
+        .expect(
+            "MIGSTREAM_PROXY must name the proxy binary: cargo build --release --example proxy, \
+         then MIGSTREAM_PROXY=target/release/examples/proxy (scripts/test.sh does both)",
+        );
+    assert!(
+        path.is_file(),
+        "MIGSTREAM_PROXY={}: no such file (cargo build --release --example proxy)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `python3 harness/lab.py ARGS`, its output into `log`, for at most RUN_LIMIT.
+fn run_lab(args: &[&str], log: &Path) -> ExitStatus {
+    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let err = out.try_clone().unwrap();
+    let mut child = Command::new("python3")
+        .arg(repo().join("harness/lab.py"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("python3 harness/lab.py: cannot start");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > RUN_LIMIT {
+            // SIGTERM first: lab.py then stops its QEMUs and proxies
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let term = Instant::now();
+            while term.elapsed() < Duration::from_secs(60) {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "lab.py {args:?} still running after {RUN_LIMIT:?}; log: {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `lab.py migrate` with the proxy and `args`; returns its report. A failed run is a
+/// test failure showing the failed checks and the end of lab.py's log.
+fn migrate(name: &str, args: &[&str]) -> Value {
+    let proxy = proxy();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = out_dir();
+    let (report, log) = (
+        dir.join(format!("{name}.json")),
+        dir.join(format!("{name}.log")),
+    );
+    let _ = std::fs::remove_file(&report);
+    let mut all = vec![
+        "migrate",
+        "--proxy",
+        proxy.to_str().unwrap(),
+        "-o",
+        report.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let started = Instant::now();
+    let status = run_lab(&all, &log);
+    let json: Option<Value> = std::fs::read(&report)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let failed: Vec<String> = json
+        .as_ref()
+        .and_then(|j| j["checks"].as_object())
+        .map(|c| {
+            c.iter()
+                .filter(|(_, v)| *v != &Value::Bool(true))
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        status.success(),
+        "{name}: lab.py migrate {args:?} failed ({status}); failed checks {failed:?}; \
+         report {}; log {}:\n{}",
+        report.display(),
+        log.display(),
+        tail(&log, 25)
+    );
+    let json = json.unwrap_or_else(|| panic!("{name}: no report at {}", report.display()));
+    assert_eq!(json["ok"], Value::Bool(true), "{name}: report not ok");
+    assert!(failed.is_empty(), "{name}: failed checks {failed:?}");
+    let (qemu, wire) = (bytes(&json, "qemu_bytes"), bytes(&json, "wire_bytes"));
+    assert!(qemu > 0 && wire > 0, "{name}: no traffic reported");
+    eprintln!(
+        "{name}: ok in {:.1} s: qemu {qemu} bytes, wire {wire} bytes, ratio {:.3}, pages {}, \
+         migration {} ms, xbzrle pages {}",
+        started.elapsed().as_secs_f64(),
+        wire as f64 / qemu as f64,
+        json["pages"],
+        json["migration"]["total-time"],
+        json["migration"]["xbzrle-cache"]["pages"]
+    );
+    json
+}
+
+fn bytes(json: &Value, key: &str) -> u64 {
+    json[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("report: {key} missing or not a number: {}", json[key]))
+}
+
+fn pages(json: &Value, kind: &str) -> u64 {
+    json["pages"][kind].as_u64().unwrap_or(0)
+}
+
+fn xbzrle_pages(json: &Value) -> u64 {
+    json["migration"]["xbzrle-cache"]["pages"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A QEMU 10.0 → 10.0 case, `pc` machine, 128 MiB.
+fn qemu10(name: &str, workload: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["--qemu", "10", "-w", workload];
+    args.extend_from_slice(extra);
+    migrate(name, &args)
+}
+
+const XBZRLE: &[&str] = &["--cap", "xbzrle=on"];
+/// A dirtying guest behind 16 MiB/s: precopy needs several passes, so re-dirtied
+/// pages are sent again (as QEMU's XBZRLE records with the capability).
+const SLOW: &[&str] = &["--bandwidth", "16777216", "--min-dirty-syncs", "3"];
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_idle() {
+    let r = qemu10("qemu10-idle", "idle", &[]);
+    assert!(bytes(&r, "wire_bytes") < bytes(&r, "qemu_bytes"));
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_idle_xbzrle() {
+    qemu10("qemu10-idle-xbzrle", "idle", XBZRLE);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_fill() {
+    let r = qemu10("qemu10-fill", "fill", &[]);
+    // 64 MiB of random data cross as raw pages
+    assert!(pages(&r, "raw") * 4096 >= 60 * MIB, "pages {}", r["pages"]);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_fill_xbzrle() {
+    qemu10("qemu10-fill-xbzrle", "fill", XBZRLE);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_dup() {
+    let r = qemu10("qemu10-dup", "dup", &[]);
+    // 64 MiB of copies of one 1 MiB seed: the copies go as seen-before references
+    assert!(pages(&r, "seen") * 4096 >= 48 * MIB, "pages {}", r["pages"]);
+    assert!(bytes(&r, "wire_bytes") * 2 < bytes(&r, "qemu_bytes"));
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_dup_xbzrle() {
+    qemu10("qemu10-dup-xbzrle", "dup", XBZRLE);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_dirty() {
+    let r = qemu10(
+        "qemu10-dirty",
+        "dirty",
+        &[SLOW, &["--min-proxy-pages", "xbzrle=1"]].concat(),
+    );
+    // without QEMU's xbzrle, re-sent pages become the proxy's own XBZRLE deltas
+    assert!(pages(&r, "xbzrle") > 0, "pages {}", r["pages"]);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_dirty_xbzrle() {
+    let r = qemu10(
+        "qemu10-dirty-xbzrle",
+        "dirty",
+        &[SLOW, XBZRLE, &["--min-xbzrle-pages", "1"]].concat(),
+    );
+    assert!(xbzrle_pages(&r) > 0, "no XBZRLE pages: {}", r["migration"]);
+}
+
+/// QEMU 7.2 on both ends, a dirtying guest with xbzrle. `--ram-tail-kib 8`: 7.2 under
+/// TCG loses guest writes during precopy when guest RAM is a multiple of 256 KiB
+/// (harness/README.md).
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu72_dirty_xbzrle() {
+    let r = migrate(
+        "qemu7.2-dirty-xbzrle",
+        &[
+            &["--qemu", "7.2", "-w", "dirty", "--ram-tail-kib", "8"],
+            SLOW,
+            XBZRLE,
+            &["--min-xbzrle-pages", "1"],
+        ]
+        .concat(),
+    );
+    assert!(xbzrle_pages(&r) > 0, "no XBZRLE pages: {}", r["migration"]);
+}
+
+/// A 7.2 source into a 10.0 destination, with 7.2's machine type on both.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu72_to_qemu10_machine_72() {
+    let r = migrate(
+        "qemu7.2to10-pc-i440fx-7.2-fill",
+        &[
+            "--src-qemu",
+            "7.2",
+            "--dst-qemu",
+            "10",
+            "--machine",
+            "pc-i440fx-7.2",
+            "-w",
+            "fill",
+            "--ram-tail-kib",
+            "8",
+        ],
+    );
+    assert_eq!(r["machine_type"], "pc-i440fx-7.2");
+    assert!(r["dst_qemu_version"].as_str().unwrap().starts_with("10."));
+}
+
+/// Both proxies load a template catalog built from two other guests' streams (made
+/// here with `lab.py capture-file`); the migrating guest's pages found in it travel
+/// as catalog references.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_template_catalog() {
+    use migstream::template::{CatalogBuilder, Threshold};
+
+    let dir = out_dir();
+    let catalog = dir.join("templates.tmdm");
+    {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut builder = CatalogBuilder::new(Threshold::Inputs(2));
+        for input in ["catalog-input-a", "catalog-input-b"] {
+            let (stream, log) = (
+                dir.join(format!("{input}.mig")),
+                dir.join(format!("{input}.log")),
+            );
+            let status = run_lab(
+                &[
+                    "capture-file",
+                    "-o",
+                    stream.to_str().unwrap(),
+                    "--qemu",
+                    "10",
+                    "-w",
+                    "idle",
+                ],
+                &log,
+            );
+            assert!(
+                status.success(),
+                "capture-file {input} failed; log {}:\n{}",
+                log.display(),
+                tail(&log, 20)
+            );
+            builder.add(&stream).unwrap();
+        }
+        let built = builder.build().unwrap();
+        assert!(!built.is_empty(), "no page shared by the two guests");
+        built.save(&catalog).unwrap();
+        eprintln!("catalog: {} templates", built.len());
+    }
+    let arg = format!("--catalog {}", catalog.display());
+    let r = qemu10(
+        "qemu10-idle-catalog",
+        "idle",
+        &[
+            "--src-proxy-arg",
+            &arg,
+            "--dst-proxy-arg",
+            &arg,
+            "--min-proxy-pages",
+            "template=1",
+        ],
+    );
+    assert!(pages(&r, "template") > 0, "pages {}", r["pages"]);
+}
+
+/// A `fill` guest with 16 MiB of random data: its stream (about 70 MB, throttled
+/// to 32 MiB/s for the faulty attempt) lasts long enough for the fault to come
+/// while the source QEMU is still sending (see `--fault` in lab.py).
+const FAULTY: &[&str] = &["--data-mb", "16"];
+
+/// The destination proxy dies mid-migration: the source QEMU reports the migration
+/// failed and its VM keeps running; a new destination QEMU and proxy then receive it.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn kill_destination_proxy_then_retry() {
+    let r = qemu10(
+        "qemu10-fill-kill-dst-proxy",
+        "fill",
+        &[FAULTY, &["--fault", "kill-dst-proxy"]].concat(),
+    );
+    let first = &r["attempts"][0];
+    assert_eq!(first["migration"]["status"], "failed");
+    assert_eq!(first["checks"]["src_running"], true);
+    assert_eq!(r["migration"]["status"], "completed");
+}
+
+/// One byte of the dedup stream flipped between the proxies, 1 MiB in: the migration
+/// fails, the destination does not run the guest, the source VM keeps running; the
+/// retry without corruption succeeds.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn corrupt_byte_between_proxies_then_retry() {
+    let r = qemu10(
+        "qemu10-fill-corrupt",
+        "fill",
+        &[FAULTY, &["--fault", "corrupt"]].concat(),
+    );
+    let first = &r["attempts"][0];
+    assert_eq!(first["migration"]["status"], "failed");
+    assert_eq!(first["checks"]["dst_guest_not_running"], true);
+    assert_eq!(first["checks"]["src_running"], true);
+    assert_eq!(first["proxies"]["dst"]["ok"], false);
+    assert_eq!(r["migration"]["status"], "completed");
+}
