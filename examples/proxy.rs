@@ -102,6 +102,10 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
         }
     }
     let (listen, to) = (listen.ok_or(USAGE)?, to.ok_or(USAGE)?);
+    // first, so that the line announcing the port comes first; migrations that
+    // connect while the template store loads wait in the backlog
+    let listener = TcpListener::bind(&listen).await?;
+    eprintln!("listening on {}", listener.local_addr()?);
     let role = match role.as_str() {
         "source" => Role::Source(source_config(catalog, resolvers, zstd)?),
         "destination" => Role::Destination(DestinationConfig {
@@ -117,8 +121,6 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
         quiet,
         connect_timeout: Duration::from_secs_f64(timeout),
     });
-    let listener = TcpListener::bind(&listen).await?;
-    eprintln!("listening on {}", listener.local_addr()?);
     for id in 1.. {
         let (inbound, _) = listener.accept().await?;
         let migration = tokio::spawn(proxy.clone().serve(id, inbound));
