@@ -1,3 +1,331 @@
-//! TMDHT ring benchmarks (being written).
+//! TMDHT: decoding a template-heavy dedup stream through a ring of 4 local
+//! `redis-server` processes (R = 2) against the local catalog, template lookups per
+//! second, the ring's balance and Redis memory per template.
+//!
+//! The stream is synthetic unless `MIGSTREAM_BENCH_STREAM` and
+//! `MIGSTREAM_BENCH_CATALOG` name a QEMU stream and a catalog file (e.g. the
+//! held-out capture and catalog of `docs/benchmarks.md`); then the bench also
+//! checks that the stream decodes byte-identical with one of the four nodes killed.
+//!
+//! - `decode/local`: `DedupDecoder::with_templates`, the catalog in memory.
+//! - `decode/ring-warm`: a new migration on a store whose LRU cache already holds
+//!   every template (the steady state of a destination serving many migrations).
+//! - `decode/ring-cold`: the cache is emptied before each iteration (untimed), so
+//!   every template is fetched from Redis, verified, cached and restored.
+//! - `lookups/ring`: `Cluster::fetch` of 4096 templates (batched per node,
+//!   pipelined, every page verified), counted per template.
+//!
+//! One tokio current-thread runtime drives the fetches, so decode and fetch share
+//! one core as in the local case; the Redis servers run on the other core. If
+//! `redis-server` is not installed, the bench says so and runs nothing.
+//!
+//! ```text
+//! cargo bench --bench dht -- --noplot
+//! MIGSTREAM_BENCH_STREAM=target/ratio/heldout-idle.mig \
+//! MIGSTREAM_BENCH_CATALOG=target/ratio/catalog.cat cargo bench --bench dht -- --noplot
+//! ```
 
-fn main() {}
+#[path = "../tests/redis_server/mod.rs"]
+mod redis_server;
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use criterion::{BatchSize, Criterion, Throughput};
+use migstream::dedup::{DedupDecoder, DedupEncoder};
+use migstream::dht::{Cluster, DhtOptions, DhtTemplates, push};
+use migstream::page::Fingerprint;
+use migstream::qemu::SectionHeader;
+use migstream::qemu::{MemSize, PageAddr, QemuDecoder, QemuEncoder, RamBlock, RamRecord, Record};
+use migstream::resolve::{TemplateStore, tag};
+use migstream::template::{Catalog, TemplateIndex};
+use redis_server::RedisServer;
+
+const PAGE: usize = 4096;
+/// Templates of the synthetic catalog (32 MiB).
+const TEMPLATES: usize = 8192;
+/// Pages nothing claims, one after every 8 templates.
+const RAW_EVERY: usize = 8;
+
+/// Distinct pseudo-random pages.
+fn pages(n: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            (0..PAGE / 8)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A QEMU stream of the templates in a scrambled order, a raw page after every
+/// [`RAW_EVERY`], then EOF and a device description: 89 % template pages.
+fn synthetic() -> (Catalog, Bytes) {
+    let templates = pages(TEMPLATES, 0x7e3a);
+    let raw = pages(TEMPLATES / RAW_EVERY, 0x9a11);
+    let catalog = Catalog::from_pages(PAGE, &templates).expect("catalog");
+    let mut order: Vec<&Vec<u8>> = Vec::new();
+    for i in 0..TEMPLATES {
+        // a stride co-prime with the count: every template once, not in catalog order
+        order.push(&templates[(i * 4099) % TEMPLATES]);
+        if i % RAW_EVERY == RAW_EVERY - 1 {
+            order.push(&raw[i / RAW_EVERY]);
+        }
+    }
+    let block = Bytes::from_static(b"pc.ram");
+    let mut records = vec![
+        Record::Header,
+        Record::SectionStart(SectionHeader {
+            section_id: 1,
+            idstr: Bytes::from_static(b"ram"),
+            instance_id: 0,
+            version_id: 4,
+        }),
+        Record::Ram(RamRecord::MemSize(MemSize {
+            total: (order.len() * PAGE) as u64,
+            blocks: vec![RamBlock {
+                idstr: block.clone(),
+                used_length: (order.len() * PAGE) as u64,
+                mr_addr: None,
+            }],
+        })),
+    ];
+    for (i, page) in order.iter().enumerate() {
+        records.push(Record::Ram(RamRecord::Page {
+            addr: PageAddr {
+                block: block.clone(),
+                offset: (i * PAGE) as u64,
+                continued: i > 0,
+            },
+            data: Bytes::from((*page).clone()),
+        }));
+    }
+    records.push(Record::Ram(RamRecord::Eos));
+    records.push(Record::Eof);
+    records.push(Record::VmDescription(Bytes::from_static(
+        br#"{"devices": []}"#,
+    )));
+    let mut enc = QemuEncoder::new();
+    let mut out = BytesMut::new();
+    records
+        .iter()
+        .for_each(|r| enc.encode(r, &mut out).expect("encodable"));
+    (catalog, out.freeze())
+}
+
+/// The dedup stream of `qemu` with templates of `catalog`.
+fn encode(catalog: &Catalog, qemu: &[u8]) -> (Bytes, u64) {
+    let mut enc = DedupEncoder::with_templates(Arc::new(TemplateIndex::new(catalog)));
+    let (mut input, mut wire) = (BytesMut::from(qemu), BytesMut::new());
+    let mut dec = QemuDecoder::new();
+    while let Some(record) = dec.decode_eof(&mut input).expect("valid QEMU stream") {
+        enc.encode(&record, &mut wire).expect("encodable");
+    }
+    enc.finish(&mut wire).expect("end");
+    let templates = enc.stats().pages[usize::from(tag::TEMPLATE)];
+    (wire.freeze(), templates)
+}
+
+/// Decodes `wire` through `store` (a new migration), fetching when the decoder
+/// waits; returns the QEMU bytes out.
+async fn decode_ring(store: &DhtTemplates, wire: &Bytes) -> usize {
+    let (templates, fetch) = store.open();
+    let mut fetch = fetch.expect("a fetcher");
+    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
+    let (mut buf, mut n) = (BytesMut::from(&wire[..]), 0);
+    loop {
+        match dec.decode(&mut buf).expect("decodes") {
+            Some(bytes) => n += black_box(bytes).len(),
+            None if dec.waiting() => fetch.fetch().await.expect("fetched"),
+            None => break,
+        }
+    }
+    while let Some(bytes) = dec.decode_eof(&mut buf).expect("complete") {
+        n += black_box(bytes).len();
+    }
+    n
+}
+
+/// The same, collecting the bytes, for the byte-identical check.
+async fn decode_ring_bytes(store: &DhtTemplates, wire: &Bytes) -> migstream::Result<Vec<u8>> {
+    let (templates, fetch) = store.open();
+    let mut fetch = fetch.expect("a fetcher");
+    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
+    let (mut buf, mut out) = (BytesMut::from(&wire[..]), Vec::new());
+    loop {
+        match dec.decode(&mut buf)? {
+            Some(bytes) => out.extend_from_slice(&bytes),
+            None if dec.waiting() => fetch.fetch().await?,
+            None => break,
+        }
+    }
+    while let Some(bytes) = dec.decode_eof(&mut buf)? {
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+fn decode_local(catalog: &Arc<Catalog>, wire: &Bytes) -> usize {
+    let mut dec = DedupDecoder::with_templates(catalog.clone());
+    let (mut buf, mut n) = (BytesMut::from(&wire[..]), 0);
+    while let Some(bytes) = dec.decode_eof(&mut buf).expect("decodes") {
+        n += black_box(bytes).len();
+    }
+    n
+}
+
+/// A tuning knob from the environment.
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn main() {
+    if !redis_server::available("bench dht") {
+        println!("dht bench: redis-server not installed, skipped");
+        return;
+    }
+    let (catalog, qemu, real) = match (
+        std::env::var("MIGSTREAM_BENCH_STREAM"),
+        std::env::var("MIGSTREAM_BENCH_CATALOG"),
+    ) {
+        (Ok(stream), Ok(catalog)) => {
+            let qemu = Bytes::from(std::fs::read(&stream).expect("the stream"));
+            let catalog = Catalog::load(&catalog).expect("the catalog");
+            (catalog, qemu, true)
+        }
+        _ => {
+            let (catalog, qemu) = synthetic();
+            (catalog, qemu, false)
+        }
+    };
+    let catalog = Arc::new(catalog);
+    let (wire, template_pages) = encode(&catalog, &qemu);
+    println!(
+        "stream: {} QEMU bytes, {} template pages ({:.0} %), {} templates in the catalog, {} dedup bytes",
+        qemu.len(),
+        template_pages,
+        100.0 * template_pages as f64 * PAGE as f64 / qemu.len() as f64,
+        catalog.len(),
+        wire.len()
+    );
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dht-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut servers = RedisServer::start_many(&dir, 4);
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let runtime = match env_usize("MIGSTREAM_BENCH_DHT_THREADS") {
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .expect("runtime");
+    let mut options = DhtOptions::default();
+    options.cache_pages = catalog.len().max(1);
+    options.batch = env_usize("MIGSTREAM_BENCH_DHT_BATCH").unwrap_or(options.batch);
+    options.in_flight = env_usize("MIGSTREAM_BENCH_DHT_IN_FLIGHT").unwrap_or(options.in_flight);
+    println!(
+        "options: {} keys per request, {} requests in flight",
+        options.batch, options.in_flight
+    );
+    let cluster = Arc::new(Cluster::redis(&urls, 2, options.clone()).expect("cluster"));
+
+    // push: balance and Redis memory per template
+    let before: Vec<u64> = servers.iter().map(RedisServer::used_memory).collect();
+    let report = runtime.block_on(push(&cluster, &catalog)).expect("pushed");
+    let after: Vec<u64> = servers.iter().map(RedisServer::used_memory).collect();
+    let counts: Vec<usize> = report.per_node.iter().map(|n| n.1).collect();
+    let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+    let max = *counts.iter().max().expect("nodes") as f64;
+    println!(
+        "push: {} templates x 2 replicas in {:.3} s; per node {counts:?}; balance max/mean {:.3}",
+        report.templates,
+        report.elapsed.as_secs_f64(),
+        max / mean
+    );
+    for (i, n) in counts.iter().enumerate() {
+        let delta = after[i].saturating_sub(before[i]);
+        println!(
+            "  node {i}: used_memory +{delta} bytes for {n} templates = {:.0} bytes per template ({:.0} over the page)",
+            delta as f64 / *n as f64,
+            delta as f64 / *n as f64 - PAGE as f64
+        );
+    }
+
+    let store = runtime
+        .block_on(DhtTemplates::from_cluster(
+            cluster.clone(),
+            Some(catalog.id()),
+            options,
+        ))
+        .expect("store");
+    let out = runtime
+        .block_on(decode_ring_bytes(&store, &wire))
+        .expect("decoded");
+    assert!(out == qemu[..], "the ring's output differs");
+
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(8));
+    {
+        let mut g = c.benchmark_group("dht/decode");
+        g.throughput(Throughput::Bytes(qemu.len() as u64));
+        g.bench_function("local", |b| {
+            b.iter(|| assert_eq!(decode_local(&catalog, &wire), qemu.len()))
+        });
+        g.bench_function("ring-warm", |b| {
+            b.iter(|| assert_eq!(runtime.block_on(decode_ring(&store, &wire)), qemu.len()))
+        });
+        g.bench_function("ring-cold", |b| {
+            b.iter_batched(
+                || store.clear_cache(),
+                |()| assert_eq!(runtime.block_on(decode_ring(&store, &wire)), qemu.len()),
+                BatchSize::PerIteration,
+            )
+        });
+        g.finish();
+    }
+    {
+        let fps: Vec<Fingerprint> = catalog.fingerprints().iter().take(4096).copied().collect();
+        let mut g = c.benchmark_group("dht/lookups");
+        g.throughput(Throughput::Elements(fps.len() as u64));
+        g.bench_function("ring", |b| {
+            b.iter(|| {
+                let pages = runtime
+                    .block_on(cluster.fetch(&fps, catalog.page_size()))
+                    .expect("fetched");
+                assert_eq!(pages.len(), fps.len());
+            })
+        });
+        g.finish();
+    }
+    c.final_summary();
+
+    // one of four nodes killed: the stream still decodes byte-identical
+    servers[1].kill();
+    store.clear_cache();
+    let started = Instant::now();
+    let out = runtime
+        .block_on(decode_ring_bytes(&store, &wire))
+        .expect("decoded with a node down");
+    assert!(out == qemu[..], "output differs with a node down");
+    println!(
+        "{} stream decoded byte-identical through the ring with node 1 of 4 killed, cold cache, in {:.3} s",
+        if real { "the given" } else { "the synthetic" },
+        started.elapsed().as_secs_f64()
+    );
+}
