@@ -15,7 +15,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use super::fill::fill_byte;
 use super::{Claim, Page, PageAt, Restore, tag};
 use crate::error::{Error, Result};
-use crate::page::{FINGERPRINT_LEN, Fingerprint};
+use crate::page::{FINGERPRINT_LEN, Fingerprint, Spare};
 use crate::varint;
 
 /// The source half of seen-before. Memory: about 40 bytes per page of the window.
@@ -117,6 +117,9 @@ fn place(bytes: &[u8]) -> (usize, usize) {
     (bytes.as_ptr() as usize, bytes.len())
 }
 
+/// The ring of the last finished migration, for the next one.
+static RINGS: Spare = Spare::new();
+
 /// The destination half of seen-before: a ring of the last delivered pages.
 #[derive(Debug)]
 pub struct SeenBeforeRestore {
@@ -131,7 +134,9 @@ pub struct SeenBeforeRestore {
 impl SeenBeforeRestore {
     /// Keeps the last `window_pages` delivered pages (memory: `window_pages` × the
     /// stream's page size at most, touched as pages arrive; the address space for
-    /// all of it is reserved at the first page).
+    /// all of it is reserved at the first page). The ring of the last dropped
+    /// `SeenBeforeRestore` is reused if it is large enough, and kept after this one
+    /// is dropped: memory already mapped costs no page faults.
     pub fn new(window_pages: u64) -> Self {
         Self {
             window: window_pages.max(1),
@@ -190,9 +195,14 @@ impl Restore for SeenBeforeRestore {
             // ring grown by doubling would be copied several times; if the allocator
             // refuses that much at once, it grows as needed
             let window = usize::try_from(self.window).unwrap_or(usize::MAX);
-            let _ = self
-                .ring
-                .try_reserve_exact(window.saturating_mul(self.page_size));
+            let bytes = window.saturating_mul(self.page_size);
+            match RINGS.take(bytes) {
+                Some(ring) => self.ring = ring,
+                None => {
+                    let _ = self.ring.try_reserve_exact(bytes);
+                }
+            }
+            self.ring.clear();
         }
         let slot = (self.next_id % self.window) as usize * self.page_size;
         match self.ring.get_mut(slot..slot + self.page_size) {
@@ -201,6 +211,14 @@ impl Restore for SeenBeforeRestore {
             None => self.ring.extend_from_slice(page),
         }
         self.next_id += 1;
+    }
+}
+
+impl Drop for SeenBeforeRestore {
+    fn drop(&mut self) {
+        if self.ring.capacity() > 0 {
+            RINGS.give(std::mem::take(&mut self.ring));
+        }
     }
 }
 

@@ -8,19 +8,27 @@
 
 use super::{Claim, Page, PageAt, Restore, tag};
 use crate::error::{Error, Result};
+use crate::page::Spare;
 use crate::xbzrle::{self, Delta};
 
 /// Default cache size of both halves, as QEMU's `xbzrle-cache-size`.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// The cache of the last finished migration's XBZRLE resolver, for the next one.
+static CACHES: Spare = Spare::new();
 
 /// The cache both halves keep: slot → (block number, offset) and the page bytes.
 /// Its geometry is fixed by the first page it sees: `cache_bytes / page size` slots.
 #[derive(Debug)]
 struct Cache {
     cache_bytes: usize,
+    /// The page size of the geometry (0 until the first page).
+    page_size: usize,
     keys: Vec<Option<(u32, u64)>>,
-    /// One page per slot, allocated when the slot is first used.
-    pages: Vec<Box<[u8]>>,
+    /// One page per slot, in one buffer; a slot's bytes mean something only while
+    /// it has a key. Memory is touched as slots are first used, and the buffer is
+    /// reused by the next migration's cache (see [`Spare`]).
+    pages: Vec<u8>,
     /// Block names in the order first seen (the same order at both ends).
     blocks: Vec<Vec<u8>>,
 }
@@ -29,6 +37,7 @@ impl Cache {
     fn new(cache_bytes: usize) -> Self {
         Self {
             cache_bytes,
+            page_size: 0,
             keys: Vec::new(),
             pages: Vec::new(),
             blocks: Vec::new(),
@@ -48,9 +57,17 @@ impl Cache {
 
     fn slot(&mut self, at: PageAt<'_>, page_size: usize) -> (usize, (u32, u64)) {
         if self.keys.is_empty() {
-            let slots = (self.cache_bytes / page_size.max(1)).max(1);
+            self.page_size = page_size.max(1);
+            let slots = (self.cache_bytes / self.page_size).max(1);
             self.keys = vec![None; slots];
-            self.pages = vec![Box::default(); slots];
+            let bytes = slots * self.page_size;
+            self.pages = match CACHES.take(bytes) {
+                Some(mut pages) => {
+                    pages.resize(bytes, 0);
+                    pages
+                }
+                None => vec![0; bytes],
+            };
         }
         let key = (self.block_number(at.block), at.offset);
         let page = at.offset / page_size.max(1) as u64;
@@ -61,17 +78,29 @@ impl Cache {
     /// The cached version of the page at `at`, if the cache holds one of this size.
     fn get(&mut self, at: PageAt<'_>, page_size: usize) -> Option<&[u8]> {
         let (slot, key) = self.slot(at, page_size);
-        let page = &self.pages[slot];
-        (self.keys[slot] == Some(key) && page.len() == page_size).then_some(&page[..])
+        let start = slot * self.page_size;
+        (self.keys[slot] == Some(key) && page_size == self.page_size)
+            .then(|| &self.pages[start..start + page_size])
     }
 
     fn put(&mut self, page: &Page<'_>) {
         let (slot, key) = self.slot(page.at, page.data.len());
-        match self.pages[slot].len() == page.data.len() {
-            true => self.pages[slot].copy_from_slice(page.data),
-            false => self.pages[slot] = page.data.into(),
+        // a page of another size than the geometry's is not kept (at both ends alike)
+        if page.data.len() != self.page_size {
+            self.keys[slot] = None;
+            return;
         }
+        let start = slot * self.page_size;
+        self.pages[start..start + self.page_size].copy_from_slice(page.data);
         self.keys[slot] = Some(key);
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        if self.pages.capacity() > 0 {
+            CACHES.give(std::mem::take(&mut self.pages));
+        }
     }
 }
 
