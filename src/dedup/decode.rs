@@ -346,11 +346,10 @@ impl DedupDecoder {
             return Err(self.limit(7, "batch length", raw_len, self.limits.max_batch));
         }
         self.raw.resize(raw_len, 0);
-        if !self.decompressor.decompress(
-            header[0],
-            &payload[wire::DATA_HEADER..],
-            &mut self.raw,
-        )? {
+        if !self
+            .decompressor
+            .decompress(header[0], &payload[wire::DATA_HEADER..], &mut self.raw)?
+        {
             return Err(self.malformed(
                 5 + wire::DATA_HEADER,
                 "data frame",
@@ -361,21 +360,32 @@ impl DedupDecoder {
         self.restore_staged()
     }
 
-    /// Offers the staged frame's page bodies to their resolvers; true when every
-    /// page can be restored now.
-    fn prepare(&mut self) -> Result<bool> {
+    /// Offers the staged frame's page bodies to their resolvers. When every page can
+    /// be restored now, returns at least how many QEMU bytes the frame stands for,
+    /// so that the output grows once instead of doubling (and copying) its way up
+    /// to frames of many small page entries (fill pages, templates: up to 16 MiB).
+    fn prepare(&mut self) -> Result<Option<usize>> {
         let mut r = EntryReader { rest: &self.raw };
         let mut ready = true;
+        let mut qemu_bytes = 0;
         loop {
             match r.entry() {
-                Ok(Some(Entry::Page { tag, body, .. })) => {
+                Ok(Some(Entry::Page {
+                    tag,
+                    continued,
+                    body,
+                    ..
+                })) => {
                     if let Some(i) = self.by_tag[usize::from(tag)] {
                         ready &= self.restores[usize::from(i)].prepare(body)?;
                     }
+                    // the record header: be64 word, and a block name of up to 255 bytes
+                    let name = if continued { 0 } else { 1 + 255 };
+                    qemu_bytes += 8 + name + self.page_size;
                 }
-                Ok(Some(Entry::Qemu(_))) => {}
+                Ok(Some(Entry::Qemu(bytes))) => qemu_bytes += bytes.len(),
                 // restore_staged reports it, at its place among the pages
-                Ok(None) | Err(_) => return Ok(ready),
+                Ok(None) | Err(_) => return Ok(ready.then_some(qemu_bytes)),
             }
         }
     }
@@ -383,13 +393,13 @@ impl DedupDecoder {
     /// Restores the staged frame's pages once its resolvers are ready, and checks
     /// the frame's digest before its QEMU bytes go anywhere.
     fn restore_staged(&mut self) -> Result<Option<Bytes>> {
-        if !self.prepare()? {
+        let Some(qemu_bytes) = self.prepare()? else {
             return Ok(None);
-        }
+        };
         let Staged { payload } = self.staged.take().expect("a staged frame");
         let header = &payload[..wire::DATA_HEADER];
         let flags = header[1];
-        let out = self.entries()?;
+        let out = self.entries(qemu_bytes)?;
         self.hasher.update(&out);
         self.hasher.update(&header[..6]);
         self.hasher.update(&payload[wire::DATA_HEADER..]);
@@ -417,8 +427,8 @@ impl DedupDecoder {
         Ok(Some(out.freeze()))
     }
 
-    /// Rebuilds the QEMU bytes of the batch in `self.raw`.
-    fn entries(&mut self) -> Result<BytesMut> {
+    /// Rebuilds the QEMU bytes of the batch in `self.raw`, about `qemu_bytes` of them.
+    fn entries(&mut self, qemu_bytes: usize) -> Result<BytesMut> {
         let offset = self.frame_at;
         let bad = |reason| Error::Malformed {
             offset,
@@ -427,7 +437,8 @@ impl DedupDecoder {
         };
         // reuses the allocation once the caller has dropped the previous frame's bytes
         let mut out = std::mem::take(&mut self.out);
-        out.reserve(self.raw.len() + self.raw.len() / 2);
+        // a peer's frame reserves no more than the limit lets it have
+        out.reserve(qemu_bytes.min(self.limits.max_output + self.limits.max_batch));
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader { rest: &raw };
         let frame_start = out.len();
