@@ -17,6 +17,15 @@
 //!   iteration gets a fresh copy of it (untimed setup) and a fresh decoder, and
 //!   decodes it whole; the QEMU bytes handed out are dropped.
 //!
+//! - `dedup_floor/*`: what either end cannot avoid on the same case, as the ceiling
+//!   of the two above. `blake3`: the running digest over the QEMU bytes and the
+//!   frames (both ends compute it), plus one fingerprint per seen-before and
+//!   template page (both ends compute those too). `lz4_compress`: compressing the
+//!   encoder's batches, as recovered from the dedup stream. `lz4_decompress`:
+//!   decompressing its LZ4 frames. The encoder can be no faster than `blake3` and
+//!   `lz4_compress` together, the decoder no faster than `blake3` and
+//!   `lz4_decompress` together.
+//!
 //! Before any timing, each case checks once that decoding the encoded stream gives
 //! back the QEMU stream byte for byte.
 //!
@@ -44,6 +53,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
+use migstream::dedup::wire::{self, codec, frame};
 use migstream::dedup::{DedupDecoder, DedupEncoder, Stats};
 use migstream::qemu::{QemuDecoder, Record};
 use migstream::resolve::tag;
@@ -64,6 +74,20 @@ struct Case {
     catalog: Option<(Arc<Catalog>, Arc<TemplateIndex>)>,
     /// The dedup stream, encoded once (the decode benchmarks' input).
     wire: Bytes,
+    /// Its DATA frames, for the floor benchmarks.
+    frames: Vec<Frame>,
+    /// Pages that travelled as a fingerprint-checked reference (seen-before,
+    /// template): each costs one BLAKE3 of a page at both ends.
+    fingerprinted: usize,
+}
+
+/// A DATA frame of a case's dedup stream.
+struct Frame {
+    codec: u8,
+    /// The batch as it travels.
+    body: Bytes,
+    /// The batch once decompressed.
+    raw: Vec<u8>,
 }
 
 impl Case {
@@ -140,6 +164,8 @@ fn case(
             (c, index)
         }),
         wire: Bytes::new(),
+        frames: Vec::new(),
+        fingerprinted: 0,
     };
     let mut enc = case.encoder();
     let mut wire = BytesMut::new();
@@ -148,6 +174,9 @@ fn case(
     }
     enc.finish(&mut wire).expect("end of stream");
     case.wire = wire.freeze();
+    case.frames = data_frames(&case.wire);
+    case.fingerprinted = (enc.stats().pages[usize::from(tag::SEEN)]
+        + enc.stats().pages[usize::from(tag::TEMPLATE)]) as usize;
     let mut dec = case.decoder();
     let mut src = BytesMut::from(&case.wire[..]);
     let mut out = Vec::with_capacity(case.qemu.len());
@@ -168,6 +197,63 @@ fn case(
         pages(enc.stats())
     );
     case
+}
+
+/// The DATA frames of a dedup stream (`docs/wire-format.md`), batches decompressed.
+fn data_frames(mut stream: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some((header, rest)) = stream.split_first_chunk::<{ wire::FRAME_HEADER }>() {
+        let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
+        let (payload, rest) = rest.split_at(len);
+        stream = rest;
+        if header[0] != frame::DATA {
+            continue;
+        }
+        let codec = payload[0];
+        let raw_len = u32::from_be_bytes(payload[2..6].try_into().expect("4 bytes")) as usize;
+        let body = Bytes::copy_from_slice(&payload[wire::DATA_HEADER..]);
+        let raw = match codec {
+            codec::LZ4 => lz4_flex::block::decompress(&body, raw_len).expect("an LZ4 block"),
+            _ => body.to_vec(),
+        };
+        frames.push(Frame { codec, body, raw });
+    }
+    frames
+}
+
+/// What both ends hash: the running digest over the QEMU bytes and the frames, and
+/// one page fingerprint per reference.
+fn blake3_floor(case: &Case) -> blake3::Hash {
+    let mut digest = blake3::Hasher::new();
+    digest.update(&case.qemu);
+    for f in &case.frames {
+        digest.update(&f.body);
+    }
+    let pages = case.qemu.chunks_exact(support::PAGE).cycle();
+    for page in pages.take(case.fingerprinted) {
+        black_box(blake3::hash(page));
+    }
+    digest.finalize()
+}
+
+/// Compresses every batch of the case as the encoder does; returns the bytes out.
+fn lz4_compress_floor(case: &Case, out: &mut Vec<u8>) -> usize {
+    let mut n = 0;
+    for f in &case.frames {
+        out.resize(lz4_flex::block::get_maximum_output_size(f.raw.len()), 0);
+        n += lz4_flex::block::compress_into(&f.raw, out).expect("output sized by the bound");
+    }
+    n
+}
+
+/// Decompresses every LZ4 frame of the case as the decoder does.
+fn lz4_decompress_floor(case: &Case, out: &mut Vec<u8>) -> usize {
+    let mut n = 0;
+    for f in case.frames.iter().filter(|f| f.codec == codec::LZ4) {
+        out.resize(f.raw.len(), 0);
+        n += lz4_flex::block::decompress_into(&f.body, out).expect("an LZ4 block");
+    }
+    n
 }
 
 fn pages(stats: &Stats) -> String {
@@ -257,6 +343,26 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
                 },
                 BatchSize::PerIteration,
             )
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("dedup_floor");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    let mut out = Vec::new();
+    for case in cases {
+        group.throughput(Throughput::Bytes(case.qemu.len() as u64));
+        let id = |what| BenchmarkId::new(what, format!("{}/{}", case.resolvers(), case.stream));
+        group.bench_function(id("blake3"), |b| b.iter(|| blake3_floor(case)));
+        group.bench_function(id("lz4_compress"), |b| {
+            b.iter(|| lz4_compress_floor(case, &mut out))
+        });
+        group.bench_function(id("lz4_decompress"), |b| {
+            b.iter(|| lz4_decompress_floor(case, &mut out))
         });
     }
     group.finish();
