@@ -25,9 +25,6 @@ pub const MANIFEST_PREFIX: &[u8] = b"mgs:m:";
 /// Key of the id of the catalog pushed last.
 pub const CURRENT_KEY: &[u8] = b"mgs:current";
 
-/// BLAKE3 key-derivation context of a catalog id (`docs/catalog-format.md`).
-const ID_CONTEXT: &str = "migstream template catalog v1 identity";
-
 /// The key of the template with fingerprint `fp`.
 pub fn template_key(fp: &Fingerprint) -> Vec<u8> {
     [TEMPLATE_PREFIX, &fp.0[..]].concat()
@@ -146,7 +143,7 @@ impl Manifest {
             .chunks_exact(FINGERPRINT_LEN)
             .map(|fp| Fingerprint(fp.try_into().expect("16 bytes")))
             .collect();
-        if catalog_id(page_size, &fingerprints) != id {
+        if CatalogId::compute(page_size, &fingerprints) != id {
             return Err(bad(24, "the table does not hash to the catalog id"));
         }
         if let Some(i) = fingerprints.windows(2).position(|w| w[0] >= w[1]) {
@@ -159,18 +156,6 @@ impl Manifest {
             id,
         })
     }
-}
-
-/// The catalog id of a table (the formula of `docs/catalog-format.md`), computed
-/// here because a manifest arrives without its pages.
-fn catalog_id(page_size: u32, fingerprints: &[Fingerprint]) -> CatalogId {
-    let mut h = blake3::Hasher::new_derive_key(ID_CONTEXT);
-    h.update(&page_size.to_be_bytes());
-    h.update(&(fingerprints.len() as u64).to_be_bytes());
-    fingerprints.iter().for_each(|fp| {
-        h.update(&fp.0);
-    });
-    CatalogId(*h.finalize().as_bytes())
 }
 
 #[cfg(test)]

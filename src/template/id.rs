@@ -24,8 +24,8 @@ pub struct CatalogId(pub [u8; 32]);
 
 impl CatalogId {
     /// The identity of a catalog of `page_size`-byte pages with these fingerprints,
-    /// in table order.
-    pub(super) fn compute(page_size: u32, fingerprints: &[Fingerprint]) -> Self {
+    /// in table order (also of a DHT manifest, which has no pages).
+    pub(crate) fn compute(page_size: u32, fingerprints: &[Fingerprint]) -> Self {
         let mut h = blake3::Hasher::new_derive_key(CONTEXT);
         h.update(&page_size.to_be_bytes());
         h.update(&(fingerprints.len() as u64).to_be_bytes());
