@@ -124,6 +124,24 @@ pub fn catalog_load(data: &[u8]) {
     }
 }
 
+/// DHT manifests, which come from store nodes: arbitrary bytes parsed as the
+/// manifest of the catalog they name; whatever is accepted names that catalog and
+/// encodes back to exactly the bytes it was parsed from.
+pub fn dht_manifest(data: &[u8]) {
+    use crate::dht::Manifest;
+    use crate::template::CatalogId;
+    let named = data.get(24..56).and_then(|id| id.try_into().ok());
+    let id = CatalogId(named.unwrap_or([0; 32]));
+    if let Ok(manifest) = Manifest::decode(data, &id, 1 << 16) {
+        assert_eq!(manifest.id(), id);
+        assert_eq!(
+            &manifest.encode()[..],
+            data,
+            "a manifest re-encodes differently"
+        );
+    }
+}
+
 /// The dedup stream decoder. Odd `data[0]`: the rest is parsed as a destination's
 /// greeting and fed as dedup frames in reads of `data[0] / 2 + 1` bytes (hostile
 /// input: must end in `Ok` or a typed error). Even `data[0]`: the rest is taken as a QEMU stream; whatever the QEMU
@@ -291,5 +309,10 @@ mod tests {
     #[test]
     fn catalog_load_corpus_replays() {
         replay("catalog_load", super::catalog_load);
+    }
+
+    #[test]
+    fn dht_manifest_corpus_replays() {
+        replay("dht_manifest", super::dht_manifest);
     }
 }
