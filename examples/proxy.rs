@@ -22,6 +22,11 @@
 //! `wire <BYTES> bytes qemu <BYTES> bytes ratio <R> ...` or `migration failed: ...`.
 //! Any error closes both connections of that migration: the source QEMU reports
 //! the migration failed and its VM keeps running; a retry starts afresh.
+//!
+//! Memory per migration is bounded whatever the stream's length: at the source the
+//! XBZRLE cache (64 MiB) and the seen-before index (~3 MiB); at the destination the
+//! seen-before ring (256 MiB), the XBZRLE cache (64 MiB) and at most one frame's
+//! buffers and the held tail (`dedup::Limits`: 32 + 32 + 64 + 64 MiB worst case).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
