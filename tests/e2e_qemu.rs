@@ -15,10 +15,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod redis_server;
 
 /// One QEMU pair at a time: TCG guests load both cores, and the fault tests depend on
 /// a migration being under way when the fault comes.
@@ -296,17 +298,14 @@ fn qemu72_to_qemu10_machine_72() {
     assert!(r["dst_qemu_version"].as_str().unwrap().starts_with("10."));
 }
 
-/// Both proxies load a template catalog built from two other guests' streams (made
-/// here with `lab.py capture-file`); the migrating guest's pages found in it travel
-/// as catalog references.
-#[test]
-#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
-fn qemu10_template_catalog() {
+/// A template catalog built from two other guests' streams (made here once with
+/// `lab.py capture-file`), shared by the catalog tests.
+fn captured_catalog() -> &'static Path {
     use migstream::template::{CatalogBuilder, Threshold};
-
-    let dir = out_dir();
-    let catalog = dir.join("templates.tmdm");
-    {
+    static CATALOG: OnceLock<PathBuf> = OnceLock::new();
+    CATALOG.get_or_init(|| {
+        let dir = out_dir();
+        let catalog = dir.join("templates.tmdm");
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let mut builder = CatalogBuilder::new(Threshold::Inputs(2));
         for input in ["catalog-input-a", "catalog-input-b"] {
@@ -338,8 +337,16 @@ fn qemu10_template_catalog() {
         assert!(!built.is_empty(), "no page shared by the two guests");
         built.save(&catalog).unwrap();
         eprintln!("catalog: {} templates", built.len());
-    }
-    let arg = format!("--catalog {}", catalog.display());
+        catalog
+    })
+}
+
+/// Both proxies load the template catalog; the migrating guest's pages found in it
+/// travel as catalog references.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_template_catalog() {
+    let arg = format!("--catalog {}", captured_catalog().display());
     let r = qemu10(
         "qemu10-idle-catalog",
         "idle",
@@ -348,6 +355,45 @@ fn qemu10_template_catalog() {
             &arg,
             "--dst-proxy-arg",
             &arg,
+            "--min-proxy-pages",
+            "template=1",
+        ],
+    );
+    assert!(pages(&r, "template") > 0, "pages {}", r["pages"]);
+}
+
+/// The destination proxy restores the templates from a ring of three real Redis
+/// servers the catalog was pushed to (two copies of each), instead of the file.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh), redis-server and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_templates_from_a_redis_ring() {
+    use migstream::dht::{Cluster, DhtOptions, push};
+    use migstream::template::Catalog;
+    use redis_server::RedisServer;
+
+    let catalog = captured_catalog();
+    assert!(
+        redis_server::available("qemu10_templates_from_a_redis_ring"),
+        "redis-server is required (harness/setup.sh installs it)"
+    );
+    let servers = RedisServer::start_many(&out_dir().join("ring"), 3);
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = Arc::new(Cluster::redis(&urls, 2, DhtOptions::default()).unwrap());
+    let pushed = runtime.block_on(push(&cluster, &Catalog::load(catalog).unwrap()));
+    pushed.expect("catalog push to the ring");
+    let (src, dst) = (
+        format!("--catalog {}", catalog.display()),
+        format!("--dht {}", urls.join(",")),
+    );
+    let r = qemu10(
+        "qemu10-idle-dht",
+        "idle",
+        &[
+            "--src-proxy-arg",
+            &src,
+            "--dst-proxy-arg",
+            &dst,
             "--min-proxy-pages",
             "template=1",
         ],
