@@ -207,6 +207,9 @@ impl Proxy {
         for stream in [&inbound, &outbound] {
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
         }
+        if let Role::Source(_) = self.role {
+            keep_queues_short(&inbound, &outbound).map_err(|e| e.to_string())?;
+        }
         let (inbound, outbound) = (inbound.into_split(), outbound.into_split());
         let report = match &self.role {
             Role::Source(config) => relay::source(inbound, outbound, config, progress).await,
@@ -278,6 +281,26 @@ impl Proxy {
             println!("{line}");
         }
     }
+}
+
+/// Bytes the source proxy lets wait in the kernel: unsent on the link, unread from
+/// QEMU. The link stays full (what is in flight is not counted), and the source
+/// QEMU cannot run far ahead of it.
+const QUEUE: u32 = 128 * 1024;
+
+/// Keeps the source QEMU's view of the migration in step with the link. QEMU decides
+/// when to stop the VM for the last pass from how fast its socket drains; with the
+/// kernel's default queues megabytes of deduplicated stream would wait behind that
+/// decision on a slow link, and the VM would stay stopped until they drained.
+#[cfg(target_os = "linux")]
+fn keep_queues_short(qemu: &TcpStream, link: &TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(link).set_tcp_notsent_lowat(QUEUE)?;
+    socket2::SockRef::from(qemu).set_recv_buffer_size(QUEUE as usize)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn keep_queues_short(_qemu: &TcpStream, _link: &TcpStream) -> std::io::Result<()> {
+    Ok(())
 }
 
 fn ratio(stats: &Stats) -> f64 {
