@@ -86,12 +86,13 @@ impl Manifest {
 
     /// The stored form: the first `56 + 16 × N` bytes of the catalog file.
     pub fn encode(&self) -> Bytes {
+        let header = format::Header {
+            page_size: self.page_size,
+            count: self.fingerprints.len() as u64,
+            id: self.id,
+        };
         let mut out = Vec::with_capacity(format::HEADER_LEN + self.fingerprints.len() * 16);
-        out.extend_from_slice(&format::MAGIC);
-        out.extend_from_slice(&format::VERSION.to_be_bytes());
-        out.extend_from_slice(&self.page_size.to_be_bytes());
-        out.extend_from_slice(&(self.fingerprints.len() as u64).to_be_bytes());
-        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&header.encode());
         self.fingerprints
             .iter()
             .for_each(|fp| out.extend_from_slice(&fp.0));
@@ -107,18 +108,14 @@ impl Manifest {
             field: "dht manifest",
             reason,
         };
-        let Some(header) = bytes.get(..format::HEADER_LEN) else {
+        let Some(head) = bytes.first_chunk::<{ format::HEADER_LEN }>() else {
             return Err(bad(bytes.len(), "shorter than a catalog header"));
         };
-        let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("4"));
-        if header[..8] != format::MAGIC || be32(8) != format::VERSION {
-            return Err(bad(0, "not a version 1 catalog header"));
-        }
-        let page_size = be32(12);
-        if !page_size.is_power_of_two() || !(1024..=65536).contains(&page_size) {
-            return Err(bad(12, "page size not a power of two from 1 KiB to 64 KiB"));
-        }
-        let count = u64::from_be_bytes(header[16..24].try_into().expect("8 bytes"));
+        let format::Header {
+            page_size,
+            count,
+            id,
+        } = format::Header::parse(head)?;
         let limit = max_templates.min(format::MAX_TEMPLATES);
         if count > limit {
             return Err(Error::LimitExceeded {
@@ -135,7 +132,6 @@ impl Manifest {
                 "table length differs from the count",
             ));
         }
-        let id = CatalogId(header[24..56].try_into().expect("32 bytes"));
         if id != *expected {
             return Err(bad(24, "the manifest of another catalog"));
         }

@@ -58,15 +58,15 @@ const PAGE_READ: u64 = 1 << 20;
 
 /// The fixed-size header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Header {
-    pub(super) page_size: u32,
-    pub(super) count: u64,
-    pub(super) id: CatalogId,
+pub(crate) struct Header {
+    pub(crate) page_size: u32,
+    pub(crate) count: u64,
+    pub(crate) id: CatalogId,
 }
 
 impl Header {
     /// The header bytes.
-    pub(super) fn encode(&self) -> [u8; HEADER_LEN] {
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0; HEADER_LEN];
         out[..8].copy_from_slice(&MAGIC);
         out[8..12].copy_from_slice(&VERSION.to_be_bytes());
@@ -76,8 +76,8 @@ impl Header {
         out
     }
 
-    /// Parses and checks the header fields on their own.
-    fn parse(b: &[u8; HEADER_LEN]) -> Result<Self> {
+    /// Parses and checks the header fields on their own (also a DHT manifest's).
+    pub(crate) fn parse(b: &[u8; HEADER_LEN]) -> Result<Self> {
         let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         if b[..8] != MAGIC {
             return Err(malformed(0, "catalog magic", "not \"MGSTCAT\\0\""));
