@@ -6,7 +6,7 @@
 //! hashes are used only to pre-filter (see [`prefilter`]).
 
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// Bytes in a fingerprint on the wire.
 pub const FINGERPRINT_LEN: usize = 16;
@@ -45,14 +45,14 @@ impl fmt::Display for Fingerprint {
 
 /// A fast 64-bit hash of a page, for pre-filtering only (never for identity): a
 /// miss proves a page is not in a set; a hit must be confirmed by its [`Fingerprint`].
-/// Fixed seeds make it repeatable within one build on one machine; it is not stable
-/// across ahash versions or CPU features, so it never goes on the wire or into files.
+///
+/// Keyed at random once per process: a guest cannot aim for collisions, and every
+/// set built in the process (a template index, a migration's seen-before pages)
+/// agrees on one value per page, which [`Page::prefilter`](crate::resolve::Page::prefilter)
+/// computes once for all of them. Never on the wire or in files.
 pub fn prefilter(page: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = ahash::RandomState::with_seeds(0x6d69_6773, 0x7472_6561, 0x6d20_7061, 0x6765_7321)
-        .build_hasher();
-    h.write(page);
-    h.finish()
+    static KEY: OnceLock<ahash::RandomState> = OnceLock::new();
+    KEY.get_or_init(ahash::RandomState::new).hash_one(page)
 }
 
 /// Whether every byte of `page` is zero (QEMU's `buffer_is_zero`).

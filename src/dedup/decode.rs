@@ -1,11 +1,13 @@
 //! The destination side: dedup frames in, the exact QEMU bytes out.
 
 use bytes::{Bytes, BytesMut};
+use xxhash_rust::xxh3::Xxh3;
 
 use super::compress::Decompressor;
 use super::wire::{self, Hello, frame};
 use super::{Limits, Stats};
 use crate::error::{Error, Result};
+use crate::page::Spare;
 use crate::qemu::wire::ram_flag;
 use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
 use crate::resolve::{Page, PageAt, Restore, tag};
@@ -45,8 +47,24 @@ pub struct DedupDecoder {
     /// QEMU bytes of HOLD frames, released when END confirms the stream.
     held: BytesMut,
     hold_started: bool,
-    hasher: blake3::Hasher,
+    hasher: Xxh3,
     stats: Stats,
+}
+
+/// The output buffer of the last decoder dropped, for the next one (see [`Spare`]):
+/// frames of template and fill entries stand for up to 16 MiB of QEMU bytes, and a
+/// buffer that large goes back to the kernel when freed, to be faulted in again
+/// page by page by the next migration.
+static OUTPUTS: Spare = Spare::new();
+
+impl Drop for DedupDecoder {
+    fn drop(&mut self) {
+        // the whole allocation if no frame handed out is still alive, else nothing
+        let out = Vec::from(std::mem::take(&mut self.out));
+        if out.capacity() > 0 {
+            OUTPUTS.give(out);
+        }
+    }
 }
 
 /// Reads the fields of batch entries; `None` when the batch ends too early.
@@ -176,7 +194,7 @@ impl DedupDecoder {
             out: BytesMut::new(),
             held: BytesMut::new(),
             hold_started: false,
-            hasher: blake3::Hasher::new(),
+            hasher: Xxh3::new(),
             stats: Stats::default(),
         }
     }
@@ -309,7 +327,7 @@ impl DedupDecoder {
             return Err(Error::Unsupported {
                 offset: self.frame_at + 9,
                 field: "dedup stream version",
-                reason: "not 1",
+                reason: "not 2",
             });
         }
         if p[6..8] != [0, 0] {
@@ -400,10 +418,9 @@ impl DedupDecoder {
         let header = &payload[..wire::DATA_HEADER];
         let flags = header[1];
         let out = self.entries(qemu_bytes)?;
-        self.hasher.update(&out);
         self.hasher.update(&header[..6]);
         self.hasher.update(&payload[wire::DATA_HEADER..]);
-        if self.hasher.finalize().as_bytes()[..wire::FRAME_DIGEST] != header[6..] {
+        if wire::digest_bytes(&self.hasher)[..] != header[6..] {
             return Err(self.malformed(
                 11,
                 "data frame digest",
@@ -438,7 +455,14 @@ impl DedupDecoder {
         // reuses the allocation once the caller has dropped the previous frame's bytes
         let mut out = std::mem::take(&mut self.out);
         // a peer's frame reserves no more than the limit lets it have
-        out.reserve(qemu_bytes.min(self.limits.max_output + self.limits.max_batch));
+        let wanted = qemu_bytes.min(self.limits.max_output + self.limits.max_batch);
+        if out.capacity() == 0 {
+            if let Some(Ok(spare)) = OUTPUTS.take(wanted).map(|v| Bytes::from(v).try_into_mut()) {
+                out = spare;
+                out.clear();
+            }
+        }
+        out.reserve(wanted);
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader { rest: &raw };
         let frame_start = out.len();
@@ -454,6 +478,7 @@ impl DedupDecoder {
             let (tag, page, continued, block, body) = match entry {
                 Entry::Qemu(bytes) => {
                     out.extend_from_slice(bytes);
+                    self.hasher.update(bytes);
                     continue;
                 }
                 Entry::Page {
@@ -478,6 +503,7 @@ impl DedupDecoder {
                 .ok_or_else(|| bad("page number too large"))?;
             // the source's QEMU encoder checked CONTINUE against every record; here it
             // may refer to a ZERO record that travelled as verbatim bytes
+            let header = out.len();
             put_page_header(&mut out, offset, ram_flag::PAGE, continued, &block);
             let at = PageAt {
                 block: &block,
@@ -496,13 +522,12 @@ impl DedupDecoder {
                 out.resize(start + self.page_size, 0);
                 self.restores[usize::from(i)].restore(at, body, &mut out[start..])?;
             }
-            let page = Page {
-                at,
-                data: &out[start..],
-            };
+            let page = Page::new(at, &out[start..]);
             for r in &mut self.restores {
                 r.delivered(&page);
             }
+            // hashed while in the cache: the frame's digest is checked at its end
+            self.hasher.update(&out[header..]);
             self.stats.pages[usize::from(tag)] += 1;
         }
         self.raw = raw;
@@ -516,7 +541,7 @@ impl DedupDecoder {
             return Err(self.malformed(5, "end frame", "wrong length"));
         }
         let total = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
-        if total != self.stats.qemu_bytes || p[8..] != self.hasher.finalize().as_bytes()[..] {
+        if total != self.stats.qemu_bytes || p[8..] != wire::digest_bytes(&self.hasher)[..] {
             return Err(self.malformed(
                 5,
                 "end frame",

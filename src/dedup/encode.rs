@@ -1,6 +1,7 @@
 //! The source side: QEMU records in, dedup frames out.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
+use xxhash_rust::xxh3::Xxh3;
 
 use super::Stats;
 use super::compress::{Compression, Compressor};
@@ -27,9 +28,8 @@ pub struct DedupEncoder {
     batch: Vec<u8>,
     /// QEMU bytes not yet put in an entry of `batch`.
     verbatim: BytesMut,
-    /// QEMU bytes of `batch` not yet fed to `hasher`, in stream order (see
-    /// [`HASH_SLICE`]).
-    unhashed: BytesMut,
+    /// The QEMU record header of the page being put.
+    page_header: BytesMut,
     /// Scratch for a resolver's body and for the compressed batch.
     body: Vec<u8>,
     compressed: Vec<u8>,
@@ -37,7 +37,7 @@ pub struct DedupEncoder {
     batch_target: usize,
     /// QEMU bytes the batch being built stands for.
     batch_qemu: usize,
-    hasher: blake3::Hasher,
+    hasher: Xxh3,
     started: bool,
     /// QEMU's EOF has been taken in: the frames from here on are held until END.
     hold: bool,
@@ -63,13 +63,6 @@ pub const MAX_FRAME_QEMU_BYTES: usize = 16 << 20;
 /// Default size at which a batch is compressed and sent.
 pub const DEFAULT_BATCH: usize = 256 * 1024;
 
-/// The running digest is fed QEMU bytes in slices that end on a multiple of this
-/// many bytes of its input. BLAKE3 hashes many 1 KiB chunks at once only within one
-/// `update`, and only from a position aligned to their number: page by page, with
-/// the record headers shifting every page off the chunk boundaries, it runs at about
-/// a third of its speed on long aligned slices.
-const HASH_SLICE: usize = 64 * 1024;
-
 impl DedupEncoder {
     /// An encoder whose resolvers are tried in the order given; pages none of them
     /// claims travel raw.
@@ -81,13 +74,13 @@ impl DedupEncoder {
             claims,
             batch: Vec::new(),
             verbatim: BytesMut::new(),
-            unhashed: BytesMut::new(),
+            page_header: BytesMut::new(),
             body: Vec::new(),
             compressed: Vec::new(),
             compressor: Compressor::new(Compression::Lz4),
             batch_target: DEFAULT_BATCH,
             batch_qemu: 0,
-            hasher: blake3::Hasher::new(),
+            hasher: Xxh3::new(),
             started: false,
             hold: false,
             last_block: None,
@@ -126,14 +119,15 @@ impl DedupEncoder {
                 self.start(dst);
                 self.put_verbatim();
                 // the destination rebuilds the record header from the entry's address
-                let before = self.unhashed.len();
-                self.qemu.encode_page_header(addr, &mut self.unhashed)?;
-                self.stats.qemu_bytes += (self.unhashed.len() - before) as u64;
+                self.page_header.clear();
+                self.qemu.encode_page_header(addr, &mut self.page_header)?;
+                self.hasher.update(&self.page_header);
+                self.stats.qemu_bytes += self.page_header.len() as u64;
                 let at = PageAt {
                     block: &addr.block,
                     offset: addr.offset,
                 };
-                self.put_page(&Page { at, data }, addr.continued);
+                self.put_page(&Page::new(at, data), addr.continued);
             }
             other => {
                 self.hold |= matches!(other, Record::Eof);
@@ -159,8 +153,6 @@ impl DedupEncoder {
         if self.batch.is_empty() {
             return Ok(());
         }
-        self.hasher.update(&self.unhashed);
-        self.unhashed.clear();
         let (codec, n) = self
             .compressor
             .compress(&self.batch, &mut self.compressed)?;
@@ -179,7 +171,7 @@ impl DedupEncoder {
         dst.put_u8(codec);
         dst.put_u8(flags);
         dst.put_slice(&raw_len);
-        dst.put_slice(&self.hasher.finalize().as_bytes()[..wire::FRAME_DIGEST]);
+        dst.put_slice(&wire::digest_bytes(&self.hasher));
         dst.put_slice(body);
         self.stats.wire_bytes += (dst.len() - before) as u64;
         self.batch.clear();
@@ -193,7 +185,7 @@ impl DedupEncoder {
         self.flush(dst)?;
         wire::put_frame_header(dst, frame::END, wire::END_LEN);
         dst.put_u64(self.stats.qemu_bytes);
-        dst.put_slice(self.hasher.finalize().as_bytes());
+        dst.put_slice(&wire::digest_bytes(&self.hasher));
         self.stats.wire_bytes += (wire::FRAME_HEADER + wire::END_LEN) as u64;
         Ok(())
     }
@@ -231,7 +223,7 @@ impl DedupEncoder {
         if self.verbatim.is_empty() {
             return;
         }
-        self.unhashed.extend_from_slice(&self.verbatim);
+        self.hasher.update(&self.verbatim);
         self.stats.qemu_bytes += self.verbatim.len() as u64;
         self.batch_qemu += self.verbatim.len();
         self.batch.push(wire::ENTRY_QEMU);
@@ -275,22 +267,8 @@ impl DedupEncoder {
         for c in &mut self.claims {
             c.delivered(page);
         }
-        self.unhashed.extend_from_slice(page.data);
+        self.hasher.update(page.data);
         self.stats.qemu_bytes += page.data.len() as u64;
         self.batch_qemu += page.data.len();
-        self.hash_slices();
-    }
-
-    /// Feeds the running digest the gathered QEMU bytes up to the last multiple of
-    /// [`HASH_SLICE`] bytes of its input, if there is one.
-    fn hash_slices(&mut self) {
-        let slice = HASH_SLICE as u64;
-        let to_boundary = (slice - self.hasher.count() % slice) as usize;
-        if self.unhashed.len() < to_boundary {
-            return;
-        }
-        let n = to_boundary + (self.unhashed.len() - to_boundary) / HASH_SLICE * HASH_SLICE;
-        self.hasher.update(&self.unhashed[..n]);
-        self.unhashed.advance(n);
     }
 }

@@ -45,11 +45,13 @@ pub use seen::{SeenBefore, SeenBeforeRestore};
 pub use template::{TemplateClaim, TemplateRestore, TemplateStore};
 pub use xbzrle::{DEFAULT_CACHE_BYTES, XbzrleDelta, XbzrleRestore};
 
+use std::cell::OnceCell;
 use std::future::Future;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
 
 use crate::error::Result;
+use crate::page;
 
 /// Tags free for resolvers outside this crate.
 pub const CUSTOM_TAGS: RangeInclusive<u8> = 0x80..=0xFF;
@@ -87,12 +89,32 @@ pub struct PageAt<'a> {
 }
 
 /// A guest page and its bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Page<'a> {
     /// Where it lives.
     pub at: PageAt<'a>,
     /// The page's bytes (one target page).
     pub data: &'a [u8],
+    /// [`page::prefilter`] of `data`, once a resolver asked for it.
+    prefilter: OnceCell<u64>,
+}
+
+impl<'a> Page<'a> {
+    /// The page at `at` with bytes `data`.
+    pub fn new(at: PageAt<'a>, data: &'a [u8]) -> Self {
+        Self {
+            at,
+            data,
+            prefilter: OnceCell::new(),
+        }
+    }
+
+    /// The page's [`page::prefilter`] value. Computed at the first call and kept:
+    /// every resolver that looks pages up in a set (templates, seen-before) asks,
+    /// and hashing the page once costs about as much as all their lookups.
+    pub fn prefilter(&self) -> u64 {
+        *self.prefilter.get_or_init(|| page::prefilter(self.data))
+    }
 }
 
 /// The source half of a resolver: describes pages compactly.

@@ -5,9 +5,10 @@
 //! order. The destination keeps the last `window` of them in a ring; the source
 //! remembers which content has which number for the same window and refers back by
 //! distance. Eviction is by number, so the two agree on what is referenceable without
-//! talking. The source finds candidates with a 64-bit hash keyed at random per
-//! migration (a guest cannot aim for collisions) and sends the page's BLAKE3
-//! fingerprint; the destination checks the page it restores against it.
+//! talking. The source finds candidates by the page's [`Page::prefilter`], a 64-bit
+//! hash keyed at random per process (a guest cannot aim for collisions), and sends
+//! the page's BLAKE3 fingerprint; the destination checks the page it restores
+//! against it.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -23,18 +24,10 @@ use crate::varint;
 pub struct SeenBefore {
     window: u64,
     next_id: u64,
-    hasher: ahash::RandomState,
     /// Hash of a delivered page's bytes → its latest number.
     latest: HashMap<u64, u64, BuildHasherDefault<KeyBits>>,
     /// Hashes of the pages numbered `next_id - order.len() .. next_id`.
     order: VecDeque<u64>,
-    /// Where the page `claim` was last offered lies (address, length) and its hash,
-    /// which `delivered` reuses when it is handed the same slice next: the encoder
-    /// offers a page, then delivers it, and hashing a page costs as much as all the
-    /// rest of seen-before. (A caller that changed the bytes in between would make
-    /// a later reference to that page fail the destination's fingerprint check: a
-    /// failed migration, never a wrong page.)
-    offered: Option<((usize, usize), u64)>,
 }
 
 /// The keys of [`SeenBefore::latest`] are already keyed hashes: the map uses their
@@ -66,10 +59,8 @@ impl SeenBefore {
         Self {
             window: window_pages.max(1),
             next_id: 0,
-            hasher: ahash::RandomState::new(),
             latest: HashMap::default(),
             order: VecDeque::new(),
-            offered: None,
         }
     }
 }
@@ -80,9 +71,7 @@ impl Claim for SeenBefore {
     }
 
     fn claim(&mut self, page: &Page<'_>, body: &mut Vec<u8>) -> bool {
-        let hash = self.hasher.hash_one(page.data);
-        self.offered = Some((place(page.data), hash));
-        let Some(&id) = self.latest.get(&hash) else {
+        let Some(&id) = self.latest.get(&page.prefilter()) else {
             return false;
         };
         varint::put(body, self.next_id - 1 - id);
@@ -91,14 +80,10 @@ impl Claim for SeenBefore {
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
-        let offered = self.offered.take();
         if fill_byte(page.data).is_some() {
             return;
         }
-        let hash = match offered {
-            Some((at, hash)) if at == place(page.data) => hash,
-            _ => self.hasher.hash_one(page.data),
-        };
+        let hash = page.prefilter();
         let id = self.next_id;
         self.next_id += 1;
         self.latest.insert(hash, id);
@@ -113,10 +98,6 @@ impl Claim for SeenBefore {
 }
 
 /// Where `bytes` lie: address and length.
-fn place(bytes: &[u8]) -> (usize, usize) {
-    (bytes.as_ptr() as usize, bytes.len())
-}
-
 /// The ring of the last finished migration, for the next one.
 static RINGS: Spare = Spare::new();
 
@@ -238,8 +219,8 @@ mod tests {
     };
 
     fn deliver(src: &mut SeenBefore, dst: &mut SeenBeforeRestore, data: &[u8]) {
-        src.delivered(&Page { at: AT, data });
-        dst.delivered(&Page { at: AT, data });
+        src.delivered(&Page::new(AT, data));
+        dst.delivered(&Page::new(AT, data));
     }
 
     #[test]
@@ -252,12 +233,12 @@ mod tests {
         // pages 0 and 1 have left the window of 3
         for n in [0, 1] {
             let p = page(n);
-            assert!(!src.claim(&Page { at: AT, data: &p }, &mut body));
+            assert!(!src.claim(&Page::new(AT, &p), &mut body));
         }
         for n in [2, 3, 4] {
             body.clear();
             let p = page(n);
-            assert!(src.claim(&Page { at: AT, data: &p }, &mut body));
+            assert!(src.claim(&Page::new(AT, &p), &mut body));
             let mut out = vec![0; 64];
             dst.restore(AT, &body, &mut out).unwrap();
             assert_eq!(out, p);
@@ -270,31 +251,13 @@ mod tests {
         let (offered, other) = (page(1), page(2));
         let mut body = Vec::new();
         // offered, then another page delivered: that one is remembered, not the first
-        assert!(!src.claim(
-            &Page {
-                at: AT,
-                data: &offered
-            },
-            &mut body
-        ));
-        src.delivered(&Page {
-            at: AT,
-            data: &other,
-        });
-        assert!(!src.claim(
-            &Page {
-                at: AT,
-                data: &offered
-            },
-            &mut body
-        ));
-        src.delivered(&Page {
-            at: AT,
-            data: &offered,
-        });
+        assert!(!src.claim(&Page::new(AT, &offered), &mut body));
+        src.delivered(&Page::new(AT, &other));
+        assert!(!src.claim(&Page::new(AT, &offered), &mut body));
+        src.delivered(&Page::new(AT, &offered));
         for p in [&other, &offered] {
             body.clear();
-            assert!(src.claim(&Page { at: AT, data: p }, &mut body));
+            assert!(src.claim(&Page::new(AT, p), &mut body));
         }
     }
 
@@ -304,7 +267,7 @@ mod tests {
         deliver(&mut src, &mut dst, &page(9));
         let mut body = Vec::new();
         let p = page(9);
-        assert!(src.claim(&Page { at: AT, data: &p }, &mut body));
+        assert!(src.claim(&Page::new(AT, &p), &mut body));
         let mut out = vec![0; 64];
         let mut forged = body.clone();
         *forged.last_mut().unwrap() ^= 1;

@@ -14,6 +14,10 @@ use crate::page::Fingerprint;
 /// template reference carries. Sorting makes the catalog canonical: one set of pages
 /// gives one numbering and one [`CatalogId`], whatever order they were found in.
 ///
+/// Every page matches its fingerprint: built catalogs compute them, loading checks
+/// each page, and a catalog never changes afterwards. Restoring a template is
+/// therefore a copy, with no hashing per page.
+///
 /// ```
 /// use migstream::template::Catalog;
 ///

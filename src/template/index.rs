@@ -83,10 +83,15 @@ impl TemplateIndex {
 
     /// The template number and fingerprint of `page`, if it is a template.
     pub fn lookup(&self, page: &[u8]) -> Option<(u32, Fingerprint)> {
+        self.lookup_hashed(page::prefilter(page), page)
+    }
+
+    /// [`lookup`](Self::lookup) of a page whose [`page::prefilter`] is known.
+    pub(crate) fn lookup_hashed(&self, prefilter: u64, page: &[u8]) -> Option<(u32, Fingerprint)> {
         if page.len() != self.page_size {
             return None;
         }
-        let template = self.probe(page::prefilter(page))?;
+        let template = self.probe(prefilter)?;
         let fp = self.fingerprints[template as usize];
         fp.matches(page).then_some((template, fp))
     }
