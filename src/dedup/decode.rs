@@ -522,7 +522,7 @@ impl DedupDecoder {
                 out.resize(start + self.page_size, 0);
                 self.restores[usize::from(i)].restore(at, body, &mut out[start..])?;
             }
-            let page = Page::new(at, &out[start..]);
+            let page = Page::new(at, &out[start..]).delivered_as(tag);
             for r in &mut self.restores {
                 r.delivered(&page);
             }

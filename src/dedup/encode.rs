@@ -127,7 +127,7 @@ impl DedupEncoder {
                     block: &addr.block,
                     offset: addr.offset,
                 };
-                self.put_page(&Page::new(at, data), addr.continued);
+                self.put_page(Page::new(at, data), addr.continued);
             }
             other => {
                 self.hold |= matches!(other, Record::Eof);
@@ -233,11 +233,11 @@ impl DedupEncoder {
     }
 
     /// Appends a page entry: tag, address, body (see `docs/wire-format.md`).
-    fn put_page(&mut self, page: &Page<'_>, continued: bool) {
+    fn put_page(&mut self, page: Page<'_>, continued: bool) {
         let mut claimed = None;
         for c in &mut self.claims {
             self.body.clear();
-            if c.claim(page, &mut self.body) {
+            if c.claim(&page, &mut self.body) {
                 claimed = Some(c.tag());
                 break;
             }
@@ -264,8 +264,9 @@ impl DedupEncoder {
         varint::put(&mut self.batch, body.len() as u64);
         self.batch.extend_from_slice(body);
         self.stats.pages[usize::from(tag)] += 1;
+        let page = page.delivered_as(tag);
         for c in &mut self.claims {
-            c.delivered(page);
+            c.delivered(&page);
         }
         self.hasher.update(page.data);
         self.stats.qemu_bytes += page.data.len() as u64;

@@ -97,6 +97,8 @@ pub struct Page<'a> {
     pub data: &'a [u8],
     /// [`page::prefilter`] of `data`, once a resolver asked for it.
     prefilter: OnceCell<u64>,
+    /// The tag of the entry the page travelled as, once delivered.
+    tag: Option<u8>,
 }
 
 impl<'a> Page<'a> {
@@ -106,7 +108,20 @@ impl<'a> Page<'a> {
             at,
             data,
             prefilter: OnceCell::new(),
+            tag: None,
         }
+    }
+
+    /// The same page, as delivered in an entry of `tag`.
+    pub(crate) fn delivered_as(mut self, tag: u8) -> Self {
+        self.tag = Some(tag);
+        self
+    }
+
+    /// The tag of the entry the page travelled as ([`tag::RAW`] if no resolver
+    /// claimed it): known in `delivered`, `None` while the page is offered to claims.
+    pub fn tag(&self) -> Option<u8> {
+        self.tag
     }
 
     /// The page's [`page::prefilter`] value. Computed at the first call and kept:

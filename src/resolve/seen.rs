@@ -1,7 +1,7 @@
 //! Seen-before: a page whose bytes were already delivered in this migration travels
 //! as a back-reference plus its fingerprint.
 //!
-//! Both halves number the pages delivered (fill pages aside) 0, 1, 2, ... in stream
+//! Both halves number the pages delivered (fill and template pages aside) 0, 1, 2, ...
 //! order. The destination keeps the last `window` of them in a ring; the source
 //! remembers which content has which number for the same window and refers back by
 //! distance. Eviction is by number, so the two agree on what is referenceable without
@@ -80,7 +80,7 @@ impl Claim for SeenBefore {
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
-        if fill_byte(page.data).is_some() {
+        if !numbered(page) {
             return;
         }
         let hash = page.prefilter();
@@ -99,6 +99,14 @@ impl Claim for SeenBefore {
 
 /// Where `bytes` lie: address and length.
 /// The ring of the last finished migration, for the next one.
+/// Whether a delivered page gets a number, at both ends alike: not if it is one byte
+/// repeated (a fill page costs a byte anyway), nor if it travelled as a template
+/// (its recurrences are templates too, and the destination restores it from the
+/// catalog without keeping a copy).
+fn numbered(page: &Page<'_>) -> bool {
+    fill_byte(page.data).is_none() && page.tag() != Some(tag::TEMPLATE)
+}
+
 static RINGS: Spare = Spare::new();
 
 /// The destination half of seen-before: a ring of the last delivered pages.
@@ -164,10 +172,10 @@ impl Restore for SeenBeforeRestore {
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
-        let page = page.data;
-        if fill_byte(page).is_some() {
+        if !numbered(page) {
             return;
         }
+        let page = page.data;
         if self.page_size == 0 {
             self.page_size = page.len();
         }
@@ -221,6 +229,23 @@ mod tests {
     fn deliver(src: &mut SeenBefore, dst: &mut SeenBeforeRestore, data: &[u8]) {
         src.delivered(&Page::new(AT, data));
         dst.delivered(&Page::new(AT, data));
+    }
+
+    #[test]
+    fn template_pages_take_no_number_at_either_end() {
+        let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4));
+        let (raw, template) = (page(1), page(2));
+        for (data, tag) in [(&raw, tag::RAW), (&template, tag::TEMPLATE)] {
+            src.delivered(&Page::new(AT, data).delivered_as(tag));
+            dst.delivered(&Page::new(AT, data).delivered_as(tag));
+        }
+        let mut body = Vec::new();
+        assert!(!src.claim(&Page::new(AT, &template), &mut body));
+        assert!(src.claim(&Page::new(AT, &raw), &mut body));
+        assert_eq!(body[0], 0, "the template did not move the raw page back");
+        let mut out = vec![0; 64];
+        dst.restore(AT, &body, &mut out).unwrap();
+        assert_eq!(out, raw);
     }
 
     #[test]
