@@ -13,7 +13,10 @@
 //! progress lines; `--connect-timeout SECS` (default 10). Source only: `--resolvers
 //! LIST` picks from `fill,xbzrle,seen` (default all; `none` for LZ4 alone), `--zstd
 //! LEVEL` (with the `zstd` feature). `--catalog` enables templates; the source uses
-//! them only if the destination holds the same catalog. Destination only: `--dht
+//! them only if the destination holds the same catalog; `--hold-catalog` makes the
+//! source keep the catalog's pages in memory (its size; otherwise ~40 bytes per
+//! template) and confirm template hits by comparing bytes instead of hashing them,
+//! which saves about 1.4 µs per template page. Destination only: `--dht
 //! redis://H:P,redis://H:P,...` restores templates from the ring of Redis nodes the
 //! catalog was pushed to (`catalog -- push`), `--replicas R` as pushed (default 2).
 //!
@@ -37,7 +40,7 @@ use migstream::dedup::{Compression, Resolvers, Stats};
 use migstream::dht::DEFAULT_REPLICAS;
 use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig};
 use migstream::resolve::tag;
-use migstream::template::TemplateIndex;
+use migstream::template::{Catalog, TemplateIndex};
 use tokio::net::{TcpListener, TcpStream};
 
 #[path = "support/templates.rs"]
@@ -46,7 +49,7 @@ mod templates;
 use templates::template_store;
 
 const USAGE: &str = "usage: proxy source|destination --listen ADDR --to ADDR [--catalog FILE] \
-[--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] \
+[--hold-catalog] [--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] \
 [--quiet] [--connect-timeout SECS]";
 
 /// One end's settings, shared by all its migrations.
@@ -89,12 +92,14 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let (mut listen, mut to, mut catalog, mut resolvers) = (None, None, None, None);
     let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
     let (mut zstd, mut once, mut json, mut quiet, mut timeout) = (None, false, false, false, 10.0);
+    let mut hold = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(USAGE);
         match arg.as_str() {
             "--listen" => listen = Some(value()?),
             "--to" => to = Some(value()?),
             "--catalog" => catalog = Some(value()?),
+            "--hold-catalog" => hold = true,
             "--dht" => dht = Some(value()?),
             "--replicas" => replicas = value()?.parse()?,
             "--resolvers" => resolvers = Some(value()?),
@@ -112,7 +117,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let listener = TcpListener::bind(&listen).await?;
     eprintln!("listening on {}", listener.local_addr()?);
     let role = match role.as_str() {
-        "source" => Role::Source(source_config(catalog, resolvers, zstd)?),
+        "source" => Role::Source(source_config(catalog, hold, resolvers, zstd)?),
         "destination" => Role::Destination(DestinationConfig {
             templates: template_store(catalog.as_deref(), dht.as_deref(), replicas).await?,
             ..DestinationConfig::default()
@@ -141,11 +146,15 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
 
 fn source_config(
     catalog: Option<String>,
+    hold: bool,
     resolvers: Option<String>,
     zstd: Option<i32>,
 ) -> Result<SourceConfig, Box<dyn std::error::Error>> {
     let mut chosen = Resolvers {
         templates: match catalog {
+            Some(path) if hold => Some(Arc::new(TemplateIndex::holding(Arc::new(Catalog::load(
+                path,
+            )?)))),
             Some(path) => Some(Arc::new(TemplateIndex::load(path)?)),
             None => None,
         },

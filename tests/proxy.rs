@@ -152,3 +152,52 @@ fn serves_several_migrations_at_once_and_fails_only_the_broken_one() {
         }
     }
 }
+
+/// `--hold-catalog`: the source confirms template hits by comparing bytes with the
+/// catalog it holds; the destination restores them from its own copy of the file.
+#[test]
+fn a_source_holding_the_catalog_sends_template_references() {
+    use migstream::qemu::{QemuDecoder, RamRecord, Record};
+    let stream = testdata("qemu-10.0-q35-paused.mig");
+    let (mut decoder, mut input) = (QemuDecoder::new(), bytes::BytesMut::from(&stream[..]));
+    let mut pages = Vec::new();
+    while let Some(record) = decoder.decode_eof(&mut input).unwrap() {
+        if let Record::Ram(RamRecord::Page { data, .. }) = record {
+            pages.push(data);
+        }
+    }
+    let catalog = migstream::template::Catalog::from_pages(4096, &pages).unwrap();
+    let path = std::env::temp_dir().join(format!("migstream-proxy-{}.cat", std::process::id()));
+    catalog.save(&path).unwrap();
+    let path_arg = path.to_str().unwrap();
+
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let qemu_port = qemu.local_addr().unwrap().port();
+    let to_qemu = format!("127.0.0.1:{qemu_port}");
+    let mut destination = Proxy::start(&["destination", "--to", &to_qemu, "--catalog", path_arg]);
+    let to_destination = format!("127.0.0.1:{}", destination.port);
+    let mut source = Proxy::start(&[
+        "source",
+        "--to",
+        &to_destination,
+        "--catalog",
+        path_arg,
+        "--hold-catalog",
+    ]);
+    let sender = source_qemu(source.port, stream.clone(), None);
+    let (mut conn, _) = qemu.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).unwrap();
+    drop(conn);
+    sender.join().unwrap();
+    std::fs::remove_file(&path).unwrap();
+
+    assert!(got == stream, "delivered byte-exact");
+    let report = &source.reports(1)[0];
+    assert_eq!(report["templates"], true, "{report}");
+    let templates = report["pages"]["template"].as_u64().unwrap();
+    assert!(templates > 0 && templates <= pages.len() as u64, "{report}");
+    assert_eq!(destination.reports(1)[0]["ok"], true);
+}

@@ -336,7 +336,8 @@ fn the_index_finds_templates_and_nothing_else() {
     let path = dir.join("templates.cat");
     catalog.save(&path).expect("saved");
     let loaded = TemplateIndex::load(&path).expect("indexed");
-    for index in [TemplateIndex::new(&catalog), loaded] {
+    let holding = TemplateIndex::holding(std::sync::Arc::new(catalog.clone()));
+    for index in [TemplateIndex::new(&catalog), loaded, holding] {
         assert_eq!(
             (index.id(), index.len(), index.page_size()),
             (catalog.id(), 50, 4096)
