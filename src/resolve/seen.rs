@@ -1,8 +1,8 @@
 //! Seen-before: a page whose bytes were already delivered in this migration travels
 //! as a back-reference plus its fingerprint.
 //!
-//! Both halves number the pages delivered (fill and template pages aside) 0, 1, 2, ...
-//! order. The destination keeps the last `window` of them in a ring; the source
+//! Both halves number the pages delivered (fill, template and seen-before pages
+//! aside) 0, 1, 2, ... in stream order. The destination keeps the last `window` of them in a ring; the source
 //! remembers which content has which number for the same window and refers back by
 //! distance. Eviction is by number, so the two agree on what is referenceable without
 //! talking. The source finds candidates by the page's [`Page::prefilter`], a 64-bit
@@ -102,9 +102,11 @@ impl Claim for SeenBefore {
 /// Whether a delivered page gets a number, at both ends alike: not if it is one byte
 /// repeated (a fill page costs a byte anyway), nor if it travelled as a template
 /// (its recurrences are templates too, and the destination restores it from the
-/// catalog without keeping a copy).
+/// catalog without keeping a copy), nor if it travelled as a seen-before reference
+/// (its bytes are in the window already: the window then spans more distinct pages,
+/// and the destination does not copy them a second time).
 fn numbered(page: &Page<'_>) -> bool {
-    fill_byte(page.data).is_none() && page.tag() != Some(tag::TEMPLATE)
+    fill_byte(page.data).is_none() && !matches!(page.tag(), Some(tag::TEMPLATE | tag::SEEN))
 }
 
 static RINGS: Spare = Spare::new();
@@ -232,17 +234,24 @@ mod tests {
     }
 
     #[test]
-    fn template_pages_take_no_number_at_either_end() {
+    fn template_and_seen_pages_take_no_number_at_either_end() {
         let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4));
         let (raw, template) = (page(1), page(2));
-        for (data, tag) in [(&raw, tag::RAW), (&template, tag::TEMPLATE)] {
+        for (data, tag) in [
+            (&raw, tag::RAW),
+            (&template, tag::TEMPLATE),
+            (&raw, tag::SEEN),
+        ] {
             src.delivered(&Page::new(AT, data).delivered_as(tag));
             dst.delivered(&Page::new(AT, data).delivered_as(tag));
         }
         let mut body = Vec::new();
         assert!(!src.claim(&Page::new(AT, &template), &mut body));
         assert!(src.claim(&Page::new(AT, &raw), &mut body));
-        assert_eq!(body[0], 0, "the template did not move the raw page back");
+        assert_eq!(
+            body[0], 0,
+            "neither the template nor the reference moved it back"
+        );
         let mut out = vec![0; 64];
         dst.restore(AT, &body, &mut out).unwrap();
         assert_eq!(out, raw);
