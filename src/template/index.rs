@@ -91,9 +91,8 @@ impl TemplateIndex {
     /// checked as by [`Catalog::load`]; the pages are read only for their pre-filter
     /// values and not checked against their fingerprints: a damaged page can only
     /// cause misses, since every hit is confirmed against the verified table. The
-    /// pre-filter values are not stored in the file because they are only stable
-    /// within one build of the crate (a fast hash need not agree across versions or
-    /// CPUs).
+    /// pre-filter values are not stored in the file: they are keyed at random per
+    /// process (see [`page::prefilter`]).
     pub fn from_reader(mut r: impl Read) -> Result<Self> {
         read(&mut r, None)
     }
