@@ -2,15 +2,9 @@
 //! version both ends hold, in QEMU's XBZRLE encoding ([`crate::xbzrle`]).
 //!
 //! Both halves keep the last delivered version of pages in a direct-mapped cache of
-//! the same geometry, updated in stream order by the same rule, so they agree on
-//! which base a delta refers to. A page identical to its cached version has an empty
-//! body.
-//!
-//! As in QEMU, a page enters the cache only when it is delivered again: the first
-//! pass over guest memory sends most pages once, and caching them would cost a copy
-//! of every page at both ends and push the pages that do change out of the cache.
-//! Which addresses were delivered is kept in a fixed table of bits indexed by a hash
-//! of the address; a collision only lets a page in early, the same at both ends.
+//! the same geometry, updated with every page delivered in stream order, so they
+//! agree on which base a delta refers to. A page identical to its cached version has
+//! an empty body.
 
 use super::{Claim, Page, PageAt, Restore, tag};
 use crate::error::{Error, Result};
@@ -37,13 +31,7 @@ struct Cache {
     pages: Vec<u8>,
     /// Block names in the order first seen (the same order at both ends).
     blocks: Vec<Vec<u8>>,
-    /// One bit per address hash: some page there was delivered (see the module docs).
-    delivered: Vec<u64>,
 }
-
-/// Bits of [`Cache::delivered`] per cache slot: 1 MiB of bits (128 KiB) for the
-/// default 64 MiB cache, few collisions for guests of up to a few GiB.
-const DELIVERED_BITS_PER_SLOT: usize = 64;
 
 impl Cache {
     fn new(cache_bytes: usize) -> Self {
@@ -53,7 +41,6 @@ impl Cache {
             keys: Vec::new(),
             pages: Vec::new(),
             blocks: Vec::new(),
-            delivered: Vec::new(),
         }
     }
 
@@ -68,14 +55,11 @@ impl Cache {
         }
     }
 
-    /// The cache slot of `at`, its key, and its bit in [`Cache::delivered`].
-    fn slot(&mut self, at: PageAt<'_>, page_size: usize) -> (usize, (u32, u64), usize) {
+    fn slot(&mut self, at: PageAt<'_>, page_size: usize) -> (usize, (u32, u64)) {
         if self.keys.is_empty() {
             self.page_size = page_size.max(1);
             let slots = (self.cache_bytes / self.page_size).max(1);
             self.keys = vec![None; slots];
-            let bits = (slots * DELIVERED_BITS_PER_SLOT).next_power_of_two();
-            self.delivered = vec![0; bits / 64];
             let bytes = slots * self.page_size;
             self.pages = match CACHES.take(bytes) {
                 Some(mut pages) => {
@@ -88,27 +72,19 @@ impl Cache {
         let key = (self.block_number(at.block), at.offset);
         let page = at.offset / page_size.max(1) as u64;
         let mixed = page ^ u64::from(key.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let bits = self.delivered.len() as u64 * 64;
-        let bit = mixed.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> (64 - bits.trailing_zeros());
-        ((mixed % self.keys.len() as u64) as usize, key, bit as usize)
+        ((mixed % self.keys.len() as u64) as usize, key)
     }
 
     /// The cached version of the page at `at`, if the cache holds one of this size.
     fn get(&mut self, at: PageAt<'_>, page_size: usize) -> Option<&[u8]> {
-        let (slot, key, _) = self.slot(at, page_size);
+        let (slot, key) = self.slot(at, page_size);
         let start = slot * self.page_size;
         (self.keys[slot] == Some(key) && page_size == self.page_size)
             .then(|| &self.pages[start..start + page_size])
     }
 
     fn put(&mut self, page: &Page<'_>) {
-        let (slot, key, bit) = self.slot(page.at, page.data.len());
-        // never delivered before (no bit, so no stale version either): only noted
-        let (word, mask) = (bit / 64, 1 << (bit % 64));
-        if self.delivered[word] & mask == 0 {
-            self.delivered[word] |= mask;
-            return;
-        }
+        let (slot, key) = self.slot(page.at, page.data.len());
         // a page of another size than the geometry's is not kept (at both ends alike)
         if page.data.len() != self.page_size {
             self.keys[slot] = None;
@@ -226,12 +202,6 @@ mod tests {
         assert!(
             !src.claim(&Page::new(at, &v1), &mut body),
             "nothing cached yet"
-        );
-        src.delivered(&Page::new(at, &v1));
-        dst.delivered(&Page::new(at, &v1));
-        assert!(
-            !src.claim(&Page::new(at, &v1), &mut body),
-            "a page delivered once is not cached"
         );
         src.delivered(&Page::new(at, &v1));
         dst.delivered(&Page::new(at, &v1));
