@@ -2,9 +2,10 @@
 //! version both ends hold, in QEMU's XBZRLE encoding ([`crate::xbzrle`]).
 //!
 //! Both halves keep the last delivered version of pages in a direct-mapped cache of
-//! the same geometry, updated with every page delivered in stream order, so they
-//! agree on which base a delta refers to. A page identical to its cached version has
-//! an empty body.
+//! the same geometry, updated with every page delivered in stream order except
+//! templates (which only drop their page's older version), so they agree on which
+//! base a delta refers to. A page identical to its cached version has an empty
+//! body.
 
 use super::{Claim, Page, PageAt, Restore, tag};
 use crate::error::{Error, Result};
@@ -85,6 +86,14 @@ impl Cache {
 
     fn put(&mut self, page: &Page<'_>) {
         let (slot, key) = self.slot(page.at, page.data.len());
+        // a template is not kept: it is code or read-only data that is hardly ever
+        // sent again, and keeping it would copy a page at both ends for nothing
+        if page.tag() == Some(tag::TEMPLATE) {
+            if self.keys[slot] == Some(key) {
+                self.keys[slot] = None;
+            }
+            return;
+        }
         // a page of another size than the geometry's is not kept (at both ends alike)
         if page.data.len() != self.page_size {
             self.keys[slot] = None;
@@ -189,6 +198,29 @@ impl Restore for XbzrleRestore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_drops_the_cached_version_of_its_page() {
+        let at = PageAt {
+            block: b"pc.ram",
+            offset: 0,
+        };
+        let (mut src, mut dst) = (XbzrleDelta::new(4 * 64), XbzrleRestore::new(4 * 64));
+        let (v1, template) = (vec![1u8; 64], vec![2u8; 64]);
+        src.delivered(&Page::new(at, &v1));
+        dst.delivered(&Page::new(at, &v1));
+        let mut body = Vec::new();
+        assert!(src.claim(&Page::new(at, &v1), &mut body), "cached");
+        let delivered = Page::new(at, &template).delivered_as(tag::TEMPLATE);
+        src.delivered(&delivered);
+        dst.delivered(&delivered);
+        body.clear();
+        assert!(
+            !src.claim(&Page::new(at, &template), &mut body),
+            "not cached"
+        );
+        assert!(dst.restore(at, &[], &mut [0; 64]).is_err(), "no stale base");
+    }
 
     #[test]
     fn deltas_against_the_same_cached_version() {
