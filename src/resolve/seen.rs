@@ -2,13 +2,13 @@
 //! as a back-reference plus its fingerprint.
 //!
 //! Both halves number the pages delivered (fill, template and seen-before pages
-//! aside) 0, 1, 2, ... in stream order. The destination keeps the last `window` of them in a ring; the source
-//! remembers which content has which number for the same window and refers back by
-//! distance. Eviction is by number, so the two agree on what is referenceable without
-//! talking. The source finds candidates by the page's [`Page::prefilter`], a 64-bit
-//! hash keyed at random per process (a guest cannot aim for collisions), and sends
-//! the page's BLAKE3 fingerprint; the destination checks the page it restores
-//! against it.
+//! aside) 0, 1, 2, ... in stream order. The destination keeps the last `window` of
+//! them in a ring; the source remembers which content has which number for the same
+//! window and refers back by distance. Eviction is by number, so the two agree on
+//! what is referenceable without talking. The source finds candidates by the page's
+//! [`Page::prefilter`], a 64-bit hash keyed at random per process (a guest cannot
+//! aim for collisions), and sends the page's BLAKE3 fingerprint; the destination
+//! checks the page it restores against it.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -97,8 +97,6 @@ impl Claim for SeenBefore {
     }
 }
 
-/// Where `bytes` lie: address and length.
-/// The ring of the last finished migration, for the next one.
 /// Whether a delivered page gets a number, at both ends alike: not if it is one byte
 /// repeated (a fill page costs a byte anyway), nor if it travelled as a template
 /// (its recurrences are templates too, and the destination restores it from the
@@ -109,6 +107,7 @@ fn numbered(page: &Page<'_>) -> bool {
     fill_byte(page.data).is_none() && !matches!(page.tag(), Some(tag::TEMPLATE | tag::SEEN))
 }
 
+/// The ring of the last finished migration, for the next one.
 static RINGS: Spare = Spare::new();
 
 /// The destination half of seen-before: a ring of the last delivered pages.
@@ -280,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn the_hash_of_an_offered_page_serves_only_that_page() {
+    fn only_delivered_pages_are_referenceable() {
         let mut src = SeenBefore::new(4);
         let (offered, other) = (page(1), page(2));
         let mut body = Vec::new();

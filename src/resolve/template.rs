@@ -3,8 +3,9 @@
 //!
 //! The source needs only the catalog's [`TemplateIndex`] (pre-filter and fingerprints,
 //! no page bytes); the destination holds the [`Catalog`], every page of which was
-//! checked against its fingerprint when the catalog was built or loaded. Which catalog is meant travels in the
-//! dedup stream's HELLO, and the destination refuses a stream that names another.
+//! checked against its fingerprint when the catalog was built or loaded. Which
+//! catalog is meant travels in the dedup stream's HELLO, and the destination refuses
+//! a stream that names another.
 
 use std::sync::Arc;
 
