@@ -103,8 +103,12 @@ impl Claim for SeenBefore {
 /// catalog without keeping a copy), nor if it travelled as a seen-before reference
 /// (its bytes are in the window already: the window then spans more distinct pages,
 /// and the destination does not copy them a second time).
+///
+/// The tag is looked at first: a page that travelled as FILL was scanned once
+/// already, and only pages no fill resolver claimed need the scan.
 fn numbered(page: &Page<'_>) -> bool {
-    fill_byte(page.data).is_none() && !matches!(page.tag(), Some(tag::TEMPLATE | tag::SEEN))
+    !matches!(page.tag(), Some(tag::FILL | tag::TEMPLATE | tag::SEEN))
+        && fill_byte(page.data).is_none()
 }
 
 /// The ring of the last finished migration, for the next one.

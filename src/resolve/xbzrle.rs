@@ -199,13 +199,19 @@ impl Restore for XbzrleRestore {
 mod tests {
     use super::*;
 
+    const AT: PageAt<'static> = PageAt {
+        block: b"pc.ram",
+        offset: 8192,
+    };
+
+    /// The two halves, with caches of 4 slots of 64-byte pages.
+    fn halves() -> (XbzrleDelta, XbzrleRestore) {
+        (XbzrleDelta::new(4 * 64), XbzrleRestore::new(4 * 64))
+    }
+
     #[test]
     fn a_template_drops_the_cached_version_of_its_page() {
-        let at = PageAt {
-            block: b"pc.ram",
-            offset: 0,
-        };
-        let (mut src, mut dst) = (XbzrleDelta::new(4 * 64), XbzrleRestore::new(4 * 64));
+        let (at, (mut src, mut dst)) = (AT, halves());
         let (v1, template) = (vec![1u8; 64], vec![2u8; 64]);
         src.delivered(&Page::new(at, &v1));
         dst.delivered(&Page::new(at, &v1));
@@ -224,11 +230,7 @@ mod tests {
 
     #[test]
     fn deltas_against_the_same_cached_version() {
-        let at = PageAt {
-            block: b"pc.ram",
-            offset: 8192,
-        };
-        let (mut src, mut dst) = (XbzrleDelta::new(4 * 64), XbzrleRestore::new(4 * 64));
+        let (at, (mut src, mut dst)) = (AT, halves());
         let v1 = vec![1u8; 64];
         let mut body = Vec::new();
         assert!(
