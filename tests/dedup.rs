@@ -6,7 +6,7 @@ mod support;
 use bytes::BytesMut;
 use migstream::ErrorKind;
 use migstream::dedup::{DedupDecoder, DedupEncoder};
-use migstream::resolve::{Claim, Page, PageAt, Restore};
+use migstream::resolve::{Claim, Page, PageAt, PageOut, Restore};
 use proptest::prelude::*;
 
 fn testdata(name: &str) -> Vec<u8> {
@@ -135,8 +135,16 @@ impl Restore for Ramp {
     fn tag(&self) -> u8 {
         0x80
     }
-    fn restore(&mut self, _at: PageAt<'_>, _body: &[u8], out: &mut [u8]) -> migstream::Result<()> {
-        out.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    fn restore(
+        &mut self,
+        _at: PageAt<'_>,
+        _body: &[u8],
+        out: &mut PageOut<'_>,
+    ) -> migstream::Result<()> {
+        out.as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
         Ok(())
     }
 }

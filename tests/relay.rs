@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use migstream::dedup::{DedupDecoder, DedupEncoder, Resolvers};
 use migstream::qemu::{QemuDecoder, RamRecord, Record};
 use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig};
-use migstream::resolve::{Fetch, PageAt, Restore, TemplateRestore, tag};
+use migstream::resolve::{Fetch, PageAt, PageOut, Restore, TemplateRestore, tag};
 use migstream::template::{Catalog, TemplateIndex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -289,13 +289,17 @@ impl Restore for Remote {
         }
         Ok(have)
     }
-    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> migstream::Result<()> {
+    fn restore(
+        &mut self,
+        _at: PageAt<'_>,
+        body: &[u8],
+        out: &mut PageOut<'_>,
+    ) -> migstream::Result<()> {
         assert!(
             self.state.lock().unwrap().fetched.contains(body),
             "restored before fetched"
         );
-        out.copy_from_slice(body);
-        Ok(())
+        out.copy_from_slice(body)
     }
 }
 

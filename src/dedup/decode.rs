@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::page::Spare;
 use crate::qemu::wire::ram_flag;
 use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
-use crate::resolve::{Page, PageAt, Restore, tag};
+use crate::resolve::{Page, PageAt, PageOut, Restore, tag};
 use crate::template::CatalogId;
 use crate::varint;
 
@@ -519,8 +519,11 @@ impl DedupDecoder {
                 let Some(i) = self.by_tag[usize::from(tag)] else {
                     return Err(bad("no resolver for this tag"));
                 };
-                out.resize(start + self.page_size, 0);
-                self.restores[usize::from(i)].restore(at, body, &mut out[start..])?;
+                let mut page = PageOut::new(&mut out, self.page_size);
+                self.restores[usize::from(i)].restore(at, body, &mut page)?;
+                if !page.is_written() {
+                    return Err(bad("the resolver of its tag wrote no page"));
+                }
             }
             let page = Page::new(at, &out[start..]).delivered_as(tag);
             for r in &mut self.restores {

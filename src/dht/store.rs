@@ -32,7 +32,7 @@ use super::cluster::Cluster;
 use super::layout::{CURRENT_KEY, Manifest, manifest_key};
 use crate::error::{Error, Result};
 use crate::page::Fingerprint;
-use crate::resolve::{Fetch, PageAt, Restore, TemplateStore, tag};
+use crate::resolve::{Fetch, PageAt, PageOut, Restore, TemplateStore, tag};
 use crate::template::CatalogId;
 use crate::varint;
 
@@ -216,7 +216,7 @@ impl Restore for DhtRestore {
         Ok(false)
     }
 
-    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
+    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
         let Some(fp) = template_number(body).and_then(|n| self.shared.manifest.fingerprint(n))
         else {
             return Err(Error::Malformed {
@@ -225,7 +225,7 @@ impl Restore for DhtRestore {
                 reason: "not a template number of this catalog",
             });
         };
-        if self.shared.manifest.page_size() != out.len() {
+        if self.shared.manifest.page_size() != out.page_size() {
             return Err(Error::Malformed {
                 offset: 0,
                 field: "template body",
@@ -247,8 +247,7 @@ impl Restore for DhtRestore {
                 }
             },
         };
-        out.copy_from_slice(&page); // verified, and of the page size, when fetched
-        Ok(())
+        out.copy_from_slice(&page) // verified, and of the page size, when fetched
     }
 }
 

@@ -1,7 +1,7 @@
 //! Pages of one repeated byte (zero pages above all) that QEMU sends as full PAGE
 //! records, e.g. with `zero-page-detection=none` or XBZRLE cache misses.
 
-use super::{Claim, Page, PageAt, Restore, tag};
+use super::{Claim, Page, PageAt, PageOut, Restore, tag};
 use crate::error::{Error, Result};
 
 /// Claims and restores pages filled with a single byte value; body: that byte.
@@ -36,7 +36,7 @@ impl Restore for Fill {
         tag::FILL
     }
 
-    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
+    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
         let &[byte] = body else {
             return Err(Error::Malformed {
                 offset: 0,

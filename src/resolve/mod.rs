@@ -12,7 +12,7 @@
 //! tag from [`CUSTOM_TAGS`] and add them to the encoder's and decoder's resolver lists.
 //!
 //! ```
-//! use migstream::resolve::{Claim, Page, PageAt, Restore};
+//! use migstream::resolve::{Claim, Page, PageAt, PageOut, Restore};
 //!
 //! /// Pages whose bytes count up 0, 1, 2, ... (mod 256) travel as an empty body.
 //! struct Ramp;
@@ -28,19 +28,21 @@
 //!
 //! impl Restore for Ramp {
 //!     fn tag(&self) -> u8 { 0x80 }
-//!     fn restore(&mut self, _at: PageAt<'_>, _body: &[u8], out: &mut [u8]) -> migstream::Result<()> {
-//!         out.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+//!     fn restore(&mut self, _at: PageAt<'_>, _body: &[u8], out: &mut PageOut<'_>) -> migstream::Result<()> {
+//!         out.as_mut_slice().iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
 //!         Ok(())
 //!     }
 //! }
 //! ```
 
 mod fill;
+mod out;
 mod seen;
 mod template;
 mod xbzrle;
 
 pub use fill::Fill;
+pub use out::PageOut;
 pub use seen::{SeenBefore, SeenBeforeRestore};
 pub use template::{TemplateClaim, TemplateRestore, TemplateStore};
 pub use xbzrle::{DEFAULT_CACHE_BYTES, XbzrleDelta, XbzrleRestore};
@@ -150,10 +152,9 @@ pub trait Restore: Send {
     /// The entry tag it restores; the same as its [`Claim`] half's.
     fn tag(&self) -> u8;
 
-    /// Writes the page at `at` that `body` describes into `out` (exactly one page).
-    /// Any error fails the migration: a page that cannot be restored exactly is never
-    /// guessed.
-    fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()>;
+    /// Writes the page at `at` that `body` describes into `out`. Any error fails the
+    /// migration: a page that cannot be restored exactly is never guessed.
+    fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()>;
 
     /// Sees the body of every page of this tag in a frame before any page of the
     /// frame is restored, and says whether [`restore`](Self::restore) can run on it

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::fill::fill_byte;
-use super::{Claim, Page, PageAt, Restore, tag};
+use super::{Claim, Page, PageAt, PageOut, Restore, tag};
 use crate::error::{Error, Result};
 use crate::page::{FINGERPRINT_LEN, Fingerprint, Spare};
 use crate::varint;
@@ -146,7 +146,7 @@ impl Restore for SeenBeforeRestore {
         tag::SEEN
     }
 
-    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
+    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
         let malformed = |reason| Error::Malformed {
             offset: 0,
             field: "seen-before body",
@@ -157,7 +157,7 @@ impl Restore for SeenBeforeRestore {
             .try_into()
             .map_err(|_| malformed("not a distance and a fingerprint"))?;
         let fingerprint = Fingerprint(fp);
-        if distance >= self.next_id.min(self.window) || out.len() != self.page_size {
+        if distance >= self.next_id.min(self.window) || out.page_size() != self.page_size {
             return Err(Error::Unresolved {
                 resolver: "seen-before",
                 fingerprint,
@@ -165,15 +165,15 @@ impl Restore for SeenBeforeRestore {
             });
         }
         let slot = ((self.next_id - 1 - distance) % self.window) as usize * self.page_size;
-        out.copy_from_slice(&self.ring[slot..slot + self.page_size]);
-        if !fingerprint.matches(out) {
+        let kept = &self.ring[slot..slot + self.page_size];
+        if !fingerprint.matches(kept) {
             return Err(Error::Unresolved {
                 resolver: "seen-before",
                 fingerprint,
                 reason: "the kept page does not match the fingerprint",
             });
         }
-        Ok(())
+        out.copy_from_slice(kept)
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
@@ -219,6 +219,7 @@ impl Drop for SeenBeforeRestore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resolve::out::restored;
 
     fn page(n: u8) -> Vec<u8> {
         let mut p = vec![n; 64];
@@ -255,9 +256,7 @@ mod tests {
             body[0], 0,
             "neither the template nor the reference moved it back"
         );
-        let mut out = vec![0; 64];
-        dst.restore(AT, &body, &mut out).unwrap();
-        assert_eq!(out, raw);
+        assert_eq!(restored(&mut dst, AT, &body, 64).unwrap(), raw);
     }
 
     #[test]
@@ -276,9 +275,7 @@ mod tests {
             body.clear();
             let p = page(n);
             assert!(src.claim(&Page::new(AT, &p), &mut body));
-            let mut out = vec![0; 64];
-            dst.restore(AT, &body, &mut out).unwrap();
-            assert_eq!(out, p);
+            assert_eq!(restored(&mut dst, AT, &body, 64).unwrap(), p);
         }
     }
 
@@ -305,16 +302,15 @@ mod tests {
         let mut body = Vec::new();
         let p = page(9);
         assert!(src.claim(&Page::new(AT, &p), &mut body));
-        let mut out = vec![0; 64];
         let mut forged = body.clone();
         *forged.last_mut().unwrap() ^= 1;
         assert!(matches!(
-            dst.restore(AT, &forged, &mut out),
+            restored(&mut dst, AT, &forged, 64),
             Err(Error::Unresolved { .. })
         ));
         body[0] = 1; // distance 1: nothing that far back
         assert!(matches!(
-            dst.restore(AT, &body, &mut out),
+            restored(&mut dst, AT, &body, 64),
             Err(Error::Unresolved { .. })
         ));
     }

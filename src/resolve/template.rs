@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{Claim, Fetch, Page, PageAt, Restore, tag};
+use super::{Claim, Fetch, Page, PageAt, PageOut, Restore, tag};
 use crate::error::{Error, Result};
 use crate::template::{Catalog, CatalogId, TemplateIndex};
 use crate::varint;
@@ -62,7 +62,7 @@ impl Restore for TemplateRestore {
         tag::TEMPLATE
     }
 
-    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
+    fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
         let template = match varint::get(body) {
             Some((n, len)) if len == body.len() => u32::try_from(n).ok(),
             _ => None,
@@ -74,7 +74,7 @@ impl Restore for TemplateRestore {
                 reason: "not a template number of this catalog",
             });
         };
-        if page.len() != out.len() {
+        if page.len() != out.page_size() {
             return Err(Error::Malformed {
                 offset: 0,
                 field: "template body",
@@ -83,8 +83,7 @@ impl Restore for TemplateRestore {
         }
         // checked when the catalog was built or loaded: a `Catalog` holds no page
         // that does not match its fingerprint, and nothing changes it afterwards
-        out.copy_from_slice(page);
-        Ok(())
+        out.copy_from_slice(page)
     }
 }
 

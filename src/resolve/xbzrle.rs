@@ -7,7 +7,7 @@
 //! base a delta refers to. A page identical to its cached version has an empty
 //! body.
 
-use super::{Claim, Page, PageAt, Restore, tag};
+use super::{Claim, Page, PageAt, PageOut, Restore, tag};
 use crate::error::{Error, Result};
 use crate::page::Spare;
 use crate::xbzrle::{self, Delta};
@@ -178,16 +178,16 @@ impl Restore for XbzrleRestore {
         tag::XBZRLE
     }
 
-    fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut [u8]) -> Result<()> {
-        let Some(old) = self.cache.get(at, out.len()) else {
+    fn restore(&mut self, at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
+        let Some(old) = self.cache.get(at, out.page_size()) else {
             return Err(Error::Malformed {
                 offset: 0,
                 field: "XBZRLE delta",
                 reason: "no earlier version of the page is cached",
             });
         };
-        out.copy_from_slice(old);
-        xbzrle::decode(body, out)
+        out.copy_from_slice(old)?;
+        xbzrle::decode(body, out.as_mut_slice())
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
@@ -198,6 +198,7 @@ impl Restore for XbzrleRestore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resolve::out::restored;
 
     const AT: PageAt<'static> = PageAt {
         block: b"pc.ram",
@@ -225,7 +226,7 @@ mod tests {
             !src.claim(&Page::new(at, &template), &mut body),
             "not cached"
         );
-        assert!(dst.restore(at, &[], &mut [0; 64]).is_err(), "no stale base");
+        assert!(restored(&mut dst, at, &[], 64).is_err(), "no stale base");
     }
 
     #[test]
@@ -242,14 +243,12 @@ mod tests {
         let mut v2 = v1.clone();
         v2[10] = 7;
         assert!(src.claim(&Page::new(at, &v2), &mut body));
-        let mut out = vec![0; 64];
-        dst.restore(at, &body, &mut out).unwrap();
-        assert_eq!(out, v2);
+        assert_eq!(restored(&mut dst, at, &body, 64).unwrap(), v2);
         // another page in a different block never uses this one's version
         let other = PageAt {
             block: b"pc.bios",
             offset: 8192,
         };
-        assert!(dst.restore(other, &body, &mut out).is_err());
+        assert!(restored(&mut dst, other, &body, 64).is_err());
     }
 }
