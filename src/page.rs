@@ -50,9 +50,21 @@ impl fmt::Display for Fingerprint {
 /// set built in the process (a template index, a migration's seen-before pages)
 /// agrees on one value per page, which [`Page::prefilter`](crate::resolve::Page::prefilter)
 /// computes once for all of them. Never on the wire or in files.
+///
+/// XXH3 with a random secret: over a 4 KiB page it takes about half the time of
+/// ahash's portable fallback (builds without AES), and every page pays it.
 pub fn prefilter(page: &[u8]) -> u64 {
-    static KEY: OnceLock<ahash::RandomState> = OnceLock::new();
-    KEY.get_or_init(ahash::RandomState::new).hash_one(page)
+    static SECRET: OnceLock<[u8; 192]> = OnceLock::new();
+    let secret = SECRET.get_or_init(|| {
+        // ahash draws its keys from the OS; hashing a counter spreads them into a secret
+        let keys = ahash::RandomState::new();
+        let mut secret = [0; 192];
+        for (i, word) in secret.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&keys.hash_one(i).to_le_bytes());
+        }
+        secret
+    });
+    xxhash_rust::xxh3::xxh3_64_with_secret(page, secret)
 }
 
 /// Whether every byte of `page` is zero (QEMU's `buffer_is_zero`).
