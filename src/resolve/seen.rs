@@ -8,7 +8,9 @@
 //! what is referenceable without talking. The source finds candidates by the page's
 //! [`Page::prefilter`], a 64-bit hash keyed at random per process (a guest cannot
 //! aim for collisions), and sends the page's BLAKE3 fingerprint; the destination
-//! checks the page it restores against it.
+//! checks the page it restores against it. The destination hashes a kept page at its
+//! first reference only: a guest's many copies of one page cost one BLAKE3 there, and
+//! later references compare fingerprints.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -123,6 +125,10 @@ pub struct SeenBeforeRestore {
     next_id: u64,
     /// Page `id` lives at slot `id % window`; grows up to `window` pages.
     ring: Vec<u8>,
+    /// The fingerprint of the page in each slot, once a reference has checked it
+    /// against the page's bytes: a page referred to again (the copies of one page
+    /// in a guest) is checked by comparing fingerprints, not by hashing it again.
+    checked: Vec<Option<Fingerprint>>,
 }
 
 impl SeenBeforeRestore {
@@ -137,6 +143,7 @@ impl SeenBeforeRestore {
             page_size: 0,
             next_id: 0,
             ring: Vec::new(),
+            checked: Vec::new(),
         }
     }
 }
@@ -164,15 +171,20 @@ impl Restore for SeenBeforeRestore {
                 reason: "refers beyond the pages this end keeps",
             });
         }
-        let slot = ((self.next_id - 1 - distance) % self.window) as usize * self.page_size;
-        let kept = &self.ring[slot..slot + self.page_size];
-        if !fingerprint.matches(kept) {
+        let slot = ((self.next_id - 1 - distance) % self.window) as usize;
+        let kept = &self.ring[slot * self.page_size..][..self.page_size];
+        let matches = match self.checked[slot] {
+            Some(checked) => checked == fingerprint,
+            None => fingerprint.matches(kept),
+        };
+        if !matches {
             return Err(Error::Unresolved {
                 resolver: "seen-before",
                 fingerprint,
                 reason: "the kept page does not match the fingerprint",
             });
         }
+        self.checked[slot] = Some(fingerprint);
         out.copy_from_slice(kept)
     }
 
@@ -198,11 +210,20 @@ impl Restore for SeenBeforeRestore {
             }
             self.ring.clear();
         }
-        let slot = (self.next_id % self.window) as usize * self.page_size;
-        match self.ring.get_mut(slot..slot + self.page_size) {
-            Some(kept) => kept.copy_from_slice(page),
+        let slot = (self.next_id % self.window) as usize;
+        match self
+            .ring
+            .get_mut(slot * self.page_size..(slot + 1) * self.page_size)
+        {
+            Some(kept) => {
+                kept.copy_from_slice(page);
+                self.checked[slot] = None;
+            }
             // the ring grows one page at a time until it holds `window` pages
-            None => self.ring.extend_from_slice(page),
+            None => {
+                self.ring.extend_from_slice(page);
+                self.checked.push(None);
+            }
         }
         self.next_id += 1;
     }
@@ -293,6 +314,32 @@ mod tests {
             body.clear();
             assert!(src.claim(&Page::new(AT, p), &mut body));
         }
+    }
+
+    #[test]
+    fn a_checked_page_is_compared_by_fingerprint_until_its_slot_is_reused() {
+        let (mut src, mut dst) = (SeenBefore::new(2), SeenBeforeRestore::new(2));
+        deliver(&mut src, &mut dst, &page(1));
+        deliver(&mut src, &mut dst, &page(2));
+        let mut body = Vec::new();
+        assert!(src.claim(&Page::new(AT, &page(1)), &mut body));
+        for _ in 0..2 {
+            assert_eq!(restored(&mut dst, AT, &body, 64).unwrap(), page(1));
+        }
+        let mut forged = body.clone();
+        *forged.last_mut().unwrap() ^= 1;
+        assert!(
+            restored(&mut dst, AT, &forged, 64).is_err(),
+            "a checked page still refuses another fingerprint"
+        );
+        // page 3 takes page 1's slot: page 1's fingerprint must not vouch for it
+        deliver(&mut src, &mut dst, &page(3));
+        let mut stale = vec![0];
+        stale.extend_from_slice(&body[1..]);
+        assert!(matches!(
+            restored(&mut dst, AT, &stale, 64),
+            Err(Error::Unresolved { .. })
+        ));
     }
 
     #[test]
