@@ -16,7 +16,10 @@
 //! them only if the destination holds the same catalog; `--hold-catalog` makes the
 //! source keep the catalog's pages in memory (its size; otherwise ~40 bytes per
 //! template) and confirm template hits by comparing bytes instead of hashing them,
-//! which saves about 1.4 µs per template page. Destination only: `--dht
+//! which saves about 1.4 µs per template page; `--hold-seen` makes it keep the
+//! seen-before window's pages too (up to 256 MiB per migration, as the destination
+//! does), so that a repeated page is confirmed by comparing bytes, not by a BLAKE3
+//! per repeat. Destination only: `--dht
 //! redis://H:P,redis://H:P,...` restores templates from the ring of Redis nodes the
 //! catalog was pushed to (`catalog -- push`), `--replicas R` as pushed (default 2).
 //!
@@ -27,7 +30,8 @@
 //! the migration failed and its VM keeps running; a retry starts afresh.
 //!
 //! Memory per migration is bounded whatever the stream's length: at the source the
-//! XBZRLE cache (64 MiB) and the seen-before index (~3 MiB); at the destination the
+//! XBZRLE cache (64 MiB) and the seen-before index (~3 MiB; with `--hold-seen` plus
+//! the window's pages, 256 MiB); at the destination the
 //! seen-before ring (256 MiB), the XBZRLE cache (64 MiB) and at most one frame's
 //! buffers and the held tail (`dedup::Limits`: 32 + 32 + 64 + 64 MiB worst case).
 
@@ -49,7 +53,7 @@ mod templates;
 use templates::template_store;
 
 const USAGE: &str = "usage: proxy source|destination --listen ADDR --to ADDR [--catalog FILE] \
-[--hold-catalog] [--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] \
+[--hold-catalog] [--hold-seen] [--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] \
 [--quiet] [--connect-timeout SECS]";
 
 /// One end's settings, shared by all its migrations.
@@ -92,7 +96,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let (mut listen, mut to, mut catalog, mut resolvers) = (None, None, None, None);
     let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
     let (mut zstd, mut once, mut json, mut quiet, mut timeout) = (None, false, false, false, 10.0);
-    let mut hold = false;
+    let (mut hold, mut hold_seen) = (false, false);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(USAGE);
         match arg.as_str() {
@@ -100,6 +104,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
             "--to" => to = Some(value()?),
             "--catalog" => catalog = Some(value()?),
             "--hold-catalog" => hold = true,
+            "--hold-seen" => hold_seen = true,
             "--dht" => dht = Some(value()?),
             "--replicas" => replicas = value()?.parse()?,
             "--resolvers" => resolvers = Some(value()?),
@@ -117,7 +122,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let listener = TcpListener::bind(&listen).await?;
     eprintln!("listening on {}", listener.local_addr()?);
     let role = match role.as_str() {
-        "source" => Role::Source(source_config(catalog, hold, resolvers, zstd)?),
+        "source" => Role::Source(source_config(catalog, hold, hold_seen, resolvers, zstd)?),
         "destination" => Role::Destination(DestinationConfig {
             templates: template_store(catalog.as_deref(), dht.as_deref(), replicas).await?,
             ..DestinationConfig::default()
@@ -147,6 +152,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
 fn source_config(
     catalog: Option<String>,
     hold: bool,
+    hold_seen: bool,
     resolvers: Option<String>,
     zstd: Option<i32>,
 ) -> Result<SourceConfig, Box<dyn std::error::Error>> {
@@ -158,6 +164,7 @@ fn source_config(
             Some(path) => Some(Arc::new(TemplateIndex::load(path)?)),
             None => None,
         },
+        hold_seen,
         ..Resolvers::default()
     };
     if let Some(list) = resolvers {

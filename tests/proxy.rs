@@ -153,6 +153,32 @@ fn serves_several_migrations_at_once_and_fails_only_the_broken_one() {
     }
 }
 
+/// Starts a destination and a source proxy with these extra arguments, migrates
+/// `stream` through them, checks that it arrived byte-exact and returns the proxies
+/// (source first) for their reports.
+fn migrate_once(
+    source_args: &[&str],
+    destination_args: &[&str],
+    stream: Vec<u8>,
+) -> (Proxy, Proxy) {
+    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to_qemu = format!("127.0.0.1:{}", qemu.local_addr().unwrap().port());
+    let destination =
+        Proxy::start(&[&["destination", "--to", &to_qemu], destination_args].concat());
+    let to_destination = format!("127.0.0.1:{}", destination.port);
+    let source = Proxy::start(&[&["source", "--to", &to_destination], source_args].concat());
+    let sender = source_qemu(source.port, stream.clone(), None);
+    let (mut conn, _) = qemu.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).unwrap();
+    drop(conn);
+    sender.join().unwrap();
+    assert!(got == stream, "delivered byte-exact");
+    (source, destination)
+}
+
 /// `--hold-catalog`: the source confirms template hits by comparing bytes with the
 /// catalog it holds; the destination restores them from its own copy of the file.
 #[test]
@@ -171,33 +197,39 @@ fn a_source_holding_the_catalog_sends_template_references() {
     catalog.save(&path).unwrap();
     let path_arg = path.to_str().unwrap();
 
-    let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
-    let qemu_port = qemu.local_addr().unwrap().port();
-    let to_qemu = format!("127.0.0.1:{qemu_port}");
-    let mut destination = Proxy::start(&["destination", "--to", &to_qemu, "--catalog", path_arg]);
-    let to_destination = format!("127.0.0.1:{}", destination.port);
-    let mut source = Proxy::start(&[
-        "source",
-        "--to",
-        &to_destination,
-        "--catalog",
-        path_arg,
-        "--hold-catalog",
-    ]);
-    let sender = source_qemu(source.port, stream.clone(), None);
-    let (mut conn, _) = qemu.accept().unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut got = Vec::new();
-    conn.read_to_end(&mut got).unwrap();
-    drop(conn);
-    sender.join().unwrap();
+    let (mut source, mut destination) = migrate_once(
+        &["--catalog", path_arg, "--hold-catalog"],
+        &["--catalog", path_arg],
+        stream,
+    );
     std::fs::remove_file(&path).unwrap();
-
-    assert!(got == stream, "delivered byte-exact");
     let report = &source.reports(1)[0];
     assert_eq!(report["templates"], true, "{report}");
     let templates = report["pages"]["template"].as_u64().unwrap();
     assert!(templates > 0 && templates <= pages.len() as u64, "{report}");
+    assert_eq!(destination.reports(1)[0]["ok"], true);
+}
+
+/// `--hold-seen`: the source keeps its seen-before window's pages and confirms a
+/// repeat by comparing bytes; the destination restores the references as usual.
+#[test]
+fn a_source_holding_its_seen_pages_sends_references_for_repeats() {
+    use migstream::qemu::{QemuDecoder, QemuEncoder, RamRecord, Record};
+    // the paused stream, with every page replaced by one of 8 distinct pages
+    let original = testdata("qemu-10.0-q35-paused.mig");
+    let (mut decoder, mut input) = (QemuDecoder::new(), bytes::BytesMut::from(&original[..]));
+    let (mut encoder, mut stream) = (QemuEncoder::new(), bytes::BytesMut::new());
+    let mut n = 0u8;
+    while let Some(mut record) = decoder.decode_eof(&mut input).unwrap() {
+        if let Record::Ram(RamRecord::Page { data, .. }) = &mut record {
+            n = n.wrapping_add(1);
+            *data = bytes::Bytes::from([n % 8 + 1, 0].repeat(2048));
+        }
+        encoder.encode(&record, &mut stream).unwrap();
+    }
+    let (mut source, mut destination) = migrate_once(&["--hold-seen"], &[], stream.to_vec());
+    let report = &source.reports(1)[0];
+    let seen = report["pages"]["seen"].as_u64().unwrap();
+    assert!(seen > 0, "{report}");
     assert_eq!(destination.reports(1)[0]["ok"], true);
 }

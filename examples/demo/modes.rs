@@ -54,6 +54,7 @@ impl Mode {
                 xbzrle: on(Mode::Seen),
                 seen: on(Mode::Seen),
                 templates: self.uses_templates().then(|| templates.index.clone()),
+                ..Resolvers::default()
             },
             ..SourceConfig::default()
         }

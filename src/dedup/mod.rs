@@ -115,6 +115,10 @@ pub struct Resolvers {
     pub xbzrle: bool,
     /// References to pages already sent in this migration.
     pub seen: bool,
+    /// Keep the seen-before window's pages at the source too
+    /// ([`SeenBefore::holding`]): up to [`DEFAULT_SEEN_WINDOW`] pages (256 MiB),
+    /// for a repeated page confirmed by comparing bytes instead of a BLAKE3.
+    pub hold_seen: bool,
 }
 
 impl Default for Resolvers {
@@ -125,6 +129,7 @@ impl Default for Resolvers {
             templates: None,
             xbzrle: true,
             seen: true,
+            hold_seen: false,
         }
     }
 }
@@ -142,8 +147,10 @@ impl Resolvers {
         if self.xbzrle {
             claims.push(Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES)));
         }
-        if self.seen {
-            claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW)));
+        match (self.seen, self.hold_seen) {
+            (true, false) => claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW))),
+            (true, true) => claims.push(Box::new(SeenBefore::holding(DEFAULT_SEEN_WINDOW))),
+            (false, _) => {}
         }
         claims
     }
