@@ -64,7 +64,7 @@ pub fn prefilter(page: &[u8]) -> u64 {
         }
         secret
     });
-    xxhash_rust::xxh3::xxh3_64_with_secret(page, secret)
+    twox_hash::XxHash3_64::oneshot_with_secret(secret, page).expect("a 192-byte secret")
 }
 
 /// Whether every byte of `page` is zero (QEMU's `buffer_is_zero`).

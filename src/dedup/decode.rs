@@ -1,7 +1,7 @@
 //! The destination side: dedup frames in, the exact QEMU bytes out.
 
 use bytes::{Bytes, BytesMut};
-use xxhash_rust::xxh3::Xxh3;
+use twox_hash::XxHash3_128;
 
 use super::compress::Decompressor;
 use super::wire::{self, Hello, frame};
@@ -47,7 +47,7 @@ pub struct DedupDecoder {
     /// QEMU bytes of HOLD frames, released when END confirms the stream.
     held: BytesMut,
     hold_started: bool,
-    hasher: Xxh3,
+    hasher: XxHash3_128,
     stats: Stats,
 }
 
@@ -194,7 +194,7 @@ impl DedupDecoder {
             out: BytesMut::new(),
             held: BytesMut::new(),
             hold_started: false,
-            hasher: Xxh3::new(),
+            hasher: XxHash3_128::new(),
             stats: Stats::default(),
         }
     }
@@ -321,7 +321,7 @@ impl DedupDecoder {
             return Err(self.malformed(5, "hello", "not a migstream dedup stream"));
         }
         // the HELLO is covered by every frame digest: the running hash starts with it
-        self.hasher.update(p);
+        self.hasher.write(p);
         let version = u16::from_be_bytes([p[4], p[5]]);
         if version != wire::VERSION {
             return Err(Error::Unsupported {
@@ -418,8 +418,8 @@ impl DedupDecoder {
         let header = &payload[..wire::DATA_HEADER];
         let flags = header[1];
         let out = self.entries(qemu_bytes)?;
-        self.hasher.update(&header[..6]);
-        self.hasher.update(&payload[wire::DATA_HEADER..]);
+        self.hasher.write(&header[..6]);
+        self.hasher.write(&payload[wire::DATA_HEADER..]);
         if wire::digest_bytes(&self.hasher)[..] != header[6..] {
             return Err(self.malformed(
                 11,
@@ -478,7 +478,7 @@ impl DedupDecoder {
             let (tag, page, continued, block, body) = match entry {
                 Entry::Qemu(bytes) => {
                     out.extend_from_slice(bytes);
-                    self.hasher.update(bytes);
+                    self.hasher.write(bytes);
                     continue;
                 }
                 Entry::Page {
@@ -530,7 +530,7 @@ impl DedupDecoder {
                 r.delivered(&page);
             }
             // hashed while in the cache: the frame's digest is checked at its end
-            self.hasher.update(&out[header..]);
+            self.hasher.write(&out[header..]);
             self.stats.pages[usize::from(tag)] += 1;
         }
         self.raw = raw;

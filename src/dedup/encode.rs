@@ -1,7 +1,7 @@
 //! The source side: QEMU records in, dedup frames out.
 
 use bytes::{BufMut, BytesMut};
-use xxhash_rust::xxh3::Xxh3;
+use twox_hash::XxHash3_128;
 
 use super::Stats;
 use super::compress::{Compression, Compressor};
@@ -37,7 +37,7 @@ pub struct DedupEncoder {
     batch_target: usize,
     /// QEMU bytes the batch being built stands for.
     batch_qemu: usize,
-    hasher: Xxh3,
+    hasher: XxHash3_128,
     started: bool,
     /// QEMU's EOF has been taken in: the frames from here on are held until END.
     hold: bool,
@@ -80,7 +80,7 @@ impl DedupEncoder {
             compressor: Compressor::new(Compression::Lz4),
             batch_target: DEFAULT_BATCH,
             batch_qemu: 0,
-            hasher: Xxh3::new(),
+            hasher: XxHash3_128::new(),
             started: false,
             hold: false,
             last_block: None,
@@ -121,7 +121,7 @@ impl DedupEncoder {
                 // the destination rebuilds the record header from the entry's address
                 self.page_header.clear();
                 self.qemu.encode_page_header(addr, &mut self.page_header)?;
-                self.hasher.update(&self.page_header);
+                self.hasher.write(&self.page_header);
                 self.stats.qemu_bytes += self.page_header.len() as u64;
                 let at = PageAt {
                     block: &addr.block,
@@ -164,9 +164,9 @@ impl DedupEncoder {
         let raw_len = (self.batch.len() as u32).to_be_bytes();
         let flags = if self.hold { wire::FLAG_HOLD } else { 0 };
         // the digest covers the frame's own bytes too: no flip on the wire goes unseen
-        self.hasher.update(&[codec, flags]);
-        self.hasher.update(&raw_len);
-        self.hasher.update(body);
+        self.hasher.write(&[codec, flags]);
+        self.hasher.write(&raw_len);
+        self.hasher.write(body);
         wire::put_frame_header(dst, frame::DATA, wire::DATA_HEADER + body.len());
         dst.put_u8(codec);
         dst.put_u8(flags);
@@ -214,7 +214,7 @@ impl DedupEncoder {
         let at = dst.len();
         hello.put(dst);
         // every frame digest covers the HELLO too
-        self.hasher.update(&dst[at + wire::FRAME_HEADER..]);
+        self.hasher.write(&dst[at + wire::FRAME_HEADER..]);
         self.stats.wire_bytes += (dst.len() - at) as u64;
     }
 
@@ -223,7 +223,7 @@ impl DedupEncoder {
         if self.verbatim.is_empty() {
             return;
         }
-        self.hasher.update(&self.verbatim);
+        self.hasher.write(&self.verbatim);
         self.stats.qemu_bytes += self.verbatim.len() as u64;
         self.batch_qemu += self.verbatim.len();
         self.batch.push(wire::ENTRY_QEMU);
@@ -268,7 +268,7 @@ impl DedupEncoder {
         for c in &mut self.claims {
             c.delivered(&page);
         }
-        self.hasher.update(page.data);
+        self.hasher.write(page.data);
         self.stats.qemu_bytes += page.data.len() as u64;
         self.batch_qemu += page.data.len();
     }

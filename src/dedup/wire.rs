@@ -84,8 +84,8 @@ impl Hello {
 /// whoever can change the frames can recompute any unkeyed digest, cryptographic or
 /// not, so a link that needs protection from an active attacker runs over TLS or a
 /// VPN. XXH3 runs at memory speed where BLAKE3 would take most of a core.
-pub(crate) fn digest_bytes(hasher: &xxhash_rust::xxh3::Xxh3) -> [u8; FRAME_DIGEST] {
-    hasher.digest128().to_be_bytes()
+pub(crate) fn digest_bytes(hasher: &twox_hash::XxHash3_128) -> [u8; FRAME_DIGEST] {
+    hasher.finish_128().to_be_bytes()
 }
 
 pub(crate) fn put_frame_header(dst: &mut BytesMut, kind: u8, len: usize) {
