@@ -149,6 +149,18 @@ impl Restore for Ramp {
     }
 }
 
+/// A restore half that returns without writing its page.
+struct Forgetful;
+
+impl Restore for Forgetful {
+    fn tag(&self) -> u8 {
+        0x80
+    }
+    fn restore(&mut self, _: PageAt<'_>, _: &[u8], _: &mut PageOut<'_>) -> migstream::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn a_custom_resolver_plugs_in() {
     use bytes::Bytes;
@@ -177,6 +189,12 @@ fn a_custom_resolver_plugs_in() {
     // without the resolver the destination refuses rather than guessing
     let (_, err) = decode_with(DedupDecoder::new(vec![]), &wire, 100);
     assert_eq!(err.unwrap().kind(), ErrorKind::Malformed);
+    // a resolver that writes no page fails its frame where the page is missing
+    let (out, err) = decode_with(DedupDecoder::new(vec![Box::new(Forgetful)]), &wire, 100);
+    let err = err.expect("a page was not written");
+    assert_eq!(err.kind(), ErrorKind::Malformed);
+    assert_eq!(err.field(), Some("batch entry"), "{err}");
+    assert!(out.len() < qemu.len());
 }
 
 proptest! {
