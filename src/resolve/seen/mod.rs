@@ -147,7 +147,6 @@ fn numbered(page: &Page<'_>) -> bool {
 /// The destination half of seen-before: a ring of the last delivered pages.
 #[derive(Debug)]
 pub struct SeenBeforeRestore {
-    window: u64,
     next_id: u64,
     ring: Ring,
 }
@@ -159,11 +158,9 @@ impl SeenBeforeRestore {
     /// `SeenBeforeRestore` is reused if it is large enough, and kept after this one
     /// is dropped: memory already mapped costs no page faults.
     pub fn new(window_pages: u64) -> Self {
-        let window = window_pages.max(1);
         Self {
-            window,
             next_id: 0,
-            ring: Ring::new(window),
+            ring: Ring::new(window_pages.max(1)),
         }
     }
 }
@@ -184,7 +181,9 @@ impl Restore for SeenBeforeRestore {
             .try_into()
             .map_err(|_| malformed("not a distance and a fingerprint"))?;
         let fingerprint = Fingerprint(fp);
-        if distance >= self.next_id.min(self.window) || out.page_size() != self.ring.page_size() {
+        if distance >= self.next_id.min(self.ring.window())
+            || out.page_size() != self.ring.page_size()
+        {
             return Err(Error::Unresolved {
                 resolver: "seen-before",
                 fingerprint,

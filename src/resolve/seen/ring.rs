@@ -29,6 +29,11 @@ impl Ring {
         }
     }
 
+    /// How many pages it keeps at most.
+    pub(super) fn window(&self) -> u64 {
+        self.window
+    }
+
     /// The page size of the pages kept, 0 before the first.
     pub(super) fn page_size(&self) -> usize {
         self.page_size
