@@ -27,6 +27,8 @@
 
 #[path = "../tests/redis_server/mod.rs"]
 mod redis_server;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::hint::black_box;
 use std::path::Path;
@@ -50,28 +52,11 @@ const TEMPLATES: usize = 8192;
 /// Pages nothing claims, one after every 8 templates.
 const RAW_EVERY: usize = 8;
 
-/// Distinct pseudo-random pages.
-fn pages(n: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            (0..PAGE / 8)
-                .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// A QEMU stream of the templates in a scrambled order, a raw page after every
 /// [`RAW_EVERY`], then EOF and a device description: 89 % template pages.
 fn synthetic() -> (Catalog, Bytes) {
-    let templates = pages(TEMPLATES, 0x7e3a);
-    let raw = pages(TEMPLATES / RAW_EVERY, 0x9a11);
+    let templates = support::random_pages(TEMPLATES, PAGE, 0x7e3a);
+    let raw = support::random_pages(TEMPLATES / RAW_EVERY, PAGE, 0x9a11);
     let catalog = Catalog::from_pages(PAGE, &templates).expect("catalog");
     let mut order: Vec<&Vec<u8>> = Vec::new();
     for i in 0..TEMPLATES {

@@ -29,23 +29,6 @@ use redis_server::RedisServer;
 
 const PAGE: usize = 4096;
 
-/// `n` distinct pseudo-random pages.
-fn pages(n: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            (0..PAGE / 8)
-                .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// A QEMU stream whose RAM is `templates` (each once, then the first half again)
 /// and `others` (not templates), then EOF and a JSON device description; and the
 /// length of the stream up to and including EOF.
@@ -95,8 +78,8 @@ struct Fixture {
 }
 
 fn fixture(templates: usize) -> Fixture {
-    let tpl = pages(templates, 0x5eed);
-    let others = pages(64, 0xfeed);
+    let tpl = support::random_pages(templates, PAGE, 0x5eed);
+    let others = support::random_pages(64, PAGE, 0xfeed);
     let catalog = Arc::new(Catalog::from_pages(PAGE, &tpl).unwrap());
     let (qemu, eof_end) = qemu_stream(&tpl, &others);
     let wire = encode(&catalog, &qemu);
