@@ -27,10 +27,9 @@ mod support;
 
 use std::hint::black_box;
 use std::path::Path;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use migstream::qemu::{QemuDecoder, QemuEncoder, Record};
 use support::{MIB, Shape, synthetic_stream};
 
@@ -99,12 +98,7 @@ fn check_round_trip(name: &str, stream: &Bytes) {
 }
 
 fn bench(c: &mut Criterion, streams: &[(&str, Bytes)]) {
-    let mut group = c.benchmark_group("decode");
-    group
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(12));
+    let mut group = support::flat_group(c, "decode", 2, 12);
     for (name, stream) in streams {
         group.throughput(Throughput::Bytes(stream.len() as u64));
         group.bench_with_input(BenchmarkId::new("whole", name), stream, |b, s| {
@@ -120,12 +114,7 @@ fn bench(c: &mut Criterion, streams: &[(&str, Bytes)]) {
     }
     group.finish();
 
-    let mut group = c.benchmark_group("decode_encode");
-    group
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(15));
+    let mut group = support::flat_group(c, "decode_encode", 2, 15);
     for (name, stream) in streams {
         group.throughput(Throughput::Bytes(stream.len() as u64));
         // reused across iterations: cleared, its capacity kept

@@ -61,7 +61,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
-use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use migstream::dedup::wire::{self, codec, frame};
 use migstream::dedup::{DedupDecoder, DedupEncoder, Resolvers, Stats};
 use migstream::qemu::{QemuDecoder, RamRecord, Record};
@@ -331,12 +331,7 @@ impl Measurement for CpuTime {
 }
 
 fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
-    let mut group = c.benchmark_group("dedup_encode");
-    group
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(10));
+    let mut group = support::flat_group(c, "dedup_encode", 2, 10);
     for case in cases {
         group.throughput(Throughput::Bytes(case.qemu.len() as u64));
         let mut sink = BytesMut::with_capacity(2 * SINK);
@@ -371,12 +366,7 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
     }
     group.finish();
 
-    let mut group = c.benchmark_group("dedup_decode");
-    group
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(10));
+    let mut group = support::flat_group(c, "dedup_decode", 2, 10);
     for case in cases {
         group.throughput(Throughput::Bytes(case.qemu.len() as u64));
         group.bench_function(BenchmarkId::new(case.resolvers(), case.stream), |b| {
@@ -393,12 +383,7 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
     }
     group.finish();
 
-    let mut group = c.benchmark_group("dedup_floor");
-    group
-        .sample_size(10)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+    let mut group = support::flat_group(c, "dedup_floor", 1, 5);
     let mut out = Vec::new();
     for case in cases {
         group.throughput(Throughput::Bytes(case.qemu.len() as u64));

@@ -26,7 +26,11 @@
 
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
+use criterion::measurement::Measurement;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode};
 use migstream::qemu::{
     Configuration, MemSize, PageAddr, QemuEncoder, RamBlock, RamRecord, Record, SectionHeader,
 };
@@ -501,4 +505,21 @@ pub(crate) fn synthetic_stream(shape: Shape) -> Stream {
         mix: b.mix,
         image,
     }
+}
+
+/// A benchmark group of 10 flat samples, each iteration a whole stream (a fraction of
+/// a second), with `warm_up` and `measure` seconds.
+pub(crate) fn flat_group<'a, M: Measurement>(
+    c: &'a mut Criterion<M>,
+    name: &str,
+    warm_up: u64,
+    measure: u64,
+) -> BenchmarkGroup<'a, M> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(warm_up))
+        .measurement_time(Duration::from_secs(measure));
+    group
 }
