@@ -38,11 +38,7 @@ impl QemuEncoder {
 
     /// Sets the target page size (see [`QemuDecoder::with_page_size`](super::QemuDecoder::with_page_size)).
     pub fn with_page_size(mut self, page_size: usize) -> Self {
-        assert!(
-            wire::is_page_size(page_size),
-            "target page size must be a power of two from 1 KiB to 64 KiB"
-        );
-        self.page_size = page_size;
+        self.page_size = wire::checked_page_size(page_size);
         self
     }
 

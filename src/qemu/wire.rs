@@ -108,6 +108,19 @@ pub const fn is_page_size(n: usize) -> bool {
     n.is_power_of_two() && n >= 1024 && n <= 65536
 }
 
+/// `n`, if [`is_page_size`]: the page size a caller sets on a codec.
+///
+/// # Panics
+///
+/// If it is not.
+pub(crate) fn checked_page_size(n: usize) -> usize {
+    assert!(
+        is_page_size(n),
+        "target page size must be a power of two from 1 KiB to 64 KiB"
+    );
+    n
+}
+
 /// zlib's `compressBound()`: QEMU 7.2 rejects a compressed page longer than this.
 pub const fn zlib_compress_bound(len: usize) -> usize {
     len + (len >> 12) + (len >> 14) + (len >> 25) + 13

@@ -164,11 +164,7 @@ impl QemuDecoder {
     /// size is not announced in the configuration. Must be a power of two from 1 KiB
     /// to 64 KiB.
     pub fn with_page_size(mut self, page_size: usize) -> Self {
-        assert!(
-            wire::is_page_size(page_size),
-            "target page size must be a power of two from 1 KiB to 64 KiB"
-        );
-        self.page_size = page_size;
+        self.page_size = wire::checked_page_size(page_size);
         self
     }
 
