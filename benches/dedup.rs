@@ -18,7 +18,8 @@
 //!   by BLAKE3. `templates-held-seen` holds the seen-before window's pages too
 //!   (`Resolvers::hold_seen`): a repeated page is confirmed by comparing bytes and
 //!   its fingerprint computed once, instead of a BLAKE3 per repeat. Both give the
-//!   same dedup stream.
+//!   same dedup stream. `templates-held-lz4a4` holds the catalog and compresses with
+//!   `Compression::Lz4Accelerated(4)`: the same entries, other LZ4 blocks.
 //! - `dedup_decode/*`: the dedup stream is encoded once, outside the timing; each
 //!   iteration gets a fresh copy of it (untimed setup) and a fresh decoder, and
 //!   decodes it whole; the QEMU bytes handed out are dropped.
@@ -63,7 +64,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use migstream::dedup::wire::{self, codec, frame};
-use migstream::dedup::{DedupDecoder, DedupEncoder, Resolvers, Stats};
+use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, Resolvers, Stats};
 use migstream::qemu::{QemuDecoder, RamRecord, Record};
 use migstream::resolve::tag;
 use migstream::template::{Catalog, TemplateIndex};
@@ -202,26 +203,31 @@ fn case(
     case.frames = data_frames(&case.wire);
     case.seen = enc.stats().pages[usize::from(tag::SEEN)] as usize;
     case.templates = enc.stats().pages[usize::from(tag::TEMPLATE)] as usize;
+    check_round_trip(&case, case.resolvers(), &case.wire, enc.stats());
+    case
+}
+
+/// Checks once that `wire`, encoded from the case's stream by the encoder `name`,
+/// decodes back to it byte for byte, and prints its ratio.
+fn check_round_trip(case: &Case, name: &str, wire: &[u8], stats: &Stats) {
     let mut dec = case.decoder();
-    let mut src = BytesMut::from(&case.wire[..]);
+    let mut src = BytesMut::from(wire);
     let mut out = Vec::with_capacity(case.qemu.len());
     while let Some(bytes) = dec.decode_eof(&mut src).expect("valid dedup stream") {
         out.extend_from_slice(&bytes);
     }
+    let stream = case.stream;
     assert!(
         out[..] == case.qemu[..],
-        "{stream}/{}: the round trip differs",
-        case.resolvers()
+        "{stream}/{name}: the round trip differs"
     );
     eprintln!(
-        "{stream}/{}: {} QEMU bytes -> {} dedup bytes (ratio {:.4}), round trip exact; {}",
-        case.resolvers(),
+        "{stream}/{name}: {} QEMU bytes -> {} dedup bytes (ratio {:.4}), round trip exact; {}",
         case.qemu.len(),
-        case.wire.len(),
-        case.wire.len() as f64 / case.qemu.len() as f64,
-        pages(enc.stats())
+        wire.len(),
+        wire.len() as f64 / case.qemu.len() as f64,
+        pages(stats)
     );
-    case
 }
 
 /// The DATA frames of a dedup stream (`docs/wire-format.md`), batches decompressed.
@@ -352,11 +358,25 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
                 hold_seen: true,
                 ..held.clone()
             };
-            for (name, resolvers) in [("templates-held", held), ("templates-held-seen", held_seen)]
-            {
+            let (plain, fast) = (Compression::Lz4, Compression::Lz4Accelerated(4));
+            for (name, resolvers, compression) in [
+                ("templates-held", held.clone(), plain),
+                ("templates-held-seen", held_seen, plain),
+                ("templates-held-lz4a4", held, fast),
+            ] {
+                if compression != plain {
+                    let mut enc =
+                        DedupEncoder::with_resolvers(&resolvers).with_compression(compression);
+                    let mut wire = BytesMut::new();
+                    for record in &case.records {
+                        enc.encode(record, &mut wire).expect("encodable record");
+                    }
+                    enc.finish(&mut wire).expect("end of stream");
+                    check_round_trip(case, name, &wire, enc.stats());
+                }
                 group.bench_function(BenchmarkId::new(name, case.stream), |b| {
                     b.iter_batched(
-                        || DedupEncoder::with_resolvers(&resolvers),
+                        || DedupEncoder::with_resolvers(&resolvers).with_compression(compression),
                         |enc| encode(&case.records, enc, &mut sink),
                         BatchSize::PerIteration,
                     )

@@ -4,7 +4,11 @@
 //! cargo run --release --example dedup -- encode [--catalog C] IN.mig OUT.mz
 //! cargo run --release --example dedup -- decode [--catalog C | --dht URLS [--replicas R]] IN.mz OUT.mig
 //! cargo run --release --features zstd --example dedup -- encode --zstd 3 IN.mig OUT.mz
+//! cargo run --release --example dedup -- encode --lz4-acceleration 4 IN.mig OUT.mz
 //! ```
+//!
+//! `--lz4-acceleration N` compresses with migstream's own LZ4 encoder, probing every
+//! N-th position at first: less CPU for a few % more bytes (`Compression::Lz4Accelerated`).
 //!
 //! Both stream with bounded memory (1 MiB reads) and end with a line
 //! `in <BYTES> bytes out <BYTES> bytes ratio <R> <X.XX> GB/s` and the pages by kind.
@@ -18,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use migstream::dedup::{DedupDecoder, DedupEncoder, Stats};
+use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, Stats};
 use migstream::dht::DEFAULT_REPLICAS;
 use migstream::qemu::QemuDecoder;
 use migstream::relay::{self, Progress};
@@ -44,11 +48,12 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: dedup encode [--catalog C] [--zstd LEVEL] IN.mig OUT.mz | \
+const USAGE: &str = "usage: dedup encode [--catalog C] [--zstd LEVEL | --lz4-acceleration N] IN.mig OUT.mz | \
 dedup decode [--catalog C | --dht URLS [--replicas R]] IN.mz OUT.mig";
 
 fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     let (mut catalog, mut zstd, mut files) = (None, None, Vec::new());
+    let mut acceleration = None;
     let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
     let mut args = args.into_iter();
     let command = args.next().ok_or(USAGE)?;
@@ -56,6 +61,7 @@ fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
         match arg.as_str() {
             "--catalog" => catalog = Some(args.next().ok_or(USAGE)?),
             "--zstd" => zstd = Some(args.next().ok_or(USAGE)?.parse::<i32>()?),
+            "--lz4-acceleration" => acceleration = Some(args.next().ok_or(USAGE)?.parse::<u32>()?),
             "--dht" => dht = Some(args.next().ok_or(USAGE)?),
             "--replicas" => replicas = args.next().ok_or(USAGE)?.parse()?,
             _ => files.push(arg),
@@ -70,8 +76,11 @@ fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                 Some(path) => DedupEncoder::with_templates(Arc::new(TemplateIndex::load(path)?)),
                 None => DedupEncoder::with_default_resolvers(),
             };
-            if let Some(level) = zstd {
-                enc = with_zstd(enc, level)?;
+            match (zstd, acceleration) {
+                (Some(_), Some(_)) => return Err(USAGE.into()),
+                (Some(level), None) => enc = with_zstd(enc, level)?,
+                (None, Some(n)) => enc = enc.with_compression(Compression::Lz4Accelerated(n)),
+                (None, None) => {}
             }
             encode(input, output, enc)
         }
@@ -90,7 +99,7 @@ fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(feature = "zstd")]
 fn with_zstd(enc: DedupEncoder, level: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
-    Ok(enc.with_compression(migstream::dedup::Compression::Zstd(level)))
+    Ok(enc.with_compression(Compression::Zstd(level)))
 }
 
 #[cfg(not(feature = "zstd"))]

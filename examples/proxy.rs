@@ -12,7 +12,9 @@
 //! `--json` prints one JSON object per migration on stdout; `--quiet` drops the
 //! progress lines; `--connect-timeout SECS` (default 10). Source only: `--resolvers
 //! LIST` picks from `fill,xbzrle,seen` (default all; `none` for LZ4 alone), `--zstd
-//! LEVEL` (with the `zstd` feature). `--catalog` enables templates; the source uses
+//! LEVEL` (with the `zstd` feature), `--lz4-acceleration N` (migstream's own LZ4
+//! encoder probing every N-th position at first: less CPU, a few % more bytes).
+//! `--catalog` enables templates; the source uses
 //! them only if the destination holds the same catalog; `--hold-catalog` makes the
 //! source keep the catalog's pages in memory (its size; otherwise ~40 bytes per
 //! template) and confirm template hits by comparing bytes instead of hashing them,
@@ -53,7 +55,7 @@ mod templates;
 use templates::template_store;
 
 const USAGE: &str = "usage: proxy source|destination --listen ADDR --to ADDR [--catalog FILE] \
-[--hold-catalog] [--hold-seen] [--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL] [--once] [--json] \
+[--hold-catalog] [--hold-seen] [--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL | --lz4-acceleration N] [--once] [--json] \
 [--quiet] [--connect-timeout SECS]";
 
 /// One end's settings, shared by all its migrations.
@@ -96,7 +98,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let (mut listen, mut to, mut catalog, mut resolvers) = (None, None, None, None);
     let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
     let (mut zstd, mut once, mut json, mut quiet, mut timeout) = (None, false, false, false, 10.0);
-    let (mut hold, mut hold_seen) = (false, false);
+    let (mut hold, mut hold_seen, mut acceleration) = (false, false, None);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(USAGE);
         match arg.as_str() {
@@ -109,6 +111,7 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
             "--replicas" => replicas = value()?.parse()?,
             "--resolvers" => resolvers = Some(value()?),
             "--zstd" => zstd = Some(value()?.parse::<i32>()?),
+            "--lz4-acceleration" => acceleration = Some(value()?.parse::<u32>()?),
             "--connect-timeout" => timeout = value()?.parse::<f64>()?,
             "--once" => once = true,
             "--json" => json = true,
@@ -122,7 +125,21 @@ async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let listener = TcpListener::bind(&listen).await?;
     eprintln!("listening on {}", listener.local_addr()?);
     let role = match role.as_str() {
-        "source" => Role::Source(source_config(catalog, hold, hold_seen, resolvers, zstd)?),
+        "source" => {
+            let compression = match (zstd, acceleration) {
+                (Some(_), Some(_)) => return Err("--zstd or --lz4-acceleration, not both".into()),
+                (Some(level), None) => zstd_compression(level)?,
+                (None, Some(n)) => Compression::Lz4Accelerated(n),
+                (None, None) => Compression::Lz4,
+            };
+            Role::Source(source_config(
+                catalog,
+                hold,
+                hold_seen,
+                resolvers,
+                compression,
+            )?)
+        }
         "destination" => Role::Destination(DestinationConfig {
             templates: template_store(catalog.as_deref(), dht.as_deref(), replicas).await?,
             ..DestinationConfig::default()
@@ -154,7 +171,7 @@ fn source_config(
     hold: bool,
     hold_seen: bool,
     resolvers: Option<String>,
-    zstd: Option<i32>,
+    compression: Compression,
 ) -> Result<SourceConfig, Box<dyn std::error::Error>> {
     let mut chosen = Resolvers {
         templates: match catalog {
@@ -181,10 +198,7 @@ fn source_config(
     }
     Ok(SourceConfig {
         resolvers: chosen,
-        compression: match zstd {
-            Some(level) => zstd_compression(level)?,
-            None => Compression::Lz4,
-        },
+        compression,
         ..SourceConfig::default()
     })
 }

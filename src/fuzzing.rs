@@ -87,6 +87,24 @@ pub fn xbzrle(data: &[u8]) {
     }
 }
 
+/// migstream's accelerated LZ4 encoder on `data[1..]`, with the acceleration
+/// `data[0] % 9` (0 counts as 1): lz4_flex, which decodes every LZ4 frame at the
+/// destination, must give back exactly the input. The input is also repeated once
+/// so that matches reach back across the whole of it.
+pub fn lz4_encode(data: &[u8]) {
+    let Some((&accel, rest)) = data.split_first() else {
+        return;
+    };
+    let mut encoder = crate::dedup::lz4::Lz4Encoder::new(u32::from(accel % 9));
+    let twice = [rest, rest].concat();
+    for input in [rest, &twice[..]] {
+        let mut out = Vec::new();
+        encoder.compress(input, &mut out);
+        let back = lz4_flex::block::decompress(&out, input.len()).expect("a valid LZ4 block");
+        assert!(back == input, "decompress(compress(x)) != x");
+    }
+}
+
 /// Loads `data` as a template catalog file, whole and from a reader of unknown
 /// length (same result, same error), and as the source's index. Whatever loads must
 /// write back to exactly `data`, and its index must find every template.
@@ -304,6 +322,11 @@ mod tests {
     #[test]
     fn dedup_decode_corpus_replays() {
         replay("dedup_decode", super::dedup_decode);
+    }
+
+    #[test]
+    fn lz4_encode_corpus_replays() {
+        replay("lz4_encode", super::lz4_encode);
     }
 
     #[test]

@@ -269,6 +269,29 @@ fn zstd_batches_round_trip_and_are_smaller() {
 }
 
 #[test]
+fn accelerated_lz4_batches_round_trip_with_any_decoder() {
+    use migstream::dedup::Compression;
+    let qemu = testdata("qemu-7.2-pc-paused.mig");
+    let plain = encode_with(DedupEncoder::with_default_resolvers(), &qemu, 1 << 20);
+    for n in [1, 4, 1000] {
+        let enc =
+            DedupEncoder::with_default_resolvers().with_compression(Compression::Lz4Accelerated(n));
+        let fast = encode_with(enc, &qemu, 1 << 20);
+        // the same entries, only the LZ4 blocks differ; 1000 hardly looks for matches
+        let slack = qemu.len() / 10;
+        assert!(
+            n > 4 || fast.len() < plain.len() + slack,
+            "acceleration {n}: {} bytes, lz4_flex {}",
+            fast.len(),
+            plain.len()
+        );
+        let (out, err) = decode_with(DedupDecoder::with_default_resolvers(), &fast, 4096);
+        assert!(err.is_none(), "acceleration {n}: {err:?}");
+        assert!(out == qemu, "acceleration {n}: decoded bytes differ");
+    }
+}
+
+#[test]
 fn templates_round_trip_and_a_wrong_catalog_is_refused() {
     use migstream::template::{Catalog, CatalogBuilder, TemplateIndex, Threshold};
     use std::sync::Arc;

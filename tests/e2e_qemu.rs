@@ -208,6 +208,22 @@ fn qemu10_idle() {
     assert!(bytes(&r, "wire_bytes") < bytes(&r, "qemu_bytes"));
 }
 
+/// The source proxy compresses with migstream's own LZ4 encoder (acceleration 4);
+/// the destination decodes its blocks with lz4_flex, as any LZ4 frame.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_idle_lz4_accelerated() {
+    let r = qemu10(
+        "qemu10-idle-lz4a4",
+        "idle",
+        &["--src-proxy-arg", "--lz4-acceleration 4"],
+    );
+    assert!(
+        2 * bytes(&r, "wire_bytes") < bytes(&r, "qemu_bytes"),
+        "ratio above 0.5"
+    );
+}
+
 #[test]
 #[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
 fn qemu10_idle_xbzrle() {

@@ -31,6 +31,7 @@
 mod compress;
 mod decode;
 mod encode;
+pub(crate) mod lz4;
 mod stream;
 pub mod wire;
 
