@@ -77,14 +77,20 @@ fn put_length(out: &mut Vec<u8>, mut n: usize) {
     out.push(n as u8);
 }
 
-/// A sequence: `literals`, then a match of `len` bytes `offset` back.
-fn put_sequence(out: &mut Vec<u8>, literals: &[u8], offset: usize, len: usize) {
-    let (lit, extra) = (literals.len(), len - MIN_MATCH);
-    out.push(((lit.min(15) as u8) << 4) | extra.min(15) as u8);
+/// A token with `match_nibble` in its low half, then `literals` with their length.
+fn put_literals(out: &mut Vec<u8>, literals: &[u8], match_nibble: u8) {
+    let lit = literals.len();
+    out.push(((lit.min(15) as u8) << 4) | match_nibble);
     if lit >= 15 {
         put_length(out, lit - 15);
     }
     out.extend_from_slice(literals);
+}
+
+/// A sequence: `literals`, then a match of `len` bytes `offset` back.
+fn put_sequence(out: &mut Vec<u8>, literals: &[u8], offset: usize, len: usize) {
+    let extra = len - MIN_MATCH;
+    put_literals(out, literals, extra.min(15) as u8);
     out.extend_from_slice(&(offset as u16).to_le_bytes());
     if extra >= 15 {
         put_length(out, extra - 15);
@@ -93,12 +99,7 @@ fn put_sequence(out: &mut Vec<u8>, literals: &[u8], offset: usize, len: usize) {
 
 /// The last sequence: literals only.
 fn put_last(out: &mut Vec<u8>, literals: &[u8]) {
-    let lit = literals.len();
-    out.push((lit.min(15) as u8) << 4);
-    if lit >= 15 {
-        put_length(out, lit - 15);
-    }
-    out.extend_from_slice(literals);
+    put_literals(out, literals, 0);
 }
 
 impl Lz4Encoder {
