@@ -24,6 +24,18 @@ pub enum ErrorKind {
     Unresolved,
     /// The peer refers to a template catalog this end does not hold.
     CatalogMismatch,
+    /// A peer or a store did not answer in time.
+    Timeout,
+    /// The peer closed the connection before the migration's end.
+    PeerClosed,
+    /// The far end of a link reported that its side of the migration failed.
+    Remote,
+    /// The link's TLS handshake or certificates failed.
+    Tls,
+    /// Every slot for a migration is taken.
+    Busy,
+    /// A configuration (certificates, options, resolvers) is unusable.
+    Config,
     /// The transport failed.
     Io,
 }
@@ -99,6 +111,41 @@ pub enum Error {
         /// The catalog this end holds, if any.
         held: Option<crate::template::CatalogId>,
     },
+    /// A peer or a store did not answer in time.
+    #[error("timed out waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+    },
+    /// The peer closed the connection early.
+    #[error("the peer closed the connection before {what}")]
+    PeerClosed {
+        /// What had not happened yet.
+        what: &'static str,
+    },
+    /// The far end of a link reported that its side of the migration failed.
+    #[error("the destination failed: {reason}")]
+    Remote {
+        /// The far end's own error, as it reported it.
+        reason: String,
+    },
+    /// The link's TLS handshake failed, or the peer's certificate was refused.
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Every slot for a migration is taken.
+    #[error("busy: {limit} migrations in progress already")]
+    Busy {
+        /// The number of migrations allowed at once.
+        limit: usize,
+    },
+    /// A configuration (certificates, options, resolvers) is unusable.
+    #[error("invalid configuration: {what}: {reason}")]
+    Config {
+        /// What is configured wrongly.
+        what: &'static str,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The transport failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
@@ -115,6 +162,12 @@ impl Error {
             Self::InvalidRecord { .. } => ErrorKind::InvalidRecord,
             Self::Unresolved { .. } => ErrorKind::Unresolved,
             Self::CatalogMismatch { .. } => ErrorKind::CatalogMismatch,
+            Self::Timeout { .. } => ErrorKind::Timeout,
+            Self::PeerClosed { .. } => ErrorKind::PeerClosed,
+            Self::Remote { .. } => ErrorKind::Remote,
+            Self::Tls(_) => ErrorKind::Tls,
+            Self::Busy { .. } => ErrorKind::Busy,
+            Self::Config { .. } => ErrorKind::Config,
             Self::Io(_) => ErrorKind::Io,
         }
     }
@@ -126,10 +179,7 @@ impl Error {
             | Self::Unsupported { offset, .. }
             | Self::LimitExceeded { offset, .. }
             | Self::Truncated { offset, .. } => Some(offset),
-            Self::InvalidRecord { .. }
-            | Self::Unresolved { .. }
-            | Self::CatalogMismatch { .. }
-            | Self::Io(_) => None,
+            _ => None,
         }
     }
 
@@ -141,7 +191,7 @@ impl Error {
             | Self::LimitExceeded { field, .. }
             | Self::Truncated { field, .. }
             | Self::InvalidRecord { field, .. } => Some(field),
-            Self::Unresolved { .. } | Self::CatalogMismatch { .. } | Self::Io(_) => None,
+            _ => None,
         }
     }
 }
@@ -152,7 +202,10 @@ impl From<Error> for io::Error {
     fn from(err: Error) -> Self {
         match err {
             Error::Io(io) => io,
-            Error::Truncated { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, err),
+            Error::Truncated { .. } | Error::PeerClosed { .. } => {
+                io::Error::new(io::ErrorKind::UnexpectedEof, err)
+            }
+            Error::Timeout { .. } => io::Error::new(io::ErrorKind::TimedOut, err),
             Error::InvalidRecord { .. } => io::Error::new(io::ErrorKind::InvalidInput, err),
             other => io::Error::new(io::ErrorKind::InvalidData, other),
         }
