@@ -61,6 +61,7 @@
 mod destination;
 mod pump;
 mod source;
+pub mod tls;
 
 pub use destination::{DestinationConfig, destination};
 pub use pump::{dedup, restore};
