@@ -6,7 +6,7 @@
 //! hashes are used only to pre-filter (see [`prefilter`]).
 
 use std::fmt;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::OnceLock;
 
 /// Bytes in a fingerprint on the wire.
 pub const FINGERPRINT_LEN: usize = 16;
@@ -77,41 +77,6 @@ pub fn is_zero(page: &[u8]) -> bool {
         && tail.iter().all(|&b| b == 0)
 }
 
-/// One large page buffer kept from a finished migration for the next one.
-///
-/// The resolvers that remember pages (the seen-before ring, the XBZRLE caches) need
-/// tens to hundreds of MiB per migration. Fresh memory costs a page fault at its
-/// first write, about 3 µs per 4 KiB on a VM, more than everything else a decoder
-/// does with a page; a buffer that stays mapped costs none. So a resolver hands its
-/// buffer here when it is dropped, and the next one of its kind takes it. Only one
-/// buffer is kept per kind: what a process holds beyond its running migrations is
-/// bounded by the largest buffer of each kind.
-#[derive(Debug)]
-pub(crate) struct Spare(Mutex<Option<Vec<u8>>>);
-
-impl Spare {
-    pub(crate) const fn new() -> Self {
-        Self(Mutex::new(None))
-    }
-
-    /// The kept buffer if it has room for `bytes` (its contents are stale), or `None`.
-    pub(crate) fn take(&self, bytes: usize) -> Option<Vec<u8>> {
-        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*kept {
-            Some(buf) if buf.capacity() >= bytes => kept.take(),
-            _ => None,
-        }
-    }
-
-    /// Keeps `buf` for the next taker, unless a larger buffer is kept already.
-    pub(crate) fn give(&self, buf: Vec<u8>) {
-        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.as_ref().is_none_or(|k| k.capacity() < buf.capacity()) {
-            *kept = Some(buf);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,18 +98,6 @@ mod tests {
         page[4095] = 1;
         assert!(!is_zero(&page));
         assert!(is_zero(&[0u8; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
-    }
-
-    #[test]
-    fn a_spare_buffer_serves_a_taker_it_fits() {
-        let spare = Spare::new();
-        spare.give(Vec::with_capacity(100));
-        assert!(spare.take(101).is_none());
-        assert!(spare.take(100).is_some());
-        assert!(spare.take(1).is_none(), "taken");
-        spare.give(Vec::with_capacity(200));
-        spare.give(Vec::with_capacity(50));
-        assert!(spare.take(200).is_some(), "the larger one is kept");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use super::compress::Decompressor;
 use super::wire::{self, Hello, frame};
 use super::{Limits, Stats};
 use crate::error::{Error, Result};
-use crate::page::Spare;
 use crate::qemu::wire::ram_flag;
 use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
 use crate::resolve::{Page, PageAt, PageOut, Restore, tag};
@@ -49,22 +48,6 @@ pub struct DedupDecoder {
     hold_started: bool,
     hasher: XxHash3_128,
     stats: Stats,
-}
-
-/// The output buffer of the last decoder dropped, for the next one (see [`Spare`]):
-/// frames of template and fill entries stand for up to 16 MiB of QEMU bytes, and a
-/// buffer that large goes back to the kernel when freed, to be faulted in again
-/// page by page by the next migration.
-static OUTPUTS: Spare = Spare::new();
-
-impl Drop for DedupDecoder {
-    fn drop(&mut self) {
-        // the whole allocation if no frame handed out is still alive, else nothing
-        let out = Vec::from(std::mem::take(&mut self.out));
-        if out.capacity() > 0 {
-            OUTPUTS.give(out);
-        }
-    }
 }
 
 /// Reads the fields of batch entries; `None` when the batch ends too early.
@@ -222,6 +205,17 @@ impl DedupDecoder {
         &self.stats
     }
 
+    /// The running digest so far; once the END frame verified, the END digest, which
+    /// a destination confirms to its source in [`Reply::Done`](super::Reply::Done).
+    pub fn digest(&self) -> [u8; wire::FRAME_DIGEST] {
+        wire::digest_bytes(&self.hasher)
+    }
+
+    /// Whether the END frame arrived and confirmed the whole stream.
+    pub fn is_complete(&self) -> bool {
+        self.done
+    }
+
     /// True while a resolver waits for pages of the frame `decode` stopped at (see
     /// [`Restore::prepare`]): fetch them, then call `decode` again. Feeding more input
     /// meanwhile is allowed but makes no progress.
@@ -277,25 +271,9 @@ impl DedupDecoder {
                     }),
                 };
             }
-            let Some(header) = src.get(..wire::FRAME_HEADER) else {
+            let Some((kind, payload)) = self.take_frame(src)? else {
                 return Ok(None);
             };
-            let kind = header[0];
-            let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
-            self.frame_at = self.offset;
-            if len > self.limits.max_frame {
-                return Err(self.limit(1, "frame length", len, self.limits.max_frame));
-            }
-            if src.len() < wire::FRAME_HEADER + len {
-                src.reserve(wire::FRAME_HEADER + len - src.len());
-                return Ok(None);
-            }
-            let payload = src
-                .split_to(wire::FRAME_HEADER + len)
-                .freeze()
-                .slice(wire::FRAME_HEADER..);
-            self.offset += (wire::FRAME_HEADER + len) as u64;
-            self.stats.wire_bytes += (wire::FRAME_HEADER + len) as u64;
             let out = match (kind, self.hello.is_some()) {
                 (frame::HELLO, false) => self.on_hello(&payload).map(|()| None),
                 (frame::DATA, true) => self.on_data(payload),
@@ -316,6 +294,52 @@ impl DedupDecoder {
         }
     }
 
+    /// Reads the HELLO frame alone: `Ok(Some(hello))` once it is in, `Ok(None)` while
+    /// `src` does not hold it whole. Whatever follows stays in `src` for
+    /// [`decode`](Self::decode). For an end that checks its peer before it acts on
+    /// the stream: a destination proxy connects to its QEMU only after a valid HELLO.
+    pub fn decode_hello(&mut self, src: &mut BytesMut) -> Result<Option<Hello>> {
+        if let Some(hello) = self.hello {
+            return Ok(Some(hello));
+        }
+        let result = match self.take_frame(src) {
+            Ok(Some((_, payload))) => self.on_hello(&payload).map(|()| self.hello),
+            other => other.map(|_| None),
+        };
+        self.failed = result.is_err();
+        result
+    }
+
+    /// Takes the next whole frame off `src`: its type and payload.
+    fn take_frame(&mut self, src: &mut BytesMut) -> Result<Option<(u8, Bytes)>> {
+        let Some(header) = src.get(..wire::FRAME_HEADER) else {
+            return Ok(None);
+        };
+        let kind = header[0];
+        let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+        self.frame_at = self.offset;
+        if self.hello.is_none() && kind != frame::HELLO {
+            return Err(self.malformed(0, "first frame", "not a migstream dedup stream"));
+        }
+        if kind == frame::HELLO && len != wire::HELLO_LEN {
+            return Err(self.malformed(1, "hello length", "not the length of a HELLO"));
+        }
+        if len > self.limits.max_frame {
+            return Err(self.limit(1, "frame length", len, self.limits.max_frame));
+        }
+        if src.len() < wire::FRAME_HEADER + len {
+            src.reserve(wire::FRAME_HEADER + len - src.len());
+            return Ok(None);
+        }
+        let payload = src
+            .split_to(wire::FRAME_HEADER + len)
+            .freeze()
+            .slice(wire::FRAME_HEADER..);
+        self.offset += (wire::FRAME_HEADER + len) as u64;
+        self.stats.wire_bytes += (wire::FRAME_HEADER + len) as u64;
+        Ok(Some((kind, payload)))
+    }
+
     fn on_hello(&mut self, p: &[u8]) -> Result<()> {
         if p.len() != wire::HELLO_LEN || p[..4] != wire::MAGIC {
             return Err(self.malformed(5, "hello", "not a migstream dedup stream"));
@@ -327,7 +351,7 @@ impl DedupDecoder {
             return Err(Error::Unsupported {
                 offset: self.frame_at + 9,
                 field: "dedup stream version",
-                reason: "not 2",
+                reason: "not 3",
             });
         }
         if p[6..8] != [0, 0] {
@@ -456,12 +480,6 @@ impl DedupDecoder {
         let mut out = std::mem::take(&mut self.out);
         // a peer's frame reserves no more than the limit lets it have
         let wanted = qemu_bytes.min(self.limits.max_output + self.limits.max_batch);
-        if out.capacity() == 0 {
-            if let Some(Ok(spare)) = OUTPUTS.take(wanted).map(|v| Bytes::from(v).try_into_mut()) {
-                out = spare;
-                out.clear();
-            }
-        }
         out.reserve(wanted);
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader { rest: &raw };

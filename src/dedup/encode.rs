@@ -112,6 +112,12 @@ impl DedupEncoder {
         &self.stats
     }
 
+    /// The running digest so far; after [`finish`](Self::finish), the END frame's,
+    /// which a destination's [`Reply::Done`](super::Reply::Done) must repeat.
+    pub fn digest(&self) -> [u8; wire::FRAME_DIGEST] {
+        wire::digest_bytes(&self.hasher)
+    }
+
     /// Takes in one QEMU record; appends any frames that became ready to `dst`.
     pub fn encode(&mut self, record: &Record, dst: &mut BytesMut) -> Result<()> {
         match record {

@@ -32,12 +32,14 @@ mod compress;
 mod decode;
 mod encode;
 pub(crate) mod lz4;
+mod reply;
 mod stream;
 pub mod wire;
 
 pub use compress::Compression;
 pub use decode::DedupDecoder;
 pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_FRAME_QEMU_BYTES};
+pub use reply::{MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
 pub use stream::DedupFrames;
 
 use std::sync::Arc;
@@ -50,9 +52,11 @@ use crate::resolve::{
 };
 use crate::template::{Catalog, CatalogId, TemplateIndex};
 
-/// Default seen-before window: the last 65536 distinct pages (256 MiB of 4 KiB pages
-/// at the destination, ~2.5 MiB at the source).
-pub const DEFAULT_SEEN_WINDOW: u64 = 65536;
+/// Seen-before window of the dedup stream: 256 MiB of pages (65536 pages of 4 KiB)
+/// held at the destination, ~2.5 MiB of index at the source for 4 KiB pages. Fixed in
+/// bytes, not pages, so that a peer naming a larger page size cannot make the
+/// destination hold more.
+pub const SEEN_WINDOW_BYTES: usize = 256 << 20;
 
 /// Caps on what a peer's frame can make the decoder hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +107,7 @@ impl Default for Stats {
 }
 
 /// Which built-in resolvers a [`DedupEncoder`] runs, tried in this order: fill pages,
-/// templates, XBZRLE deltas (64 MiB cache), seen-before ([`DEFAULT_SEEN_WINDOW`]).
+/// templates, XBZRLE deltas (64 MiB cache), seen-before ([`SEEN_WINDOW_BYTES`]).
 /// The decoders of [`DedupDecoder::with_default_resolvers`] and its siblings
 /// understand every combination.
 #[derive(Debug, Clone)]
@@ -117,7 +121,7 @@ pub struct Resolvers {
     /// References to pages already sent in this migration.
     pub seen: bool,
     /// Keep the seen-before window's pages at the source too
-    /// ([`SeenBefore::holding`]): up to [`DEFAULT_SEEN_WINDOW`] pages (256 MiB),
+    /// ([`SeenBefore::holding`]): up to [`SEEN_WINDOW_BYTES`] (256 MiB),
     /// for a repeated page confirmed by comparing bytes instead of a BLAKE3.
     pub hold_seen: bool,
 }
@@ -149,8 +153,8 @@ impl Resolvers {
             claims.push(Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES)));
         }
         match (self.seen, self.hold_seen) {
-            (true, false) => claims.push(Box::new(SeenBefore::new(DEFAULT_SEEN_WINDOW))),
-            (true, true) => claims.push(Box::new(SeenBefore::holding(DEFAULT_SEEN_WINDOW))),
+            (true, false) => claims.push(Box::new(SeenBefore::new(SEEN_WINDOW_BYTES))),
+            (true, true) => claims.push(Box::new(SeenBefore::holding(SEEN_WINDOW_BYTES))),
             (false, _) => {}
         }
         claims
@@ -206,6 +210,6 @@ fn default_restores(templates: Option<Box<dyn Restore>>) -> Vec<Box<dyn Restore>
     let mut restores: Vec<Box<dyn Restore>> = vec![Box::new(Fill)];
     restores.extend(templates);
     restores.push(Box::new(XbzrleRestore::new(DEFAULT_CACHE_BYTES)));
-    restores.push(Box::new(SeenBeforeRestore::new(DEFAULT_SEEN_WINDOW)));
+    restores.push(Box::new(SeenBeforeRestore::new(SEEN_WINDOW_BYTES)));
     restores
 }

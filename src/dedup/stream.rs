@@ -43,6 +43,11 @@ impl<S> DedupFrames<S> {
         }
     }
 
+    /// The encoder's running digest (after the last chunk: the END frame's).
+    pub fn digest(&self) -> [u8; super::wire::FRAME_DIGEST] {
+        self.encoder.digest()
+    }
+
     /// The encoder's counters so far.
     pub fn stats(&self) -> &Stats {
         self.encoder.stats()

@@ -4,12 +4,8 @@ use bytes::{BufMut, BytesMut};
 
 /// First bytes of a HELLO payload.
 pub const MAGIC: [u8; 4] = *b"MGSD";
-/// First bytes of the destination's greeting.
-pub const GREETING_MAGIC: [u8; 4] = *b"MGSR";
-/// Length of the destination's greeting.
-pub const GREETING_LEN: usize = 4 + 2 + 2 + 32;
-/// Version of the dedup stream format.
-pub const VERSION: u16 = 2;
+/// Version of the dedup stream format, and of the link's return direction.
+pub const VERSION: u16 = 3;
 /// Frame header: type byte and be32 payload length.
 pub const FRAME_HEADER: usize = 5;
 /// Bytes of the running digest (XXH3-128) each DATA frame and the END frame carry.
@@ -92,50 +88,4 @@ pub(crate) fn put_frame_header(dst: &mut BytesMut, kind: u8, len: usize) {
     dst.reserve(FRAME_HEADER + len);
     dst.put_u8(kind);
     dst.put_u32(u32::try_from(len).expect("frames are bounded by the batch limit"));
-}
-
-/// What a destination proxy says first on the return direction of a link, before
-/// the QEMU return-path bytes it passes through: the catalog it can restore
-/// templates from. The source refers to templates only if it is the source's own
-/// catalog, so a mismatch costs ratio, never the migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Greeting {
-    /// Identity of the destination's template catalog (all zero: none).
-    pub catalog: [u8; 32],
-}
-
-impl Greeting {
-    /// The greeting's bytes.
-    pub fn to_bytes(&self) -> [u8; GREETING_LEN] {
-        let mut b = [0; GREETING_LEN];
-        b[..4].copy_from_slice(&GREETING_MAGIC);
-        b[4..6].copy_from_slice(&VERSION.to_be_bytes());
-        b[8..].copy_from_slice(&self.catalog);
-        b
-    }
-
-    /// Parses a greeting.
-    pub fn parse(b: &[u8; GREETING_LEN]) -> crate::Result<Self> {
-        let malformed = |offset, reason| crate::Error::Malformed {
-            offset,
-            field: "greeting",
-            reason,
-        };
-        if b[..4] != GREETING_MAGIC {
-            return Err(malformed(0, "not a migstream destination"));
-        }
-        if b[4..6] != VERSION.to_be_bytes() {
-            return Err(crate::Error::Unsupported {
-                offset: 4,
-                field: "greeting version",
-                reason: "not 2",
-            });
-        }
-        if b[6..8] != [0, 0] {
-            return Err(malformed(6, "flags not zero"));
-        }
-        Ok(Self {
-            catalog: b[8..].try_into().expect("32 bytes"),
-        })
-    }
 }

@@ -9,14 +9,16 @@
 
 use super::{Claim, Page, PageAt, PageOut, Restore, tag};
 use crate::error::{Error, Result};
-use crate::page::Spare;
 use crate::xbzrle::{self, Delta};
 
 /// Default cache size of both halves, as QEMU's `xbzrle-cache-size`.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
-/// The cache of the last finished migration's XBZRLE resolver, for the next one.
-static CACHES: Spare = Spare::new();
+/// Blocks given a number (and so cached), in the order first seen: QEMU's machines
+/// have a few dozen RAM blocks; pages of further blocks are neither cached nor
+/// encoded as deltas, at both ends alike, so a peer naming block after block cannot
+/// make either end hold or scan more names.
+pub(super) const MAX_BLOCKS: usize = 256;
 
 /// The cache both halves keep: slot → (block number, offset) and the page bytes.
 /// Its geometry is fixed by the first page it sees: `cache_bytes / page size` slots.
@@ -27,8 +29,7 @@ struct Cache {
     page_size: usize,
     keys: Vec<Option<(u32, u64)>>,
     /// One page per slot, in one buffer; a slot's bytes mean something only while
-    /// it has a key. Memory is touched as slots are first used, and the buffer is
-    /// reused by the next migration's cache (see [`Spare`]).
+    /// it has a key. Memory is touched as slots are first used.
     pages: Vec<u8>,
     /// Block names in the order first seen (the same order at both ends).
     blocks: Vec<Vec<u8>>,
@@ -45,47 +46,45 @@ impl Cache {
         }
     }
 
-    fn block_number(&mut self, block: &[u8]) -> u32 {
+    /// The number of `block`, `None` beyond [`MAX_BLOCKS`].
+    fn block_number(&mut self, block: &[u8]) -> Option<u32> {
         // pages come block by block: look from the most recent name back
         match self.blocks.iter().rposition(|b| b == block) {
-            Some(i) => i as u32,
-            None => {
+            Some(i) => Some(i as u32),
+            None if self.blocks.len() < MAX_BLOCKS => {
                 self.blocks.push(block.to_vec());
-                (self.blocks.len() - 1) as u32
+                Some((self.blocks.len() - 1) as u32)
             }
+            None => None,
         }
     }
 
-    fn slot(&mut self, at: PageAt<'_>, page_size: usize) -> (usize, (u32, u64)) {
+    /// The slot and key of the page at `at`, `None` if its block is not cached.
+    fn slot(&mut self, at: PageAt<'_>, page_size: usize) -> Option<(usize, (u32, u64))> {
         if self.keys.is_empty() {
             self.page_size = page_size.max(1);
             let slots = (self.cache_bytes / self.page_size).max(1);
             self.keys = vec![None; slots];
-            let bytes = slots * self.page_size;
-            self.pages = match CACHES.take(bytes) {
-                Some(mut pages) => {
-                    pages.resize(bytes, 0);
-                    pages
-                }
-                None => vec![0; bytes],
-            };
+            self.pages = vec![0; slots * self.page_size];
         }
-        let key = (self.block_number(at.block), at.offset);
+        let key = (self.block_number(at.block)?, at.offset);
         let page = at.offset / page_size.max(1) as u64;
         let mixed = page ^ u64::from(key.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        ((mixed % self.keys.len() as u64) as usize, key)
+        Some(((mixed % self.keys.len() as u64) as usize, key))
     }
 
     /// The cached version of the page at `at`, if the cache holds one of this size.
     fn get(&mut self, at: PageAt<'_>, page_size: usize) -> Option<&[u8]> {
-        let (slot, key) = self.slot(at, page_size);
+        let (slot, key) = self.slot(at, page_size)?;
         let start = slot * self.page_size;
         (self.keys[slot] == Some(key) && page_size == self.page_size)
             .then(|| &self.pages[start..start + page_size])
     }
 
     fn put(&mut self, page: &Page<'_>) {
-        let (slot, key) = self.slot(page.at, page.data.len());
+        let Some((slot, key)) = self.slot(page.at, page.data.len()) else {
+            return;
+        };
         // a template is not kept: it is code or read-only data that is hardly ever
         // sent again, and keeping it would copy a page at both ends for nothing
         if page.tag() == Some(tag::TEMPLATE) {
@@ -102,14 +101,6 @@ impl Cache {
         let start = slot * self.page_size;
         self.pages[start..start + self.page_size].copy_from_slice(page.data);
         self.keys[slot] = Some(key);
-    }
-}
-
-impl Drop for Cache {
-    fn drop(&mut self) {
-        if self.pages.capacity() > 0 {
-            CACHES.give(std::mem::take(&mut self.pages));
-        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Both halves number the pages delivered (fill, template and seen-before pages
 //! aside) 0, 1, 2, ... in stream order. The destination keeps the last `window` of
-//! them in a ring; the source remembers which content has which number for the same
+//! them in a ring, `window` being the window's bytes divided by the page size (so
+//! the memory a peer can make it hold does not grow with the page size it names); the source remembers which content has which number for the same
 //! window and refers back by distance. Eviction is by number, so the two agree on
 //! what is referenceable without talking. The source finds candidates by the page's
 //! [`Page::prefilter`], a 64-bit hash keyed at random per process (a guest cannot
@@ -30,6 +31,8 @@ use ring::Ring;
 /// plus the pages themselves if [`holding`](Self::holding).
 #[derive(Debug)]
 pub struct SeenBefore {
+    window_bytes: usize,
+    /// The window in pages, once the page size is known (0 before the first page).
     window: u64,
     next_id: u64,
     /// Hash of a delivered page's bytes → its latest number.
@@ -63,11 +66,12 @@ impl Hasher for KeyBits {
 }
 
 impl SeenBefore {
-    /// Remembers the last `window_pages` delivered pages (at least 1). The destination's
-    /// [`SeenBeforeRestore`] must keep at least as many.
-    pub fn new(window_pages: u64) -> Self {
+    /// Remembers the last `window_bytes / page size` delivered pages (at least 1).
+    /// The destination's [`SeenBeforeRestore`] must keep at least as many.
+    pub fn new(window_bytes: usize) -> Self {
         Self {
-            window: window_pages.max(1),
+            window_bytes,
+            window: 0,
             next_id: 0,
             latest: HashMap::default(),
             order: VecDeque::new(),
@@ -76,16 +80,15 @@ impl SeenBefore {
     }
 
     /// Like [`new`](Self::new), keeping the window's pages as the destination does
-    /// (`window_pages` × the page size, touched as pages arrive): a repeated page is
+    /// (`window_bytes`, touched as pages arrive): a repeated page is
     /// confirmed by comparing bytes, about 0.3 µs, and its fingerprint is computed at
     /// its first repeat only, instead of a BLAKE3 (1.4-2 µs) per repeat. Worth it
     /// where pages repeat much; the stream is the same either way, except that a
     /// pre-filter collision travels raw instead of failing at the destination.
-    pub fn holding(window_pages: u64) -> Self {
-        let window = window_pages.max(1);
+    pub fn holding(window_bytes: usize) -> Self {
         Self {
-            kept: Some(Ring::new(window)),
-            ..Self::new(window)
+            kept: Some(Ring::new(window_bytes)),
+            ..Self::new(window_bytes)
         }
     }
 }
@@ -112,6 +115,9 @@ impl Claim for SeenBefore {
     fn delivered(&mut self, page: &Page<'_>) {
         if !numbered(page) {
             return;
+        }
+        if self.window == 0 {
+            self.window = window_pages(self.window_bytes, page.data.len());
         }
         let hash = page.prefilter();
         let id = self.next_id;
@@ -144,6 +150,11 @@ fn numbered(page: &Page<'_>) -> bool {
         && fill_byte(page.data).is_none()
 }
 
+/// How many pages of `page_size` a window of `window_bytes` holds (at least one).
+fn window_pages(window_bytes: usize, page_size: usize) -> u64 {
+    (window_bytes / page_size.max(1)).max(1) as u64
+}
+
 /// The destination half of seen-before: a ring of the last delivered pages.
 #[derive(Debug)]
 pub struct SeenBeforeRestore {
@@ -152,15 +163,14 @@ pub struct SeenBeforeRestore {
 }
 
 impl SeenBeforeRestore {
-    /// Keeps the last `window_pages` delivered pages (memory: `window_pages` × the
-    /// stream's page size at most, touched as pages arrive; the address space for
-    /// all of it is reserved at the first page). The ring of the last dropped
-    /// `SeenBeforeRestore` is reused if it is large enough, and kept after this one
-    /// is dropped: memory already mapped costs no page faults.
-    pub fn new(window_pages: u64) -> Self {
+    /// Keeps the last `window_bytes / page size` delivered pages (memory:
+    /// `window_bytes` at most whatever the page size, touched as pages arrive; the
+    /// address space for all of it is reserved at the first page and given back
+    /// when this is dropped).
+    pub fn new(window_bytes: usize) -> Self {
         Self {
             next_id: 0,
-            ring: Ring::new(window_pages.max(1)),
+            ring: Ring::new(window_bytes),
         }
     }
 }
@@ -214,8 +224,11 @@ mod tests {
     use super::*;
     use crate::resolve::out::restored;
 
+    /// The page size of these tests.
+    const P: usize = 64;
+
     fn page(n: u8) -> Vec<u8> {
-        let mut p = vec![n; 64];
+        let mut p = vec![n; P];
         p[0] = n.wrapping_add(1);
         p
     }
@@ -232,7 +245,7 @@ mod tests {
 
     #[test]
     fn template_and_seen_pages_take_no_number_at_either_end() {
-        let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4));
+        let (mut src, mut dst) = (SeenBefore::new(4 * P), SeenBeforeRestore::new(4 * P));
         let (raw, template) = (page(1), page(2));
         for (data, tag) in [
             (&raw, tag::RAW),
@@ -254,7 +267,7 @@ mod tests {
 
     #[test]
     fn references_stay_within_the_window_on_both_sides() {
-        let (mut src, mut dst) = (SeenBefore::new(3), SeenBeforeRestore::new(3));
+        let (mut src, mut dst) = (SeenBefore::new(3 * P), SeenBeforeRestore::new(3 * P));
         for n in 0..5 {
             deliver(&mut src, &mut dst, &page(n));
         }
@@ -274,7 +287,7 @@ mod tests {
 
     #[test]
     fn only_delivered_pages_are_referenceable() {
-        let mut src = SeenBefore::new(4);
+        let mut src = SeenBefore::new(4 * P);
         let (offered, other) = (page(1), page(2));
         let mut body = Vec::new();
         // offered, then another page delivered: that one is remembered, not the first
@@ -290,8 +303,8 @@ mod tests {
 
     #[test]
     fn a_source_holding_its_pages_sends_the_same_references() {
-        let (mut plain, mut holding) = (SeenBefore::new(3), SeenBefore::holding(3));
-        let mut dst = SeenBeforeRestore::new(3);
+        let (mut plain, mut holding) = (SeenBefore::new(3 * P), SeenBefore::holding(3 * P));
+        let mut dst = SeenBeforeRestore::new(3 * P);
         // repeats within the window, one beyond it, and a slot reused in between
         for n in [1, 2, 1, 3, 1, 4, 5, 2, 6, 6, 1] {
             let p = page(n);
@@ -315,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_checked_page_is_compared_by_fingerprint_until_its_slot_is_reused() {
-        let (mut src, mut dst) = (SeenBefore::new(2), SeenBeforeRestore::new(2));
+        let (mut src, mut dst) = (SeenBefore::new(2 * P), SeenBeforeRestore::new(2 * P));
         deliver(&mut src, &mut dst, &page(1));
         deliver(&mut src, &mut dst, &page(2));
         let mut body = Vec::new();
@@ -341,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_wrong_fingerprint_or_distance_fails() {
-        let (mut src, mut dst) = (SeenBefore::new(4), SeenBeforeRestore::new(4));
+        let (mut src, mut dst) = (SeenBefore::new(4 * P), SeenBeforeRestore::new(4 * P));
         deliver(&mut src, &mut dst, &page(9));
         let mut body = Vec::new();
         let p = page(9);

@@ -1,14 +1,13 @@
 //! The pages of a seen-before window, kept by number: the destination's copy of what
 //! it delivered, and the source's when it holds them.
 
-use crate::page::{Fingerprint, Spare};
-
-/// The ring of the last finished migration, for the next one.
-static RINGS: Spare = Spare::new();
+use crate::page::Fingerprint;
 
 /// The last `window` numbered pages: page `id` lives at slot `id % window`.
 #[derive(Debug)]
 pub(super) struct Ring {
+    window_bytes: usize,
+    /// `window_bytes / page_size` pages, once the page size is known (0 before).
     window: u64,
     /// The stream's page size, learnt from the first page kept.
     page_size: usize,
@@ -20,16 +19,17 @@ pub(super) struct Ring {
 }
 
 impl Ring {
-    pub(super) fn new(window: u64) -> Self {
+    pub(super) fn new(window_bytes: usize) -> Self {
         Self {
-            window,
+            window_bytes,
+            window: 0,
             page_size: 0,
             bytes: Vec::new(),
             fingerprints: Vec::new(),
         }
     }
 
-    /// How many pages it keeps at most.
+    /// How many pages it keeps at most (0 before the first page).
     pub(super) fn window(&self) -> u64 {
         self.window
     }
@@ -43,20 +43,12 @@ impl Ring {
     pub(super) fn keep(&mut self, id: u64, page: &[u8]) {
         if self.page_size == 0 {
             self.page_size = page.len();
-        }
-        if self.bytes.capacity() == 0 {
+            self.window = super::window_pages(self.window_bytes, self.page_size);
             // address space for the whole window (touched only as pages arrive): a
             // ring grown by doubling would be copied several times; if the allocator
             // refuses that much at once, it grows as needed
-            let window = usize::try_from(self.window).unwrap_or(usize::MAX);
-            let bytes = window.saturating_mul(self.page_size);
-            match RINGS.take(bytes) {
-                Some(ring) => self.bytes = ring,
-                None => {
-                    let _ = self.bytes.try_reserve_exact(bytes);
-                }
-            }
-            self.bytes.clear();
+            let bytes = self.window as usize * self.page_size;
+            let _ = self.bytes.try_reserve_exact(bytes);
         }
         let slot = self.slot(id);
         match self
@@ -95,13 +87,5 @@ impl Ring {
 
     fn slot(&self, id: u64) -> usize {
         (id % self.window) as usize
-    }
-}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        if self.bytes.capacity() > 0 {
-            RINGS.give(std::mem::take(&mut self.bytes));
-        }
     }
 }
