@@ -164,7 +164,7 @@ async fn decode(
     let file = tokio::fs::File::open(input).await?;
     let out = BufWriter::with_capacity(READ, tokio::fs::File::create(output).await?);
     let progress = Progress::default();
-    relay::restore(file, out, &mut dec, fetch.as_deref_mut(), &progress).await?;
+    relay::decode_stream(file, out, &mut dec, fetch.as_deref_mut(), &progress).await?;
     report(
         dec.stats(),
         dec.stats().wire_bytes,

@@ -1,67 +1,169 @@
-//! The two dedup proxies between two unmodified QEMUs.
+//! The two dedup proxies between two unmodified QEMUs, over a mutually authenticated
+//! TLS link.
 //!
 //! ```text
-//! QEMU ──tcp──▶ proxy source ══ dedup stream ══▶ proxy destination ──tcp──▶ QEMU -incoming
+//! QEMU ──▶ proxy source ══ dedup stream, mutual TLS ══▶ proxy destination ──▶ QEMU -incoming
 //!
-//! cargo run --release --example proxy -- destination --listen 0.0.0.0:4444 --to 127.0.0.1:4445 [--catalog C | --dht URLS]
-//! cargo run --release --example proxy -- source --listen 127.0.0.1:4443 --to DEST_HOST:4444 [--catalog C]
-//! (source QEMU monitor)  migrate -d tcp:127.0.0.1:4443
+//! proxy destination --listen 0.0.0.0:4444 --to unix:/run/qemu-in.sock \
+//!     --tls-cert dst.pem --tls-key dst.key --tls-ca ca.pem --tls-allow src.example [--catalog C | --dht URLS]
+//! proxy source --listen unix:/run/mig.sock --to dst.example:4444 \
+//!     --tls-cert src.pem --tls-key src.key --tls-ca ca.pem [--catalog C]
+//! (source QEMU monitor)  migrate -d unix:/run/mig.sock
 //! ```
 //!
-//! Options (both roles): `--once` serves one migration and exits with its outcome;
-//! `--json` prints one JSON object per migration on stdout; `--quiet` drops the
-//! progress lines; `--connect-timeout SECS` (default 10). Source only: `--resolvers
-//! LIST` picks from `fill,xbzrle,seen` (default all; `none` for LZ4 alone), `--zstd
-//! LEVEL` (with the `zstd` feature), `--lz4-acceleration N` (migstream's own LZ4
-//! encoder probing every N-th position at first: less CPU, a few % more bytes).
-//! `--catalog` enables templates; the source uses
-//! them only if the destination holds the same catalog; `--hold-catalog` makes the
-//! source keep the catalog's pages in memory (its size; otherwise ~40 bytes per
-//! template) and confirm template hits by comparing bytes instead of hashing them,
-//! which saves about 1.4 µs per template page; `--hold-seen` makes it keep the
-//! seen-before window's pages too (up to 256 MiB per migration, as the destination
-//! does), so that a repeated page is confirmed by comparing bytes, not by a BLAKE3
-//! per repeat. Destination only: `--dht
-//! redis://H:P,redis://H:P,...` restores templates from the ring of Redis nodes the
-//! catalog was pushed to (`catalog -- push`), `--replicas R` as pushed (default 2).
-//!
-//! Each proxy prints `listening on IP:PORT` once listening, a progress line every
-//! second per migration, and when a migration ends either
-//! `wire <BYTES> bytes qemu <BYTES> bytes ratio <R> ...` or `migration failed: ...`.
-//! Any error closes both connections of that migration: the source QEMU reports
-//! the migration failed and its VM keeps running; a retry starts afresh.
-//!
-//! Memory per migration is bounded whatever the stream's length: at the source the
-//! XBZRLE cache (64 MiB) and the seen-before index (~3 MiB; with `--hold-seen` plus
-//! the window's pages, 256 MiB); at the destination the
-//! seen-before ring (256 MiB), the XBZRLE cache (64 MiB) and at most one frame's
-//! buffers and the held tail (`dedup::Limits`: 32 + 32 + 64 + 64 MiB worst case).
+//! `proxy --help` and `proxy source --help` list every option. What the library does
+//! for each (TLS, limits, timeouts, the verdict) is in `migstream::relay`; this
+//! program parses arguments and prints. Each proxy prints `listening on ADDR` once
+//! listening, a progress line every second per migration, and when a migration ends
+//! either `wire <BYTES> bytes qemu <BYTES> bytes ratio <R> ...` (at the source: only
+//! once the destination confirmed every byte reached its QEMU) or
+//! `migration failed: ...`; `--json` prints one JSON object per migration on
+//! stdout. Any error closes both connections of that migration: the source QEMU
+//! reports the migration failed and its VM keeps running; a retry starts afresh.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::{Args, Parser, Subcommand};
 use migstream::dedup::{Compression, Resolvers, Stats};
 use migstream::dht::DEFAULT_REPLICAS;
-use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig};
+use migstream::relay::net::{Conn, Endpoint};
+use migstream::relay::tls::{TlsClient, TlsIdentity, TlsServer};
+use migstream::relay::{
+    DestinationConfig, DestinationProxy, Progress, ProxyLimits, Report, SourceConfig, SourceProxy,
+    Timeouts,
+};
 use migstream::resolve::tag;
 use migstream::template::{Catalog, TemplateIndex};
-use tokio::net::{TcpListener, TcpStream};
 
 #[path = "support/templates.rs"]
 mod templates;
 
 use templates::template_store;
 
-const USAGE: &str = "usage: proxy source|destination --listen ADDR --to ADDR [--catalog FILE] \
-[--hold-catalog] [--hold-seen] [--dht URLS [--replicas R]] [--resolvers fill,xbzrle,seen|none] [--zstd LEVEL | --lz4-acceleration N] [--once] [--json] \
-[--quiet] [--connect-timeout SECS]";
+#[derive(Parser)]
+#[command(
+    version,
+    about = "The dedup proxies between a source and a destination QEMU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    role: RoleArgs,
+}
 
-/// One end's settings, shared by all its migrations.
+#[derive(Subcommand)]
+enum RoleArgs {
+    /// Takes the source QEMU's migration and sends it, deduplicated, to the destination proxy.
+    Source(SourceArgs),
+    /// Takes links from source proxies and restores each migration into the destination QEMU.
+    Destination(DestinationArgs),
+}
+
+/// What both roles take.
+#[derive(Args)]
+struct Common {
+    /// Where to listen: HOST:PORT, or unix:PATH (the source's QEMU side).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Where to connect: the destination proxy (source), the destination QEMU (destination: HOST:PORT or unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    to: String,
+    /// This end's certificate chain (PEM) for the link's mutual TLS.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<String>,
+    /// This end's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// The CA bundle (PEM) the peer's certificate must chain to.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<String>,
+    /// Run the link without TLS: neither encrypted nor authenticated. Only for a link
+    /// inside a VPN or an ssh tunnel.
+    #[arg(long, conflicts_with = "tls_cert")]
+    plaintext: bool,
+    /// Template catalog file.
+    #[arg(long, value_name = "FILE")]
+    catalog: Option<String>,
+    /// Migrations at once; more are refused [default: source 4, destination 1].
+    #[arg(long, value_name = "N")]
+    max_migrations: Option<usize>,
+    /// Connections in their handshake at once; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_handshakes: usize,
+    /// Seconds for a TLS handshake and the peer's first message.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    handshake_timeout: f64,
+    /// Seconds without progress either way before a migration is given up.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    idle_timeout: f64,
+    /// Seconds to set up a connection (the link, QEMU).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Serve one migration and exit with its outcome.
+    #[arg(long)]
+    once: bool,
+    /// One JSON object per migration on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The name the destination's certificate must have [default: the host of --to].
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Keep the catalog's pages in memory and confirm template hits by comparing bytes.
+    #[arg(long, requires = "catalog")]
+    hold_catalog: bool,
+    /// Keep the seen-before window's pages (up to 256 MiB per migration) and confirm repeats by comparing bytes.
+    #[arg(long)]
+    hold_seen: bool,
+    /// Resolvers to run, from fill,xbzrle,seen; none for LZ4 alone [default: all].
+    #[arg(long, value_name = "LIST")]
+    resolvers: Option<String>,
+    /// zstd batches at this level (with the zstd feature).
+    #[arg(long, value_name = "LEVEL", conflicts_with = "lz4_acceleration")]
+    zstd: Option<i32>,
+    /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
+    #[arg(long, value_name = "N")]
+    lz4_acceleration: Option<u32>,
+}
+
+#[derive(Args)]
+struct DestinationArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Client certificate names allowed on the link (comma-separated); any of the CA if not given.
+    #[arg(
+        long,
+        value_name = "NAME[,NAME]",
+        value_delimiter = ',',
+        requires = "tls_cert"
+    )]
+    tls_allow: Vec<String>,
+    /// Templates from this ring of Redis nodes (redis://, rediss://; comma-separated).
+    #[arg(long, value_name = "URLS", conflicts_with = "catalog")]
+    dht: Option<String>,
+    /// Copies of each template on the ring, as pushed.
+    #[arg(long, value_name = "R", default_value_t = DEFAULT_REPLICAS)]
+    replicas: usize,
+    /// Seconds without a catalog offered after the template store failed a migration.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    template_cooldown: f64,
+}
+
+/// One end's proxy, shared by all its migrations.
 enum Role {
-    Source(SourceConfig),
-    Destination(DestinationConfig),
+    Source(SourceProxy),
+    Destination(DestinationProxy),
 }
 
 impl Role {
@@ -75,15 +177,21 @@ impl Role {
 
 struct Proxy {
     role: Role,
-    to: String,
     json: bool,
     quiet: bool,
-    connect_timeout: Duration,
+    /// Migrations so far: connections that got past the handshake.
+    migrations: AtomicU64,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(std::env::args().skip(1).collect()).await {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .init();
+    match run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("proxy: {e}");
@@ -92,162 +200,210 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let mut args = args.into_iter();
-    let role = args.next().ok_or(USAGE)?;
-    let (mut listen, mut to, mut catalog, mut resolvers) = (None, None, None, None);
-    let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
-    let (mut zstd, mut once, mut json, mut quiet, mut timeout) = (None, false, false, false, 10.0);
-    let (mut hold, mut hold_seen, mut acceleration) = (false, false, None);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or(USAGE);
-        match arg.as_str() {
-            "--listen" => listen = Some(value()?),
-            "--to" => to = Some(value()?),
-            "--catalog" => catalog = Some(value()?),
-            "--hold-catalog" => hold = true,
-            "--hold-seen" => hold_seen = true,
-            "--dht" => dht = Some(value()?),
-            "--replicas" => replicas = value()?.parse()?,
-            "--resolvers" => resolvers = Some(value()?),
-            "--zstd" => zstd = Some(value()?.parse::<i32>()?),
-            "--lz4-acceleration" => acceleration = Some(value()?.parse::<u32>()?),
-            "--connect-timeout" => timeout = value()?.parse::<f64>()?,
-            "--once" => once = true,
-            "--json" => json = true,
-            "--quiet" => quiet = true,
-            _ => return Err(format!("unknown argument {arg:?}\n{USAGE}").into()),
+type BoxError = Box<dyn std::error::Error>;
+
+async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
+    let common = match &cli.role {
+        RoleArgs::Source(a) => &a.common,
+        RoleArgs::Destination(a) => &a.common,
+    };
+    let identity = match (&common.tls_cert, &common.tls_key, &common.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsIdentity::from_pem_files(cert, key, ca)?),
+        _ if common.plaintext => None,
+        _ => {
+            return Err(
+                "the link needs --tls-cert, --tls-key and --tls-ca (or --plaintext \
+                         for a link inside a VPN or an ssh tunnel)"
+                    .into(),
+            );
         }
-    }
-    let (listen, to) = (listen.ok_or(USAGE)?, to.ok_or(USAGE)?);
-    // first, so that the line announcing the port comes first; migrations that
+    };
+    // first, so that the line announcing the address comes first; migrations that
     // connect while the template store loads wait in the backlog
-    let listener = TcpListener::bind(&listen).await?;
-    eprintln!("listening on {}", listener.local_addr()?);
-    let role = match role.as_str() {
-        "source" => {
-            let compression = match (zstd, acceleration) {
-                (Some(_), Some(_)) => return Err("--zstd or --lz4-acceleration, not both".into()),
-                (Some(level), None) => zstd_compression(level)?,
-                (None, Some(n)) => Compression::Lz4Accelerated(n),
-                (None, None) => Compression::Lz4,
-            };
-            Role::Source(source_config(
-                catalog,
-                hold,
-                hold_seen,
-                resolvers,
-                compression,
-            )?)
+    let listener = common.listen.parse::<Endpoint>()?.listen().await?;
+    let plain = match identity {
+        None => " (plaintext link: not encrypted, not authenticated)",
+        Some(_) => "",
+    };
+    eprintln!("listening on {}{plain}", listener.local_addr()?);
+    let timeouts = Timeouts::default()
+        .with_handshake(Duration::from_secs_f64(common.handshake_timeout))
+        .with_idle(Duration::from_secs_f64(common.idle_timeout))
+        .with_connect(Duration::from_secs_f64(common.connect_timeout));
+    let role = match &cli.role {
+        RoleArgs::Source(a) => Role::Source(source_proxy(a, identity.as_ref(), timeouts)?),
+        RoleArgs::Destination(a) => {
+            Role::Destination(destination_proxy(a, identity.as_ref(), timeouts).await?)
         }
-        "destination" => Role::Destination(DestinationConfig {
-            templates: template_store(catalog.as_deref(), dht.as_deref(), replicas).await?,
-            ..DestinationConfig::default()
-        }),
-        _ => return Err(USAGE.into()),
     };
     let proxy = Arc::new(Proxy {
         role,
-        to,
-        json,
-        quiet,
-        connect_timeout: Duration::from_secs_f64(timeout),
+        json: common.json,
+        quiet: common.quiet,
+        migrations: AtomicU64::new(0),
     });
-    for id in 1.. {
-        let (inbound, _) = listener.accept().await?;
-        let migration = tokio::spawn(proxy.clone().serve(id, inbound));
-        if once {
-            return Ok(match migration.await? {
-                true => ExitCode::SUCCESS,
-                false => ExitCode::FAILURE,
-            });
+    // outcomes of migrations (not of refused connections), for --once
+    let (outcomes, mut outcome) = tokio::sync::mpsc::unbounded_channel();
+    loop {
+        tokio::select! {
+            (conn, peer) = listener.accept() => {
+                let (proxy, outcomes) = (proxy.clone(), outcomes.clone());
+                tokio::spawn(async move {
+                    if let Some(ok) = proxy.serve(conn, peer).await {
+                        let _ = outcomes.send(ok);
+                    }
+                });
+            }
+            Some(ok) = outcome.recv(), if common.once => {
+                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
         }
     }
-    unreachable!("a u64 of migrations")
 }
 
-fn source_config(
-    catalog: Option<String>,
-    hold: bool,
-    hold_seen: bool,
-    resolvers: Option<String>,
-    compression: Compression,
-) -> Result<SourceConfig, Box<dyn std::error::Error>> {
-    let mut chosen = Resolvers {
-        templates: match catalog {
-            Some(path) if hold => Some(Arc::new(TemplateIndex::holding(Arc::new(Catalog::load(
-                path,
-            )?)))),
+fn limits(common: &Common, default_migrations: usize) -> ProxyLimits {
+    ProxyLimits::default()
+        .with_max_migrations(common.max_migrations.unwrap_or(default_migrations))
+        .with_max_handshakes(common.max_handshakes)
+}
+
+fn source_proxy(
+    a: &SourceArgs,
+    identity: Option<&TlsIdentity>,
+    timeouts: Timeouts,
+) -> Result<SourceProxy, BoxError> {
+    let compression = match (a.zstd, a.lz4_acceleration) {
+        (Some(level), _) => zstd_compression(level)?,
+        (None, Some(n)) => Compression::Lz4Accelerated(n),
+        (None, None) => Compression::Lz4,
+    };
+    let mut resolvers = Resolvers {
+        templates: match &a.common.catalog {
+            Some(path) if a.hold_catalog => Some(Arc::new(TemplateIndex::holding(Arc::new(
+                Catalog::load(path)?,
+            )))),
             Some(path) => Some(Arc::new(TemplateIndex::load(path)?)),
             None => None,
         },
-        hold_seen,
+        hold_seen: a.hold_seen,
         ..Resolvers::default()
     };
-    if let Some(list) = resolvers {
+    if let Some(list) = &a.resolvers {
         let names: Vec<&str> = list.split(',').filter(|n| *n != "none").collect();
         if let Some(bad) = names
             .iter()
             .find(|n| !["fill", "xbzrle", "seen"].contains(n))
         {
-            return Err(format!("unknown resolver {bad:?} (fill, xbzrle, seen, none)").into());
+            return Err(format!(
+                "--resolvers: unknown resolver {bad:?} (fill, xbzrle, seen, none)"
+            )
+            .into());
         }
-        chosen.fill = names.contains(&"fill");
-        chosen.xbzrle = names.contains(&"xbzrle");
-        chosen.seen = names.contains(&"seen");
+        resolvers.fill = names.contains(&"fill");
+        resolvers.xbzrle = names.contains(&"xbzrle");
+        resolvers.seen = names.contains(&"seen");
     }
-    Ok(SourceConfig {
-        resolvers: chosen,
-        compression,
-        ..SourceConfig::default()
-    })
+    let to = &a.common.to;
+    let tls = match identity {
+        Some(identity) => {
+            let default_name = to.rsplit_once(':').map_or(to.as_str(), |(host, _)| host);
+            let name = a
+                .tls_server_name
+                .as_deref()
+                .unwrap_or(default_name.trim_start_matches('[').trim_end_matches(']'));
+            Some(TlsClient::new(identity, name)?)
+        }
+        None => None,
+    };
+    let config = SourceConfig::default()
+        .with_resolvers(resolvers)
+        .with_compression(compression)
+        .with_timeouts(timeouts);
+    Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common, 4)))
+}
+
+async fn destination_proxy(
+    a: &DestinationArgs,
+    identity: Option<&TlsIdentity>,
+    timeouts: Timeouts,
+) -> Result<DestinationProxy, BoxError> {
+    let tls = match identity {
+        Some(identity) => Some(TlsServer::new(identity, &a.tls_allow)?),
+        None => None,
+    };
+    let store = template_store(a.common.catalog.as_deref(), a.dht.as_deref(), a.replicas).await?;
+    let mut config = DestinationConfig::default().with_timeouts(timeouts);
+    if let Some(store) = store {
+        config = config.with_templates(store);
+    }
+    let qemu: Endpoint = a.common.to.parse()?;
+    Ok(DestinationProxy::new(config, qemu, tls)
+        .with_limits(limits(&a.common, 1))
+        .with_template_cooldown(Duration::from_secs_f64(a.template_cooldown)))
 }
 
 #[cfg(feature = "zstd")]
-fn zstd_compression(level: i32) -> Result<Compression, Box<dyn std::error::Error>> {
+fn zstd_compression(level: i32) -> Result<Compression, BoxError> {
     Ok(Compression::Zstd(level))
 }
 
 #[cfg(not(feature = "zstd"))]
-fn zstd_compression(_level: i32) -> Result<Compression, Box<dyn std::error::Error>> {
+fn zstd_compression(_level: i32) -> Result<Compression, BoxError> {
     Err("--zstd needs the zstd feature (cargo run --features zstd ...)".into())
 }
 
 impl Proxy {
-    /// Runs one migration and reports it; true if it succeeded.
-    async fn serve(self: Arc<Self>, id: u64, inbound: TcpStream) -> bool {
+    /// Runs the migration of one connection and reports it: `Some(true)` if it
+    /// succeeded, `None` if the connection was refused before it became a migration
+    /// (a port scan, a peer without the right certificate, a stalled handshake):
+    /// that is logged, not counted.
+    async fn serve(self: Arc<Self>, conn: Conn, peer: String) -> Option<bool> {
         let started = Instant::now();
         let progress = Arc::new(Progress::default());
+        let (id, outcome) = match &self.role {
+            Role::Source(proxy) => {
+                let id = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
+                (
+                    id,
+                    self.ticking(id, &progress, proxy.serve(conn, &progress))
+                        .await,
+                )
+            }
+            Role::Destination(proxy) => {
+                let incoming = match proxy.handshake(conn).await {
+                    Ok(incoming) => incoming,
+                    Err(e) => {
+                        tracing::warn!("link from {peer} refused: {e}");
+                        return None;
+                    }
+                };
+                let id = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
+                (
+                    id,
+                    self.ticking(id, &progress, incoming.restore(&progress))
+                        .await,
+                )
+            }
+        };
+        let outcome = outcome.map_err(|e| e.to_string());
+        self.report(id, &outcome, &progress.snapshot(), started.elapsed());
+        Some(outcome.is_ok())
+    }
+
+    /// Runs `work` with a progress line for migration `id` every second, unless
+    /// `--quiet`.
+    async fn ticking<T>(
+        self: &Arc<Self>,
+        id: u64,
+        progress: &Arc<Progress>,
+        work: impl Future<Output = T>,
+    ) -> T {
         let ticker = (!self.quiet).then(|| tokio::spawn(self.clone().tick(id, progress.clone())));
-        let outcome = self.relay(inbound, &progress).await;
+        let outcome = work.await;
         if let Some(ticker) = ticker {
             ticker.abort();
         }
-        self.report(id, &outcome, &progress.snapshot(), started.elapsed());
-        outcome.is_ok()
-    }
-
-    async fn relay(&self, inbound: TcpStream, progress: &Progress) -> Result<Report, String> {
-        let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.to));
-        let outbound = match connect.await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(format!("connecting to {}: {e}", self.to)),
-            Err(_) => return Err(format!("connecting to {}: timed out", self.to)),
-        };
-        for stream in [&inbound, &outbound] {
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        }
-        if let Role::Source(_) = self.role {
-            keep_queues_short(&inbound, &outbound).map_err(|e| e.to_string())?;
-        }
-        let (inbound, outbound) = (inbound.into_split(), outbound.into_split());
-        let report = match &self.role {
-            Role::Source(config) => relay::source(inbound, outbound, config, progress).await,
-            Role::Destination(config) => {
-                relay::destination(inbound, outbound, config, progress).await
-            }
-        };
-        report.map_err(|e| e.to_string())
+        outcome
     }
 
     /// Prints the progress of migration `id` every second until aborted: in place on
@@ -308,29 +464,10 @@ impl Proxy {
                 "templates": outcome.as_ref().is_ok_and(|r| r.templates),
                 "pages": pages,
             });
-            println!("{line}");
+            // a closed stdout (`| head`) must not take the proxy down
+            let _ = writeln!(std::io::stdout(), "{line}");
         }
     }
-}
-
-/// Bytes the source proxy lets wait in the kernel: unsent on the link, unread from
-/// QEMU. The link stays full (what is in flight is not counted), and the source
-/// QEMU cannot run far ahead of it.
-const QUEUE: u32 = 128 * 1024;
-
-/// Keeps the source QEMU's view of the migration in step with the link. QEMU decides
-/// when to stop the VM for the last pass from how fast its socket drains; with the
-/// kernel's default queues megabytes of deduplicated stream would wait behind that
-/// decision on a slow link, and the VM would stay stopped until they drained.
-#[cfg(target_os = "linux")]
-fn keep_queues_short(qemu: &TcpStream, link: &TcpStream) -> std::io::Result<()> {
-    socket2::SockRef::from(link).set_tcp_notsent_lowat(QUEUE)?;
-    socket2::SockRef::from(qemu).set_recv_buffer_size(QUEUE as usize)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn keep_queues_short(_qemu: &TcpStream, _link: &TcpStream) -> std::io::Result<()> {
-    Ok(())
 }
 
 fn ratio(stats: &Stats) -> f64 {

@@ -48,27 +48,22 @@ impl Mode {
     /// The source end's settings (what `proxy source --resolvers ... --catalog` sets).
     pub(crate) fn source(self, templates: &Templates) -> SourceConfig {
         let on = |since: Mode| self as u8 >= since as u8;
-        SourceConfig {
-            resolvers: Resolvers {
-                fill: on(Mode::Fill),
-                xbzrle: on(Mode::Seen),
-                seen: on(Mode::Seen),
-                templates: self.uses_templates().then(|| templates.index.clone()),
-                ..Resolvers::default()
-            },
-            ..SourceConfig::default()
-        }
+        SourceConfig::default().with_resolvers(Resolvers {
+            fill: on(Mode::Fill),
+            xbzrle: on(Mode::Seen),
+            seen: on(Mode::Seen),
+            templates: self.uses_templates().then(|| templates.index.clone()),
+            ..Resolvers::default()
+        })
     }
 
     /// The destination end's settings: where it restores templates from.
     pub(crate) fn destination(self, templates: &Templates) -> DestinationConfig {
-        DestinationConfig {
-            templates: match self {
-                Mode::Catalog => Some(templates.local.clone()),
-                Mode::Dht => Some(Arc::new(templates.dht.clone())),
-                _ => None,
-            },
-            ..DestinationConfig::default()
+        let config = DestinationConfig::default();
+        match self {
+            Mode::Catalog => config.with_templates(templates.local.clone()),
+            Mode::Dht => config.with_templates(Arc::new(templates.dht.clone())),
+            _ => config,
         }
     }
 }

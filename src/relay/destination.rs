@@ -1,33 +1,278 @@
 //! The destination end of a link: the link on one side, the destination QEMU on the
-//! other.
+//! other. It runs in two steps, so that QEMU is touched only once the peer proved to
+//! be a migstream source: [`accept`] greets the source and reads its HELLO,
+//! [`Handshake::restore`] then feeds the destination QEMU.
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 
-use super::{Progress, Report, pump};
-use crate::dedup::wire::Greeting;
-use crate::dedup::{DedupDecoder, Limits};
-use crate::error::Result;
-use crate::resolve::TemplateStore;
+use super::activity::Activity;
+use super::{Progress, Report, Timeouts, pump};
+use crate::dedup::wire::{FRAME_DIGEST, Hello};
+use crate::dedup::{DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply};
+use crate::error::{Error, Result};
+use crate::resolve::{Fetch, TemplateStore};
 
-/// Where the destination end restores pages from.
+/// Where the destination end restores pages from, and what it lets a source do.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct DestinationConfig {
     /// The template store (local catalog or DHT ring), if any.
     pub templates: Option<Arc<dyn TemplateStore>>,
     /// Caps on what the source's frames can make this end hold.
     pub limits: Limits,
+    /// How long to wait for the HELLO, and for progress.
+    pub timeouts: Timeouts,
 }
 
-/// Runs the destination end of one migration: `link` is the connection from the
-/// source end (read half, write half), `qemu` the connection to the destination
-/// QEMU.
-///
-/// Greets the source with the catalog it holds, restores the QEMU stream (fetching
-/// templates from the store when they are not local), and passes the destination
-/// QEMU's return path back over the link. See the [module docs](super) for what
-/// happens on failure.
+impl DestinationConfig {
+    /// Restoring templates from `store`.
+    pub fn with_templates(mut self, store: Arc<dyn TemplateStore>) -> Self {
+        self.templates = Some(store);
+        self
+    }
+
+    /// With these limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// With these timeouts.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+}
+
+/// A link whose source sent a valid HELLO: the moment to connect to the destination
+/// QEMU. Dropping it closes the link.
+pub struct Handshake<LR, LW> {
+    from_link: LR,
+    to_link: LW,
+    /// What was read past the HELLO.
+    input: BytesMut,
+    decoder: DedupDecoder,
+    fetch: Option<Box<dyn Fetch>>,
+    hello: Hello,
+    timeouts: Timeouts,
+    activity: Activity,
+}
+
+impl<LR, LW> std::fmt::Debug for Handshake<LR, LW> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Greets the source end on `link` with the catalog `config` holds and reads its
+/// HELLO, within the handshake timeout. Nothing else is done: the caller connects
+/// to the destination QEMU only if this succeeds, so a port scan, a stream of
+/// another protocol or a stalled peer never reaches QEMU.
+pub async fn accept<LR, LW>(link: (LR, LW), config: &DestinationConfig) -> Result<Handshake<LR, LW>>
+where
+    LR: AsyncRead + Unpin,
+    LW: AsyncWrite + Unpin,
+{
+    let (mut from_link, mut to_link) = link;
+    let mut greeting = BytesMut::new();
+    Reply::Greeting {
+        catalog: config.templates.as_ref().map(|s| s.catalog_id()),
+    }
+    .encode(&mut greeting);
+    let (mut decoder, fetch) = match &config.templates {
+        Some(store) => {
+            let (restore, fetch) = store.open();
+            let decoder = DedupDecoder::with_template_resolver(restore, store.catalog_id());
+            (decoder, fetch)
+        }
+        None => (DedupDecoder::with_default_resolvers(), None),
+    };
+    decoder = decoder.with_limits(config.limits.clone());
+    let mut input = BytesMut::with_capacity(pump::CHUNK);
+    let handshake = async {
+        to_link.write_all(&greeting).await?;
+        to_link.flush().await?;
+        loop {
+            if let Some(hello) = decoder.decode_hello(&mut input)? {
+                return Ok(hello);
+            }
+            if from_link.read_buf(&mut input).await? == 0 {
+                return Err(Error::PeerClosed { what: "its HELLO" });
+            }
+        }
+    };
+    let hello = match tokio::time::timeout(config.timeouts.handshake, handshake).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => {
+            // a peer that sent something else than a HELLO learns why, if it listens
+            let mut failed = BytesMut::new();
+            Reply::Failed {
+                reason: e.to_string(),
+            }
+            .encode(&mut failed);
+            let _ = to_link.write_all(&failed).await;
+            let _ = to_link.shutdown().await;
+            return Err(e);
+        }
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: "the source's HELLO",
+            });
+        }
+    };
+    Ok(Handshake {
+        from_link,
+        to_link,
+        input,
+        decoder,
+        fetch,
+        hello,
+        timeouts: config.timeouts.clone(),
+        activity: Activity::new(),
+    })
+}
+
+impl<LR, LW> Handshake<LR, LW>
+where
+    LR: AsyncRead + Unpin,
+    LW: AsyncWrite + Unpin,
+{
+    /// The source's HELLO.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Tells the source its migration cannot be served (e.g. [`Error::Busy`]) and
+    /// closes the link.
+    pub async fn refuse(mut self, error: &Error) -> Result<()> {
+        let mut failed = BytesMut::new();
+        Reply::Failed {
+            reason: error.to_string(),
+        }
+        .encode(&mut failed);
+        self.to_link.write_all(&failed).await?;
+        self.to_link.shutdown().await?;
+        Ok(())
+    }
+
+    /// Restores the QEMU stream onto `qemu` (read half, write half), fetching
+    /// templates from the store when they are not local, and passes the destination
+    /// QEMU's return path back over the link. Once the END frame verified and every
+    /// byte was written to QEMU it confirms the migration to the source
+    /// ([`Reply::Done`]); on failure it tells the source why ([`Reply::Failed`]).
+    pub async fn restore<QR, QW>(self, qemu: (QR, QW), progress: &Progress) -> Result<Report>
+    where
+        QR: AsyncRead + Unpin,
+        QW: AsyncWrite + Unpin,
+    {
+        let Handshake {
+            from_link,
+            to_link,
+            input,
+            mut decoder,
+            mut fetch,
+            hello,
+            timeouts,
+            activity,
+        } = self;
+        let (from_qemu, to_qemu) = qemu;
+        let (verdict, verdict_rx) = oneshot::channel();
+        let forward = async {
+            let restored = pump::decode(
+                from_link,
+                input,
+                to_qemu,
+                &mut decoder,
+                fetch.as_deref_mut(),
+                progress,
+                &activity,
+            )
+            .await;
+            let _ = verdict.send(match &restored {
+                Ok(()) => Ok((decoder.stats().qemu_bytes, decoder.digest())),
+                Err(e) => Err(e.to_string()),
+            });
+            restored
+        };
+        let back = pass_return_path(from_qemu, to_link, verdict_rx, &activity);
+        let ends = async { tokio::join!(forward, back) };
+        let (restored, returned) = tokio::select! {
+            ends = ends => ends,
+            stalled = activity.stalled(timeouts.idle) => return Err(stalled),
+        };
+        restored?;
+        returned?;
+        Ok(Report {
+            stats: decoder.stats().clone(),
+            templates: hello.catalog != [0; 32],
+        })
+    }
+}
+
+/// Passes the destination QEMU's return path to the link until the forward
+/// direction's verdict, sends the verdict, then (after DONE) the rest of the return
+/// path until QEMU closes it.
+async fn pass_return_path<QR, LW>(
+    mut from_qemu: QR,
+    mut to_link: LW,
+    mut verdict: oneshot::Receiver<std::result::Result<(u64, [u8; FRAME_DIGEST]), String>>,
+    activity: &Activity,
+) -> Result<()>
+where
+    QR: AsyncRead + Unpin,
+    LW: AsyncWrite + Unpin,
+{
+    let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
+    // QEMU may close its side at any time (a QEMU without a return path does): then
+    // only the verdict is left to send
+    let mut qemu_open = true;
+    let outcome = loop {
+        buf.reserve(MAX_RETURN_CHUNK);
+        tokio::select! {
+            outcome = &mut verdict => break outcome,
+            read = from_qemu.read_buf(&mut buf), if qemu_open => {
+                qemu_open = read? > 0;
+                Reply::Qemu(buf.split().freeze()).encode(&mut out);
+                to_link.write_all(&out).await?;
+                out.clear();
+                activity.touch();
+            }
+        }
+    };
+    let confirmed = match outcome {
+        Ok(Ok((qemu_bytes, digest))) => Reply::Done { qemu_bytes, digest },
+        Ok(Err(reason)) => Reply::Failed { reason },
+        Err(_) => Reply::Failed {
+            reason: "the destination end stopped".into(),
+        },
+    };
+    let done = matches!(confirmed, Reply::Done { .. });
+    confirmed.encode(&mut out);
+    to_link.write_all(&out).await?;
+    to_link.flush().await?;
+    activity.touch();
+    while done && qemu_open {
+        out.clear();
+        buf.reserve(MAX_RETURN_CHUNK);
+        qemu_open = from_qemu.read_buf(&mut buf).await? > 0;
+        Reply::Qemu(buf.split().freeze()).encode(&mut out);
+        to_link.write_all(&out).await?;
+        activity.touch();
+    }
+    to_link.shutdown().await?;
+    Ok(())
+}
+
+/// Runs the destination end of one migration whose QEMU connection is already open:
+/// [`accept`] then [`Handshake::restore`]. A proxy facing the network should call
+/// the two itself and connect to QEMU in between (as
+/// [`DestinationProxy`](super::DestinationProxy) does).
 pub async fn destination<LR, LW, QR, QW>(
     link: (LR, LW),
     qemu: (QR, QW),
@@ -40,38 +285,5 @@ where
     QR: AsyncRead + Unpin,
     QW: AsyncWrite + Unpin,
 {
-    let ((from_link, mut to_link), (mut from_qemu, to_qemu)) = (link, qemu);
-    let catalog = config.templates.as_ref().map(|s| s.catalog_id());
-    let greeting = Greeting {
-        catalog: catalog.map_or([0; 32], |id| id.0),
-    };
-    to_link.write_all(&greeting.to_bytes()).await?;
-    let (mut decoder, mut fetch) = match &config.templates {
-        Some(store) => {
-            let (restore, fetch) = store.open();
-            let decoder = DedupDecoder::with_template_resolver(restore, store.catalog_id());
-            (decoder, fetch)
-        }
-        None => (DedupDecoder::with_default_resolvers(), None),
-    };
-    decoder = decoder.with_limits(config.limits.clone());
-    let forward = pump::restore(
-        from_link,
-        to_qemu,
-        &mut decoder,
-        fetch.as_deref_mut(),
-        progress,
-    );
-    // QEMU closes its side once it has loaded the whole stream, but a QEMU without a
-    // return path may close its writing half at any time: only errors count here
-    let back = async {
-        tokio::io::copy(&mut from_qemu, &mut to_link).await?;
-        Ok(())
-    };
-    tokio::try_join!(forward, back)?;
-    to_link.shutdown().await?;
-    Ok(Report {
-        stats: decoder.stats().clone(),
-        templates: decoder.hello().is_some_and(|h| h.catalog != [0; 32]),
-    })
+    accept(link, config).await?.restore(qemu, progress).await
 }

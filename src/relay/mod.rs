@@ -1,26 +1,34 @@
-//! Async adapters: the two ends of a dedup link over any transport.
+//! Async adapters: the two ends of a dedup link over any transport, and the proxies
+//! that run them over mutually authenticated TLS.
 //!
 //! ```text
-//! QEMU ──▶ [source] ══ dedup stream ══▶ [destination] ──▶ QEMU
-//!      ◀──          ◀═ greeting, then ═           ◀──
-//!                      QEMU's return path
+//! QEMU ──▶ [source] ══ dedup stream ══════════════════▶ [destination] ──▶ QEMU
+//!      ◀──          ◀═ greeting, QEMU's return path, ═           ◀──
+//!                      DONE or FAILED
 //! ```
 //!
 //! [`source`] reads the source QEMU's stream, deduplicates it and writes the dedup
 //! stream to the link; [`destination`] restores the exact QEMU bytes and writes them to
 //! the destination QEMU. The destination speaks first on the way back: a
-//! [`Greeting`](crate::dedup::wire::Greeting) naming the template catalog it holds, so
-//! the source refers to templates only when both ends hold the same catalog (a
-//! mismatch costs ratio, never the migration). Then QEMU's return path is passed
-//! through unchanged.
+//! [`Reply::Greeting`](crate::dedup::Reply::Greeting) naming the template catalog it
+//! holds, so the source refers to templates only when both ends hold the same
+//! catalog (a mismatch costs ratio, never the migration). Then QEMU's return path is
+//! passed through, and at the end the destination's verdict: DONE once the END frame
+//! verified and every byte reached its QEMU, or FAILED with its reason. The source
+//! reports success only on DONE.
 //!
-//! Both functions return an error, and drop (close) every transport they were given,
-//! on any failure: the source QEMU sees its migration connection fail while its VM
-//! keeps running, and the destination QEMU never receives the end of a stream that
-//! was not verified whole. Memory per link is bounded by the codecs' limits.
+//! Both ends return an error, and drop (close) every transport they were given, on
+//! any failure, including no progress either way for [`Timeouts::idle`]: the source
+//! QEMU sees its migration connection fail while its VM keeps running, and the
+//! destination QEMU never receives the end of a stream that was not verified whole.
+//! Memory per link is bounded by the codecs' limits.
 //!
 //! The halves of each transport are passed separately (e.g. from
-//! `TcpStream::into_split`), so any `AsyncRead`/`AsyncWrite` pair works.
+//! `TcpStream::into_split` or `tokio::io::split`), so any `AsyncRead`/`AsyncWrite`
+//! pair works. A proxy facing a network uses [`SourceProxy`] and
+//! [`DestinationProxy`]: mutual TLS ([`tls`]), QEMU connected only after the peer
+//! authenticated and sent a valid HELLO, and every resource a peer can hold capped
+//! ([`ProxyLimits`]).
 //!
 //! ```
 //! use migstream::relay::{self, DestinationConfig, Progress, SourceConfig};
@@ -58,18 +66,71 @@
 //! # }
 //! ```
 
+mod activity;
 mod destination;
+pub mod net;
+mod proxy;
 mod pump;
 mod source;
 pub mod tls;
 
-pub use destination::{DestinationConfig, destination};
-pub use pump::{dedup, restore};
+pub use destination::{DestinationConfig, Handshake, accept, destination};
+pub use proxy::{DEFAULT_TEMPLATE_COOLDOWN, DestinationProxy, Incoming, ProxyLimits, SourceProxy};
+pub use pump::{decode_stream, encode_stream};
 pub use source::{SourceConfig, source};
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::dedup::Stats;
+
+/// How long an end of a link waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Timeouts {
+    /// For the TLS handshake and the peer's first message (the destination's
+    /// greeting, the source's HELLO): a peer that connects and says nothing is let go.
+    pub handshake: Duration,
+    /// For any progress, either way, on either side of an end (bytes from or to the
+    /// link or QEMU, a page fetched): a peer that stalls, or a link black-holed, ends
+    /// the migration. Also the link's TCP user timeout.
+    pub idle: Duration,
+    /// For a TCP or Unix connection to be set up (the link, QEMU).
+    pub connect: Duration,
+}
+
+impl Default for Timeouts {
+    /// 10 s for the handshake and for connecting, 60 s without progress: QEMU sends
+    /// continuously during a migration, and the destination answers within a
+    /// round trip of the END frame.
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            connect: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Timeouts {
+    /// With this handshake timeout.
+    pub fn with_handshake(mut self, timeout: Duration) -> Self {
+        self.handshake = timeout;
+        self
+    }
+
+    /// With this idle timeout.
+    pub fn with_idle(mut self, timeout: Duration) -> Self {
+        self.idle = timeout;
+        self
+    }
+
+    /// With this connect timeout.
+    pub fn with_connect(mut self, timeout: Duration) -> Self {
+        self.connect = timeout;
+        self
+    }
+}
 
 /// What one end of a link reports once its migration is over.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! One direction of a link: QEMU stream to dedup stream, and back.
+//! One direction of a link: a QEMU stream to a dedup stream, and back.
 
 use bytes::BytesMut;
 use futures_core::Stream;
@@ -6,23 +6,47 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::FramedRead;
 
 use super::Progress;
-use crate::dedup::{DedupDecoder, DedupEncoder, DedupFrames, Stats};
+use super::activity::Activity;
+use crate::dedup::{DedupDecoder, DedupEncoder, DedupFrames, Stats, wire};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
 use crate::resolve::Fetch;
 
 /// Bytes of dedup stream handed to the transport at a time.
-const CHUNK: usize = 256 * 1024;
+pub(super) const CHUNK: usize = 256 * 1024;
+
+/// What an encoding direction reports at its end.
+#[derive(Debug)]
+pub(super) struct Encoded {
+    pub(super) stats: Stats,
+    /// The END frame's digest.
+    pub(super) digest: [u8; wire::FRAME_DIGEST],
+}
 
 /// Reads a QEMU stream from `qemu` to its end, writes the dedup stream made by
 /// `encoder` to `wan`, and shuts `wan`'s writing side down after the END frame.
 /// Returns the encoder's final counters.
-pub async fn dedup<R, W>(
+pub async fn encode_stream<R, W>(
+    qemu: R,
+    wan: W,
+    encoder: DedupEncoder,
+    progress: &Progress,
+) -> Result<Stats>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let encoded = encode(qemu, wan, encoder, progress, &Activity::new()).await?;
+    Ok(encoded.stats)
+}
+
+pub(super) async fn encode<R, W>(
     qemu: R,
     mut wan: W,
     encoder: DedupEncoder,
     progress: &Progress,
-) -> Result<Stats>
+    activity: &Activity,
+) -> Result<Encoded>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -33,27 +57,48 @@ where
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut frames).poll_next(cx)).await
     {
         wan.write_all(&chunk?).await?;
+        activity.touch();
         progress.set(frames.stats());
     }
     wan.shutdown().await?;
-    Ok(frames.stats().clone())
+    Ok(Encoded {
+        stats: frames.stats().clone(),
+        digest: frames.digest(),
+    })
 }
 
 /// Reads a dedup stream from `wan` to its END frame, writes the verified QEMU bytes
 /// to `qemu`, and shuts `qemu`'s writing side down at the end. Whenever the decoder
 /// waits for pages (see [`DedupDecoder::waiting`]), `fetch` fetches them.
-pub async fn restore<R, W>(
-    mut wan: R,
-    mut qemu: W,
+pub async fn decode_stream<R, W>(
+    wan: R,
+    qemu: W,
     decoder: &mut DedupDecoder,
-    mut fetch: Option<&mut (dyn Fetch + '_)>,
+    fetch: Option<&mut (dyn Fetch + '_)>,
     progress: &Progress,
 ) -> Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut input = BytesMut::with_capacity(CHUNK);
+    let input = BytesMut::with_capacity(CHUNK);
+    decode(wan, input, qemu, decoder, fetch, progress, &Activity::new()).await
+}
+
+/// [`decode_stream`] starting with the bytes already read into `input`.
+pub(super) async fn decode<R, W>(
+    mut wan: R,
+    mut input: BytesMut,
+    mut qemu: W,
+    decoder: &mut DedupDecoder,
+    mut fetch: Option<&mut (dyn Fetch + '_)>,
+    progress: &Progress,
+    activity: &Activity,
+) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut eof = false;
     loop {
         let decoded = match eof {
@@ -62,22 +107,27 @@ where
         };
         if let Some(bytes) = decoded {
             qemu.write_all(&bytes).await?;
+            activity.touch();
             progress.set(decoder.stats());
         } else if decoder.waiting() {
             let Some(fetch) = fetch.as_deref_mut() else {
-                return Err(Error::Io(std::io::Error::other(
-                    "a resolver waits for pages but nothing fetches them",
-                )));
+                return Err(Error::Config {
+                    what: "resolvers",
+                    reason: "a resolver waits for pages but nothing fetches them".into(),
+                });
             };
             fetch.fetch().await?;
-        } else if eof {
+            activity.touch();
+        } else if eof || decoder.is_complete() {
             break;
         } else {
             input.reserve(CHUNK);
             eof = wan.read_buf(&mut input).await? == 0;
+            activity.touch();
         }
     }
     progress.set(decoder.stats());
+    qemu.flush().await?;
     qemu.shutdown().await?;
     Ok(())
 }

@@ -1,24 +1,24 @@
 //! The source end of a link: the source QEMU on one side, the link on the other.
 
-use std::time::Duration;
-
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Progress, Report, pump};
-use crate::dedup::wire::{GREETING_LEN, Greeting};
-use crate::dedup::{Compression, DedupEncoder, Resolvers};
+use super::activity::Activity;
+use super::{Progress, Report, Timeouts, pump};
+use crate::dedup::{Compression, DedupEncoder, Reply, ReplyDecoder, Resolvers};
 use crate::error::{Error, Result};
 
 /// How the source end deduplicates.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SourceConfig {
     /// The resolvers to run. Templates are used only if the destination's greeting
     /// names the same catalog.
     pub resolvers: Resolvers,
     /// How batches are compressed.
     pub compression: Compression,
-    /// How long to wait for the destination's greeting.
-    pub greeting_timeout: Duration,
+    /// How long to wait for the greeting, and for progress.
+    pub timeouts: Timeouts,
 }
 
 impl Default for SourceConfig {
@@ -26,8 +26,28 @@ impl Default for SourceConfig {
         Self {
             resolvers: Resolvers::default(),
             compression: Compression::Lz4,
-            greeting_timeout: Duration::from_secs(30),
+            timeouts: Timeouts::default(),
         }
+    }
+}
+
+impl SourceConfig {
+    /// With these resolvers.
+    pub fn with_resolvers(mut self, resolvers: Resolvers) -> Self {
+        self.resolvers = resolvers;
+        self
+    }
+
+    /// With this compression of batches.
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// With these timeouts.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 }
 
@@ -35,8 +55,10 @@ impl Default for SourceConfig {
 /// (read half, write half), `link` the connection to the destination end.
 ///
 /// Waits for the destination's greeting, deduplicates the QEMU stream onto the
-/// link, and passes the return path back to QEMU until the destination closes it.
-/// See the [module docs](super) for what happens on failure.
+/// link, and passes the return path back to QEMU. Succeeds only once the
+/// destination confirmed that the END frame verified and every byte reached its
+/// QEMU ([`Reply::Done`]); a FAILED reply, a link that closes or goes silent for
+/// the idle timeout before that, is an error. See the [module docs](super).
 pub async fn source<QR, QW, LR, LW>(
     qemu: (QR, QW),
     link: (LR, LW),
@@ -49,59 +71,138 @@ where
     LR: AsyncRead + Unpin,
     LW: AsyncWrite + Unpin,
 {
-    let ((from_qemu, mut to_qemu), (mut from_link, to_link)) = (qemu, link);
-    let mut greeting = [0; GREETING_LEN];
-    tokio::time::timeout(config.greeting_timeout, from_link.read_exact(&mut greeting))
+    let ((from_qemu, mut to_qemu), (from_link, mut to_link)) = (qemu, link);
+    let activity = Activity::new();
+    let mut replies = Replies::new(from_link, &activity);
+    let greeting = tokio::time::timeout(config.timeouts.handshake, replies.next("its greeting"))
         .await
-        .map_err(|_| timed_out("the destination's greeting"))??;
-    let greeting = Greeting::parse(&greeting)?;
+        .map_err(|_| Error::Timeout {
+            what: "the destination's greeting",
+        })??;
+    let Reply::Greeting { catalog } = greeting else {
+        unreachable!("the reply decoder takes a greeting first");
+    };
     let mut resolvers = config.resolvers.clone();
-    if let Some(index) = &resolvers.templates {
-        if index.id().0 != greeting.catalog {
-            resolvers.templates = None;
-        }
+    if resolvers.templates.as_ref().map(|index| index.id()) != catalog {
+        resolvers.templates = None;
     }
     let templates = resolvers.templates.is_some();
+    tracing::debug!(templates, "greeted by the destination");
     let encoder = DedupEncoder::with_resolvers(&resolvers).with_compression(config.compression);
-    let forward = pump::dedup(from_qemu, to_link, encoder, progress);
-    let back = async {
-        let n = tokio::io::copy(&mut from_link, &mut to_qemu).await?;
-        to_qemu.shutdown().await?;
-        Ok(n)
+    let forward = async {
+        let encoded = pump::encode(from_qemu, &mut to_link, encoder, progress, &activity).await;
+        if encoded.is_err() {
+            // the destination sees the stream end short, and says so
+            let _ = to_link.shutdown().await;
+        }
+        encoded
     };
-    let stats = both_ways(forward, back).await?;
-    Ok(Report { stats, templates })
+    let back = async {
+        loop {
+            match replies.next("confirming the migration").await? {
+                Reply::Qemu(bytes) => {
+                    to_qemu.write_all(&bytes).await?;
+                    activity.touch();
+                }
+                Reply::Done { qemu_bytes, digest } => return Ok((qemu_bytes, digest)),
+                Reply::Failed { reason } => return Err(Error::Remote { reason }),
+                Reply::Greeting { .. } => unreachable!("the reply decoder takes one greeting"),
+            }
+        }
+    };
+    let (encoded, confirmed) = tokio::select! {
+        ends = both_ends(forward, back) => ends?,
+        stalled = activity.stalled(config.timeouts.idle) => return Err(stalled),
+    };
+    if confirmed != (encoded.stats.qemu_bytes, encoded.digest) {
+        return Err(Error::Remote {
+            reason: "confirmed another stream than the one sent".into(),
+        });
+    }
+    // the rest of QEMU's return path, until the destination closes the link
+    let drain = async {
+        while let Some(reply) = replies.try_next().await? {
+            if let Reply::Qemu(bytes) = reply {
+                to_qemu.write_all(&bytes).await?;
+                activity.touch();
+            }
+        }
+        to_qemu.shutdown().await?;
+        Ok::<_, Error>(())
+    };
+    tokio::select! {
+        drained = drain => if let Err(e) = drained {
+            tracing::debug!(error = %e, "return path after the confirmation");
+        },
+        _ = activity.stalled(config.timeouts.idle) => {
+            tracing::debug!("return path idle after the confirmation");
+        }
+    }
+    Ok(Report {
+        stats: encoded.stats,
+        templates,
+    })
 }
 
-/// Runs the forward direction to its end while passing the return path, which
-/// must not end first: the destination end closes it only after the whole stream
-/// arrived, so an early end means it is gone. Once the forward direction is done,
-/// the return path runs until the destination closes it; its errors no longer
-/// matter to a migration whose bytes all went out.
-async fn both_ways<T>(
+/// Runs the forward direction and waits for the destination's verdict. A verdict
+/// that is an error ends both at once. If the forward direction fails first, the
+/// verdict is still awaited: when the link broke because the destination gave up,
+/// its reason (a FAILED reply) says more than the broken pipe.
+async fn both_ends<T, V>(
     forward: impl Future<Output = Result<T>>,
-    back: impl Future<Output = std::io::Result<u64>>,
-) -> Result<T> {
+    back: impl Future<Output = Result<V>>,
+) -> Result<(T, V)> {
     let (mut forward, mut back) = (std::pin::pin!(forward), std::pin::pin!(back));
     tokio::select! {
-        done = &mut forward => {
-            let done = done?;
-            let _ = back.await;
-            Ok(done)
+        verdict = &mut back => {
+            let verdict = verdict?;
+            Ok((forward.await?, verdict))
         }
-        ended = &mut back => {
-            ended?;
-            Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the far side closed the connection before the migration ended",
-            )))
-        }
+        sent = &mut forward => match sent {
+            Ok(sent) => Ok((sent, back.await?)),
+            Err(e) => Err(match (e, back.await) {
+                (Error::Io(_), Err(remote @ Error::Remote { .. })) => remote,
+                (e, _) => e,
+            }),
+        },
     }
 }
 
-fn timed_out(what: &str) -> Error {
-    Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("timed out waiting for {what}"),
-    ))
+/// The destination's replies, read off the link's return direction.
+struct Replies<'a, R> {
+    link: R,
+    buf: BytesMut,
+    decoder: ReplyDecoder,
+    activity: &'a Activity,
+}
+
+impl<'a, R: AsyncRead + Unpin> Replies<'a, R> {
+    fn new(link: R, activity: &'a Activity) -> Self {
+        Self {
+            link,
+            buf: BytesMut::new(),
+            decoder: ReplyDecoder::new(),
+            activity,
+        }
+    }
+
+    /// The next reply; the end of the link before it is an error: the destination
+    /// closed the link before `what`.
+    async fn next(&mut self, what: &'static str) -> Result<Reply> {
+        self.try_next().await?.ok_or(Error::PeerClosed { what })
+    }
+
+    /// The next reply, `None` at a clean end of the link.
+    async fn try_next(&mut self) -> Result<Option<Reply>> {
+        loop {
+            if let Some(reply) = self.decoder.decode(&mut self.buf)? {
+                return Ok(Some(reply));
+            }
+            self.buf.reserve(16 << 10);
+            if self.link.read_buf(&mut self.buf).await? == 0 {
+                return self.decoder.decode_eof(&mut self.buf);
+            }
+            self.activity.touch();
+        }
+    }
 }
