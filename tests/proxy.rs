@@ -1,81 +1,54 @@
 //! The proxy example as an operator runs it: two processes over loopback TCP serving
 //! several migrations at once, each delivered byte-exact or failed on both sides.
 //!
-//! Uses the `proxy` example binary that `cargo test` builds next to the tests.
+//! Uses the `proxy` example binary that `cargo test` builds next to the tests; the
+//! proxies link over mutual TLS with certificates made in process.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
+
+use support::pki::Files;
+use support::proxy::Proxy;
 
 fn testdata(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
-/// `target/<profile>/examples/proxy`, built by `cargo test` with the tests.
-fn proxy_binary() -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let bin = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/proxy");
-    assert!(
-        bin.exists(),
-        "{} missing: run through `cargo test`",
-        bin.display()
+/// A destination proxy (to the fake QEMU at `to`) and a source proxy linked to it
+/// over mutual TLS, with these extra arguments each.
+fn proxies(
+    pki: &Files,
+    to: &str,
+    source_args: &[&str],
+    destination_args: &[&str],
+) -> (Proxy, Proxy) {
+    let destination = Proxy::start(
+        &[
+            &["destination", "--to", to][..],
+            &pki.destination_args()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            destination_args,
+        ]
+        .concat(),
     );
-    bin
-}
-
-/// A proxy process, killed when dropped.
-struct Proxy {
-    child: Child,
-    port: u16,
-}
-
-impl Proxy {
-    fn start(args: &[&str]) -> Proxy {
-        let mut child = Command::new(proxy_binary())
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--json", "--quiet"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening on 127.0.0.1:")
-            .unwrap_or_else(|| panic!("first line {line:?}"))
-            .parse()
-            .unwrap();
-        // keep draining stderr so the proxy never blocks on it
-        thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-        Proxy { child, port }
-    }
-
-    /// The JSON reports of the first `n` migrations.
-    fn reports(&mut self, n: usize) -> Vec<serde_json::Value> {
-        let stdout = BufReader::new(self.child.stdout.take().unwrap());
-        stdout
-            .lines()
-            .take(n)
-            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let source = Proxy::start(
+        &[
+            &["source", "--to", &destination.addr()][..],
+            &pki.source_args("source-a")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            source_args,
+        ]
+        .concat(),
+    );
+    (source, destination)
 }
 
 /// A fake QEMU that sends `stream`, then reads its return path to the end.
@@ -102,11 +75,16 @@ fn serves_several_migrations_at_once_and_fails_only_the_broken_one() {
     // the fake destination QEMU: one connection per migration, answers on the return path
     let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
     let qemu_port = qemu.local_addr().unwrap().port();
-    let mut destination = Proxy::start(&["destination", "--to", &format!("127.0.0.1:{qemu_port}")]);
-    let mut source = Proxy::start(&["source", "--to", &format!("127.0.0.1:{}", destination.port)]);
+    let pki = Files::write("several");
+    let (mut source, mut destination) = proxies(
+        &pki,
+        &format!("127.0.0.1:{qemu_port}"),
+        &[],
+        &["--max-migrations", "4"],
+    );
     let received = thread::spawn(move || {
         let mut all = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..3 {
             let (mut conn, _) = qemu.accept().unwrap();
             all.push(thread::spawn(move || {
                 conn.set_read_timeout(Some(Duration::from_secs(60)))
@@ -117,40 +95,37 @@ fn serves_several_migrations_at_once_and_fails_only_the_broken_one() {
                 (got, complete)
             }));
         }
-        all.into_iter()
-            .map(|t| t.join().unwrap())
-            .collect::<Vec<_>>()
+        let received: Vec<_> = all.into_iter().map(|t| t.join().unwrap()).collect();
+        (received, qemu)
     });
     let mut senders: Vec<_> = streams
         .iter()
         .map(|s| source_qemu(source.port, s.clone(), None))
         .collect();
-    // a fourth migration whose source QEMU goes away mid-stream
-    senders.push(source_qemu(source.port, streams[0].clone(), Some(100_000)));
+    // a fourth migration whose source QEMU goes away before its stream's
+    // configuration: the destination proxy never hears a HELLO, so its QEMU is never
+    // connected
+    senders.push(source_qemu(source.port, streams[0].clone(), Some(1_000)));
     senders.into_iter().for_each(|s| s.join().unwrap());
 
-    let received = received.join().unwrap();
-    let exact = received
-        .iter()
-        .filter(|(got, _)| streams.iter().any(|s| s == got))
-        .count();
-    assert_eq!(exact, 3, "three migrations delivered byte-exact");
-    let cut = received
-        .iter()
-        .find(|(got, _)| !streams.iter().any(|s| s == got))
-        .expect("the cut migration");
-    assert!(cut.0.len() < 100_000, "the cut stream was not completed");
-
-    for reports in [source.reports(4), destination.reports(4)] {
-        let ok = reports.iter().filter(|r| r["ok"] == true).count();
-        assert_eq!(ok, 3, "{reports:?}");
-        let failed = reports.iter().find(|r| r["ok"] == false).unwrap();
-        assert!(failed["error"].as_str().unwrap().len() > 5, "{failed}");
-        for r in reports.iter().filter(|r| r["ok"] == true) {
-            let (wire, qemu) = (r["wire_bytes"].as_u64(), r["qemu_bytes"].as_u64());
-            assert!(wire.unwrap() < qemu.unwrap(), "{r}");
-        }
+    let (received, qemu) = received.join().unwrap();
+    for (got, complete) in &received {
+        assert!(*complete && streams.contains(got), "delivered byte-exact");
     }
+    let mut reports = source.reports(4);
+    reports.sort_by_key(|r| r["ok"] == true);
+    let failed = &reports[0];
+    assert_eq!(failed["ok"], false, "{reports:?}");
+    assert!(failed["error"].as_str().unwrap().len() > 5, "{failed}");
+    for r in destination.reports(3).iter().chain(&reports[1..]) {
+        assert_eq!(r["ok"], true, "{r}");
+        let (wire, qemu) = (r["wire_bytes"].as_u64(), r["qemu_bytes"].as_u64());
+        assert!(wire.unwrap() < qemu.unwrap(), "{r}");
+    }
+    // the cut one was refused before QEMU, and not counted as a migration
+    destination.log_line("refused", Duration::from_secs(30));
+    qemu.set_nonblocking(true).unwrap();
+    assert!(qemu.accept().is_err(), "no fourth QEMU connection");
 }
 
 /// Starts a destination and a source proxy with these extra arguments, migrates
@@ -163,10 +138,8 @@ fn migrate_once(
 ) -> (Proxy, Proxy) {
     let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
     let to_qemu = format!("127.0.0.1:{}", qemu.local_addr().unwrap().port());
-    let destination =
-        Proxy::start(&[&["destination", "--to", &to_qemu], destination_args].concat());
-    let to_destination = format!("127.0.0.1:{}", destination.port);
-    let source = Proxy::start(&[&["source", "--to", &to_destination], source_args].concat());
+    let pki = Files::write("once");
+    let (source, destination) = proxies(&pki, &to_qemu, source_args, destination_args);
     let sender = source_qemu(source.port, stream.clone(), None);
     let (mut conn, _) = qemu.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(60)))

@@ -8,9 +8,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use migstream::ErrorKind;
+use migstream::dedup::Reply;
 use migstream::dedup::{DedupDecoder, DedupEncoder, Resolvers};
 use migstream::qemu::{QemuDecoder, RamRecord, Record};
-use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig};
+use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig, Timeouts};
 use migstream::resolve::{Fetch, PageAt, PageOut, Restore, TemplateRestore, tag};
 use migstream::template::{Catalog, TemplateIndex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -180,16 +182,14 @@ async fn templates_are_used_only_when_both_ends_hold_the_catalog() {
     let qemu = testdata("qemu-10.0-q35-paused.mig");
     let catalog = Arc::new(catalog_of(&qemu));
     let other = Arc::new(Catalog::from_pages(4096, [[7u8; 4096]]).unwrap());
-    let source = || SourceConfig {
-        resolvers: Resolvers {
+    let source = || {
+        SourceConfig::default().with_resolvers(Resolvers {
             templates: Some(Arc::new(TemplateIndex::new(&catalog))),
             ..Resolvers::default()
-        },
-        ..SourceConfig::default()
+        })
     };
-    let holding = |c: &Arc<Catalog>| DestinationConfig {
-        templates: Some(Arc::new(TemplateRestore::new(c.clone()))),
-        ..DestinationConfig::default()
+    let holding = |c: &Arc<Catalog>| {
+        DestinationConfig::default().with_templates(Arc::new(TemplateRestore::new(c.clone())))
     };
     for (destination, expect_templates) in [
         (holding(&catalog), true),
@@ -231,6 +231,11 @@ async fn a_flipped_byte_on_the_link_fails_before_the_stream_is_complete() {
         )
         .await;
         assert!(run.destination.is_err(), "flip at {at} not detected");
+        let err = run
+            .source
+            .expect_err("the source reports the destination's failure");
+        // and says why: the destination's own error, not a broken pipe
+        assert_eq!(err.kind(), ErrorKind::Remote, "flip at {at}: {err}");
         assert!(
             run.delivered.len() < qemu.len() && qemu.starts_with(&run.delivered),
             "flip at {at}: the destination QEMU got {} bytes, not a strict prefix",
@@ -250,7 +255,7 @@ async fn the_source_fails_when_the_destination_goes_away() {
         |a, b| async move {
             let (mut a_read, mut a_write) = tokio::io::split(a);
             let (mut b_read, _b_write) = tokio::io::split(b);
-            let mut greeting = [0; migstream::dedup::wire::GREETING_LEN];
+            let mut greeting = vec![0; greeting_len()];
             b_read.read_exact(&mut greeting).await.unwrap();
             a_write.write_all(&greeting).await.unwrap();
             let mut some = [0; 1000];
@@ -261,6 +266,68 @@ async fn the_source_fails_when_the_destination_goes_away() {
     assert!(run.source.is_err());
     assert!(run.destination.is_err());
     assert!(run.delivered.is_empty());
+}
+
+/// Bytes of the destination's greeting on the wire.
+fn greeting_len() -> usize {
+    let mut greeting = BytesMut::new();
+    Reply::Greeting { catalog: None }.encode(&mut greeting);
+    greeting.len()
+}
+
+/// A link that carries the whole dedup stream but, after the greeting, loses the
+/// return direction: reset (`reset`) or black-holed (nothing more arrives, nothing
+/// closes). The source must not report success: the destination's confirmation
+/// never reaches it.
+async fn return_direction_lost(a: DuplexStream, b: DuplexStream, reset: bool) {
+    let ((mut a_read, mut a_write), (mut b_read, mut b_write)) =
+        (tokio::io::split(a), tokio::io::split(b));
+    let mut greeting = vec![0; greeting_len()];
+    b_read.read_exact(&mut greeting).await.unwrap();
+    a_write.write_all(&greeting).await.unwrap();
+    let forward = async {
+        let _ = tokio::io::copy(&mut a_read, &mut b_write).await;
+        let _ = b_write.shutdown().await;
+    };
+    let back = async {
+        match reset {
+            true => drop(a_write),
+            // read and drop what the destination says, hold the source's side open
+            false => {
+                let _ = tokio::io::copy(&mut b_read, &mut tokio::io::sink()).await;
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::join!(forward, back);
+}
+
+#[tokio::test]
+async fn the_source_fails_when_the_confirmation_is_lost() {
+    let qemu = testdata("qemu-7.2-pc-paused.mig");
+    let quick = SourceConfig::default()
+        .with_timeouts(Timeouts::default().with_idle(std::time::Duration::from_secs(1)));
+    for reset in [true, false] {
+        let bound = std::time::Duration::from_secs(60);
+        let run = tokio::time::timeout(
+            bound,
+            migrate(
+                &qemu,
+                quick.clone(),
+                DestinationConfig::default(),
+                move |a, b| return_direction_lost(a, b, reset),
+            ),
+        )
+        .await
+        .expect("the source gives up within its idle timeout");
+        assert!(run.delivered == qemu, "the stream itself went through");
+        let err = run.source.expect_err("no success without the confirmation");
+        let expected = match reset {
+            true => ErrorKind::PeerClosed,
+            false => ErrorKind::Timeout,
+        };
+        assert_eq!(err.kind(), expected, "reset {reset}: {err}");
+    }
 }
 
 /// Pages of this tag can be restored only once a [`Fetch`] has fetched them, like
@@ -347,7 +414,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     let mut decoder = DedupDecoder::new(vec![Box::new(remote.clone())]);
     let mut fetch = remote.clone();
     let mut out = Vec::new();
-    relay::restore(
+    relay::decode_stream(
         &wire[..],
         &mut out,
         &mut decoder,
@@ -367,7 +434,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     // without a fetcher the destination fails instead of stalling
     let mut decoder = DedupDecoder::new(vec![Box::new(Remote::default())]);
     let mut out = Vec::new();
-    let err = relay::restore(
+    let err = relay::decode_stream(
         &wire[..],
         &mut out,
         &mut decoder,

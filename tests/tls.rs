@@ -6,18 +6,17 @@
 //! `source-b.example`, and an unrelated CA with a client certificate of its own.
 
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+mod support;
+
 use migstream::Error;
-use migstream::relay::tls::{ALPN, TlsClient, TlsIdentity, TlsServer, peer_names};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use migstream::relay::tls::{ALPN, TlsClient, TlsServer, peer_names};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError};
+use support::pki::{Leaf, PKI, identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -28,80 +27,6 @@ async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(BOUND, future)
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
-}
-
-/// A certificate and its key, as PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-struct Pki {
-    ca: String,
-    server: Leaf,
-    source_a: Leaf,
-    source_b: Leaf,
-    other_ca: String,
-    /// A client certificate of `other_ca`, for `source-a.example` too.
-    stranger: Leaf,
-}
-
-static PKI: LazyLock<Pki> = LazyLock::new(|| {
-    let (ca, other_ca) = (new_ca("migstream test CA"), new_ca("another CA"));
-    Pki {
-        server: leaf(
-            &ca,
-            &["dest.example", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ),
-        source_a: leaf(
-            &ca,
-            &["source-a.example"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ),
-        source_b: leaf(
-            &ca,
-            &["source-b.example"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ),
-        stranger: leaf(
-            &other_ca,
-            &["source-a.example"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ),
-        ca: ca.pem(),
-        other_ca: other_ca.pem(),
-    }
-});
-
-fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(ca: &CertifiedIssuer<'_, KeyPair>, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let mut params = CertificateParams::new(names).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "migstream test");
-    params.extended_key_usages = vec![usage];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, ca).unwrap();
-    Leaf {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
-
-fn identity(leaf: &Leaf, ca: &str) -> TlsIdentity {
-    TlsIdentity::from_pem(leaf.cert.as_bytes(), leaf.key.as_bytes(), ca.as_bytes()).unwrap()
 }
 
 fn server(allowed_clients: &[&str]) -> TlsServer {

@@ -2,6 +2,9 @@
 //! any read size, and compare record lists independent of opaque chunking.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod pki;
+pub mod proxy;
+
 use bytes::{Bytes, BytesMut};
 use migstream::Error;
 use migstream::qemu::{
