@@ -713,6 +713,27 @@ async fn redis_nodes_with_a_password_or_an_acl_user_and_a_wrong_or_missing_one_n
     assert!(err.is_none() && out == f.qemu, "{err:?}");
     let by_user = Arc::new(Cluster::redis(&user_urls, 2, quick()).unwrap());
     assert!(verify(&by_user, &f.catalog).await.unwrap().ok());
+    // a destination needs no more than MGET on the ring's keys; pushing is refused
+    for server in &servers {
+        let ok = server.command(&format!(
+            "ACL SETUSER reader on >{USER_PASSWORD} ~mgs:* +mget"
+        ));
+        assert_eq!(ok.trim(), "+OK");
+    }
+    let reader_urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("redis://reader:{USER_PASSWORD}@127.0.0.1:{}", s.port()))
+        .collect();
+    let store = DhtTemplates::connect(&reader_urls, 2, quick())
+        .await
+        .unwrap();
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+    let reader = Arc::new(Cluster::redis(&reader_urls, 2, quick()).unwrap());
+    let err = push(&reader, &f.catalog).await.unwrap_err();
+    let (what, reason) = config_error(&err);
+    assert_eq!(what, "redis node authentication");
+    assert!(reason.contains("ACL does not let this user"), "{err}");
 
     // a wrong password on one node: a configuration error naming that node
     let secrets = [PASSWORD, USER_PASSWORD, "not-the-password"];
