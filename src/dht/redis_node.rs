@@ -85,6 +85,10 @@ impl RedisNode {
     /// Fails with [`Error::Config`] if `url` is not a Redis URL, or if `tls` is
     /// given for a URL that is not `rediss://` (TLS settings for a node reached in
     /// the clear are a mistake, not a preference).
+    ///
+    /// For a `rediss://` URL, rustls' ring provider becomes the process's default
+    /// crypto provider unless one was installed already: the redis crate builds
+    /// its TLS configuration with the default provider.
     pub fn with_tls(url: &str, timeouts: Timeouts, tls: Option<&RedisTls>) -> Result<Self> {
         let name = without_credentials(url);
         let invalid = |reason: String| Error::Config {
