@@ -4,8 +4,8 @@
 //! ```text
 //! cargo run --release --example catalog -- build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...
 //! cargo run --release --example catalog -- info CATALOG
-//! cargo run --release --example catalog -- push --nodes redis://H:P,redis://H:P,... [--replicas R] CATALOG
-//! cargo run --release --example catalog -- verify --nodes redis://H:P,... [--replicas R] CATALOG
+//! cargo run --release --example catalog -- push --nodes URLS|@FILE [--replicas R] [TLS] CATALOG
+//! cargo run --release --example catalog -- verify --nodes URLS|@FILE [--replicas R] [TLS] CATALOG
 //! ```
 //!
 //! `build` keeps the non-zero pages found in at least T inputs (`--count inputs`, the
@@ -20,21 +20,31 @@
 //! every template is present and correct on its R nodes and that every node holds
 //! the manifest, reports the balance (most templates on a node ÷ mean) and the
 //! missing copies, and exits non-zero if anything is missing. Both must be given the
-//! same node list, spelled as the proxies spell it, in any order.
+//! same node list, spelled as the proxies spell it (credentials aside), in any
+//! order: `redis://[[USER]:PASSWORD@]H:P` or `rediss://...` URLs, comma-separated,
+//! or `@FILE` naming a file of them (keeps passwords out of the process list).
+//! TLS: `--redis-ca PEM` (the CA to trust, instead of the system's roots) and
+//! `--redis-cert PEM --redis-key PEM` (a client certificate).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use std::sync::Arc;
 
-use migstream::dht::{self, Cluster, DEFAULT_REPLICAS, DhtOptions};
+use migstream::dht::{self, Cluster, DEFAULT_REPLICAS};
 use migstream::template::{Catalog, CatalogBuilder, InputKind, TemplateIndex, Threshold, format};
+
+// the ring's flags are the destination proxy's; the template store is not used here
+#[path = "support/templates.rs"]
+#[allow(dead_code)]
+mod templates;
 
 const USAGE: &str =
     "usage: catalog build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...
        catalog info CATALOG
-       catalog push --nodes redis://H:P,... [--replicas R] CATALOG
-       catalog verify --nodes redis://H:P,... [--replicas R] CATALOG";
+       catalog push --nodes URLS|@FILE [--replicas R] [--redis-ca PEM] [--redis-cert PEM --redis-key PEM] CATALOG
+       catalog verify --nodes URLS|@FILE [--replicas R] [--redis-ca PEM] [--redis-cert PEM --redis-key PEM] CATALOG
+       (URLS: redis://[[USER]:PASSWORD@]H:P or rediss://..., comma-separated)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,7 +55,7 @@ fn main() -> ExitCode {
         },
         Some("info") if args.len() == 2 => info(&args[1]),
         Some(cmd @ ("push" | "verify")) => match parse_ring(&args[1..]) {
-            Some((nodes, replicas, path)) => ring(cmd, &nodes, replicas, &path),
+            Some(ring_args) => ring(cmd, &ring_args),
             None => return usage(),
         },
         _ => return usage(),
@@ -142,33 +152,59 @@ fn info(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The node URLs, the replication factor and the catalog of `push` and `verify`.
-fn parse_ring(args: &[String]) -> Option<(Vec<String>, usize, String)> {
+/// What `push` and `verify` are given.
+struct RingArgs {
+    /// `--nodes`: URLs or `@FILE`.
+    nodes: String,
+    replicas: usize,
+    redis_ca: Option<String>,
+    redis_cert: Option<String>,
+    redis_key: Option<String>,
+    catalog: String,
+}
+
+fn parse_ring(args: &[String]) -> Option<RingArgs> {
     let (mut nodes, mut replicas, mut catalog) = (None, DEFAULT_REPLICAS, None);
+    let (mut redis_ca, mut redis_cert, mut redis_key) = (None, None, None);
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--nodes" => {
-                let list = args.next()?.split(',').filter(|s| !s.is_empty());
-                nodes = Some(list.map(str::to_string).collect::<Vec<_>>());
-            }
+            "--nodes" => nodes = Some(args.next()?.clone()),
             "--replicas" => replicas = args.next()?.parse().ok()?,
+            "--redis-ca" => redis_ca = Some(args.next()?.clone()),
+            "--redis-cert" => redis_cert = Some(args.next()?.clone()),
+            "--redis-key" => redis_key = Some(args.next()?.clone()),
             _ if catalog.is_none() => catalog = Some(arg.clone()),
             _ => return None,
         }
     }
-    Some((nodes.filter(|n| !n.is_empty())?, replicas, catalog?))
+    Some(RingArgs {
+        nodes: nodes?,
+        replicas,
+        redis_ca,
+        redis_cert,
+        redis_key,
+        catalog: catalog?,
+    })
 }
 
-/// `push` or `verify` over the ring of Redis servers at `nodes`.
-fn ring(cmd: &str, nodes: &[String], replicas: usize, path: &str) -> Result<(), String> {
+/// `push` or `verify` over the ring of Redis servers `args` names.
+fn ring(cmd: &str, args: &RingArgs) -> Result<(), String> {
+    let path = &args.catalog;
     let catalog = Catalog::load(path).map_err(|e| format!("{path}: {e}"))?;
+    let nodes = templates::node_urls(&args.nodes).map_err(|e| e.to_string())?;
+    let options = templates::dht_options(
+        args.redis_ca.as_deref(),
+        args.redis_cert.as_deref(),
+        args.redis_key.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let cluster =
-        Cluster::redis(nodes, replicas, DhtOptions::default()).map_err(|e| e.to_string())?;
+    let replicas = args.replicas;
+    let cluster = Cluster::redis(&nodes, replicas, options).map_err(|e| e.to_string())?;
     let cluster = Arc::new(cluster);
     println!(
         "{path}: {} templates of {} bytes, id {}; {} nodes, {replicas} replicas",

@@ -4,6 +4,10 @@
 //! a clean failure naming the page when every replica is gone, timeouts, and a
 //! restarted node used again.
 //!
+//! Also: nodes that disagree on the current catalog, and the ways a destination
+//! reaches its nodes, with a password or an ACL user, over TLS with a private CA
+//! and client certificates, never showing a password.
+//!
 //! Without redis-server installed the Redis tests skip loudly; with
 //! `MIGSTREAM_REQUIRE_REDIS=1` (scripts/test.sh) they fail instead.
 
@@ -12,20 +16,20 @@ mod support;
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use migstream::dedup::{DedupDecoder, DedupEncoder};
 use migstream::dht::{
-    Cluster, DhtOptions, DhtTemplates, MemoryNode, Node, Timeouts, layout, push, verify,
+    Cluster, DhtOptions, DhtTemplates, MemoryNode, Node, RedisTls, Timeouts, layout, push, verify,
 };
 use migstream::page::Fingerprint;
 use migstream::qemu::{RamRecord, Record};
 use migstream::resolve::{Fetch, TemplateStore};
-use migstream::template::{Catalog, TemplateIndex};
+use migstream::template::{Catalog, CatalogId, TemplateIndex};
 use migstream::{Error, ErrorKind};
-use redis_server::RedisServer;
+use redis_server::{RedisServer, TlsFiles};
 
 const PAGE: usize = 4096;
 
@@ -170,7 +174,7 @@ async fn memory_ring_decodes_byte_identical_and_caches_hot_templates() {
     assert!(fetches > 3, "{fetches} fetches");
     // every template was asked for once, from its first owner
     let gets: u64 = nodes.iter().map(|n| n.gets()).sum();
-    assert_eq!(gets, 600 + 2); // + the current pointer and the manifest
+    assert_eq!(gets, 600 + 4 + 1); // + every node's current pointer, and the manifest
     assert_eq!(store.cached(), 600);
     // a second migration is served from the cache alone
     let (out, err, fetches) = decode_through(&store, &f.wire, |_| {}).await;
@@ -279,6 +283,121 @@ async fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
         .await
         .unwrap();
     assert_eq!(store.manifest().fingerprints(), f.catalog.fingerprints());
+}
+
+/// Log lines written on this thread while the guard lives.
+fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = Sink(logs.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+fn logged(logs: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()
+}
+
+/// Sets node `node`'s current-catalog pointer to `id`.
+async fn point(node: &dyn Node, id: &CatalogId) {
+    let entry = [(layout::CURRENT_KEY.to_vec(), Bytes::copy_from_slice(&id.0))];
+    node.set_many(&entry).await.unwrap();
+}
+
+/// A catalog other than the fixture's, pushed before it: its manifest stays on
+/// every node.
+fn older_catalog() -> Arc<Catalog> {
+    let pages = support::random_pages(40, PAGE, 0x01d);
+    Arc::new(Catalog::from_pages(PAGE, &pages).unwrap())
+}
+
+#[tokio::test]
+async fn memory_ring_nodes_disagreeing_on_the_current_catalog_start_on_the_majoritys() {
+    let f = fixture(300);
+    let old = older_catalog();
+    let (cluster, nodes) = memory_cluster(3, 2);
+    push(&cluster, &old).await.unwrap();
+    push(&cluster, &f.catalog).await.unwrap();
+    // the first node (the one a destination used to ask alone) names the old one,
+    // whose manifest is still there and checks out
+    point(nodes[0].as_ref(), &old.id()).await;
+    let (logs, _guard) = capture_logs();
+    let store = DhtTemplates::from_cluster(cluster.clone(), None, DhtOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.catalog_id(), f.catalog.id());
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+    let log = logged(&logs);
+    assert!(log.contains("WARN"), "{log}");
+    assert!(log.contains("different current catalogs"), "{log}");
+    assert!(log.contains(&format!("mem0 = {}", old.id())), "{log}");
+    assert!(
+        log.contains("named by 2 of 3 answering nodes (a majority)"),
+        "{log}"
+    );
+
+    // pinned, either catalog is served whatever the pointers say
+    let pinned = DhtTemplates::from_cluster(cluster.clone(), Some(old.id()), DhtOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(pinned.catalog_id(), old.id());
+    assert_eq!(pinned.manifest().fingerprints(), old.fingerprints());
+
+    // most nodes name a catalog that has no manifest anywhere: the next is used
+    let bogus = CatalogId([0x77; 32]);
+    point(nodes[0].as_ref(), &bogus).await;
+    point(nodes[1].as_ref(), &bogus).await;
+    let store = DhtTemplates::from_cluster(cluster.clone(), None, DhtOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.catalog_id(), f.catalog.id());
+    let log = logged(&logs);
+    assert!(
+        log.contains(&format!("no valid manifest of {bogus}")),
+        "{log}"
+    );
+    let pinned =
+        DhtTemplates::from_cluster(cluster.clone(), Some(f.catalog.id()), DhtOptions::default())
+            .await
+            .unwrap();
+    assert_eq!(pinned.catalog_id(), f.catalog.id());
+
+    // a node that is down has no say; nor does one without a pointer
+    nodes[0].set_down(true);
+    nodes[1]
+        .delete_many(&[layout::CURRENT_KEY.to_vec()])
+        .await
+        .unwrap();
+    let store = DhtTemplates::from_cluster(cluster.clone(), None, DhtOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.catalog_id(), f.catalog.id());
+
+    // only catalogs without a manifest named: refused, naming the last one tried
+    point(nodes[2].as_ref(), &bogus).await;
+    let err = DhtTemplates::from_cluster(cluster, None, DhtOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io);
+    assert!(
+        err.to_string()
+            .contains(&format!("valid manifest of catalog {bogus}")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -523,4 +642,326 @@ async fn redis_killed_node_restarted_on_its_port_is_used_again() {
     let check = verify(&cluster, &f.catalog).await.unwrap();
     assert_eq!(check.nodes[0].present, check.nodes[0].assigned);
     assert_eq!(check.lost, 0);
+}
+
+// ---- reaching the nodes: passwords, ACL users, TLS -----------------------------
+
+/// The configuration error a refused node gives, with its `what`.
+fn config_error(err: &Error) -> (&'static str, &str) {
+    match err {
+        Error::Config { what, reason } => (what, reason),
+        other => panic!("expected a configuration error, got {other}"),
+    }
+}
+
+/// Asserts that none of `secrets` shows in `err`'s message or `Debug`.
+fn assert_no_secret(err: &Error, secrets: &[&str]) {
+    let (text, debug) = (err.to_string(), format!("{err:?}"));
+    for secret in secrets {
+        assert!(!text.contains(secret) && !debug.contains(secret), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn redis_nodes_with_a_password_or_an_acl_user_and_a_wrong_or_missing_one_named() {
+    if !redis_server::available("redis_nodes_with_a_password_or_an_acl_user") {
+        return;
+    }
+    const PASSWORD: &str = "pw-Sesame-4711";
+    const USER_PASSWORD: &str = "user-Sesame-0815";
+    let dir = scratch("auth");
+    let options = redis_server::Options {
+        password: Some(PASSWORD.to_string()),
+        tls: None,
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|i| RedisServer::start_with(&dir.join(format!("node{i}")), options.clone()))
+        .collect();
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    assert!(urls[0].contains(PASSWORD));
+    let f = fixture(500);
+    let cluster = redis_cluster(&servers, 2, quick());
+    // the names (the ring's identities) are the URLs less the password
+    for (node, server) in cluster.nodes().iter().zip(&servers) {
+        assert_eq!(node.name(), server.plain_url());
+    }
+    assert!(!format!("{cluster:?}").contains(PASSWORD));
+    let report = push(&cluster, &f.catalog).await.unwrap();
+    assert!(
+        report
+            .per_node
+            .iter()
+            .all(|(name, _)| !name.contains(PASSWORD))
+    );
+    let store = DhtTemplates::connect(&urls, 2, quick()).await.unwrap();
+    assert_eq!(store.catalog_id(), f.catalog.id());
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+    assert!(!format!("{store:?}").contains(PASSWORD));
+
+    // an ACL user: other credentials, the same ring
+    for server in &servers {
+        let ok = server.command(&format!("ACL SETUSER migs on >{USER_PASSWORD} ~* +@all"));
+        assert_eq!(ok.trim(), "+OK");
+    }
+    let user_urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("redis://migs:{USER_PASSWORD}@127.0.0.1:{}", s.port()))
+        .collect();
+    let store = DhtTemplates::connect(&user_urls, 2, quick()).await.unwrap();
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+    let by_user = Arc::new(Cluster::redis(&user_urls, 2, quick()).unwrap());
+    assert!(verify(&by_user, &f.catalog).await.unwrap().ok());
+    // a destination needs no more than MGET on the ring's keys; pushing is refused
+    for server in &servers {
+        let ok = server.command(&format!(
+            "ACL SETUSER reader on >{USER_PASSWORD} ~mgs:* +mget"
+        ));
+        assert_eq!(ok.trim(), "+OK");
+    }
+    let reader_urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("redis://reader:{USER_PASSWORD}@127.0.0.1:{}", s.port()))
+        .collect();
+    let store = DhtTemplates::connect(&reader_urls, 2, quick())
+        .await
+        .unwrap();
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+    let reader = Arc::new(Cluster::redis(&reader_urls, 2, quick()).unwrap());
+    let err = push(&reader, &f.catalog).await.unwrap_err();
+    let (what, reason) = config_error(&err);
+    assert_eq!(what, "redis node authentication");
+    assert!(reason.contains("ACL does not let this user"), "{err}");
+
+    // a wrong password on one node: a configuration error naming that node
+    let secrets = [PASSWORD, USER_PASSWORD, "not-the-password"];
+    let mut wrong = urls.clone();
+    wrong[1] = format!("redis://:not-the-password@127.0.0.1:{}", servers[1].port());
+    let err = DhtTemplates::connect(&wrong, 2, quick()).await.unwrap_err();
+    let (what, reason) = config_error(&err);
+    assert_eq!(what, "redis node authentication");
+    assert!(reason.starts_with(&servers[1].plain_url()), "{err}");
+    assert!(
+        reason.contains("refused the user name or password"),
+        "{err}"
+    );
+    assert_no_secret(&err, &secrets);
+    // ... and pinned alike
+    let err = DhtTemplates::connect_to(&wrong, 2, f.catalog.id(), quick())
+        .await
+        .unwrap_err();
+    assert_eq!(config_error(&err).0, "redis node authentication");
+
+    // no password for a node that requires one
+    let mut missing = urls.clone();
+    missing[2] = servers[2].plain_url();
+    let err = DhtTemplates::connect(&missing, 2, quick())
+        .await
+        .unwrap_err();
+    let (what, reason) = config_error(&err);
+    assert_eq!(what, "redis node authentication");
+    assert!(reason.starts_with(&servers[2].plain_url()), "{err}");
+    assert!(reason.contains("requires a password"), "{err}");
+    assert_no_secret(&err, &secrets);
+
+    // a wrong password for the ACL user; and push and verify say so too
+    let mut wrong_user = user_urls.clone();
+    wrong_user[0] = format!(
+        "redis://migs:not-the-password@127.0.0.1:{}",
+        servers[0].port()
+    );
+    let err = DhtTemplates::connect(&wrong_user, 2, quick())
+        .await
+        .unwrap_err();
+    assert!(
+        config_error(&err).1.starts_with(&servers[0].plain_url()),
+        "{err}"
+    );
+    assert_no_secret(&err, &secrets);
+    let bad = Arc::new(Cluster::redis(&wrong_user, 2, quick()).unwrap());
+    let err = push(&bad, &f.catalog).await.unwrap_err();
+    assert_eq!(config_error(&err).0, "redis node authentication");
+    assert_no_secret(&err, &secrets);
+    let check = verify(&bad, &f.catalog).await.unwrap();
+    assert!(!check.ok());
+    let refused = check.nodes[0].error.as_deref().expect("node 0 failed");
+    assert!(
+        refused.contains("refused the user name or password"),
+        "{refused}"
+    );
+    assert!(secrets.iter().all(|s| !refused.contains(s)), "{refused}");
+    assert!(check.nodes[1].error.is_none() && check.nodes[2].error.is_none());
+}
+
+#[tokio::test]
+async fn redis_nodes_disagreeing_on_the_current_catalog_start_on_the_right_one() {
+    if !redis_server::available("redis_nodes_disagreeing_on_the_current_catalog") {
+        return;
+    }
+    let servers = RedisServer::start_many(&scratch("disagree"), 3);
+    let f = fixture(300);
+    let old = older_catalog();
+    let cluster = redis_cluster(&servers, 2, quick());
+    push(&cluster, &old).await.unwrap();
+    push(&cluster, &f.catalog).await.unwrap();
+    // the first node listed names the old catalog (its manifest is still there)
+    point(cluster.nodes()[0].as_ref(), &old.id()).await;
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let store = DhtTemplates::connect(&urls, 2, quick()).await.unwrap();
+    assert_eq!(store.catalog_id(), f.catalog.id());
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+    // pinned: whichever is asked for
+    for id in [old.id(), f.catalog.id()] {
+        let pinned = DhtTemplates::connect_to(&urls, 2, id, quick())
+            .await
+            .unwrap();
+        assert_eq!(pinned.catalog_id(), id);
+    }
+    let (out, err, _) = decode_through(
+        &DhtTemplates::connect_to(&urls, 2, f.catalog.id(), quick())
+            .await
+            .unwrap(),
+        &f.wire,
+        |_| {},
+    )
+    .await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+}
+
+/// A CA, and certificates it signed, as PEM files under `dir`.
+struct Pki {
+    ca: PathBuf,
+    server: TlsFiles,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// A CA (`name`), a server certificate for 127.0.0.1 and a client certificate.
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_string());
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf = |san: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![san.to_string()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("127.0.0.1");
+    let (client_cert, client_key) = leaf("destination");
+    let ca = write_pem(dir, "ca.pem", &ca_pem);
+    Pki {
+        server: TlsFiles {
+            cert: write_pem(dir, "server.pem", &server_cert),
+            key: write_pem(dir, "server-key.pem", &server_key),
+            ca: ca.clone(),
+            auth_clients: true,
+        },
+        ca,
+        client_cert: write_pem(dir, "client.pem", &client_cert),
+        client_key: write_pem(dir, "client-key.pem", &client_key),
+    }
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca_and_client_certificates() {
+    if !redis_server::available("redis_over_tls_with_a_private_ca") {
+        return;
+    }
+    const PASSWORD: &str = "tls-Sesame-2024";
+    let dir = scratch("tls");
+    let pki = make_pki(&dir.join("pki"), "migstream test CA");
+    let options = redis_server::Options {
+        password: Some(PASSWORD.to_string()),
+        tls: Some(pki.server.clone()),
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|i| RedisServer::start_with(&dir.join(format!("node{i}")), options.clone()))
+        .collect();
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    assert!(urls.iter().all(|u| u.starts_with("rediss://:")));
+    let tls = RedisTls::from_ca_file(&pki.ca)
+        .unwrap()
+        .with_client_identity_files(&pki.client_cert, &pki.client_key)
+        .unwrap();
+    let mut options = quick();
+    options.redis_tls = Some(tls.clone());
+    let f = fixture(500);
+    let cluster = Arc::new(Cluster::redis(&urls, 2, options.clone()).unwrap());
+    let tls_port = servers[0].tls_port().unwrap();
+    assert_eq!(
+        cluster.nodes()[0].name(),
+        format!("rediss://127.0.0.1:{tls_port}")
+    );
+    push(&cluster, &f.catalog).await.unwrap();
+    assert!(verify(&cluster, &f.catalog).await.unwrap().ok());
+    let store = DhtTemplates::connect(&urls, 2, options.clone())
+        .await
+        .unwrap();
+    assert_eq!(store.catalog_id(), f.catalog.id());
+    let (out, err, _) = decode_through(&store, &f.wire, |_| {}).await;
+    assert!(err.is_none() && out == f.qemu, "{err:?}");
+
+    // another CA's certificate is refused, naming the node
+    let other = make_pki(&dir.join("other-pki"), "some other CA");
+    let mut untrusting = quick();
+    untrusting.redis_tls = Some(
+        RedisTls::from_ca_file(&other.ca)
+            .unwrap()
+            .with_client_identity_files(&pki.client_cert, &pki.client_key)
+            .unwrap(),
+    );
+    let err = DhtTemplates::connect(&urls, 2, untrusting)
+        .await
+        .unwrap_err();
+    let (what, reason) = config_error(&err);
+    assert_eq!(what, "redis node TLS", "{err}");
+    assert!(reason.starts_with("rediss://127.0.0.1:"), "{err}");
+    assert!(reason.contains("certificate"), "{err}");
+    assert_no_secret(&err, &[PASSWORD]);
+
+    // the system's roots do not know the private CA either
+    let mut system_roots = quick();
+    system_roots.redis_tls = None;
+    let err = DhtTemplates::connect(&urls, 2, system_roots)
+        .await
+        .unwrap_err();
+    assert_eq!(config_error(&err).0, "redis node TLS", "{err}");
+
+    // the servers ask for a client certificate: none shown, no catalog
+    let mut anonymous = quick();
+    anonymous.redis_tls = Some(RedisTls::from_ca_file(&pki.ca).unwrap());
+    let err = DhtTemplates::connect(&urls, 2, anonymous)
+        .await
+        .unwrap_err();
+    let (what, reason) = config_error(&err);
+    assert_eq!(what, "redis node TLS", "{err}");
+    assert!(reason.starts_with("rediss://127.0.0.1:"), "{err}");
+    assert!(reason.contains("CertificateRequired"), "{err}");
+    assert_no_secret(&err, &[PASSWORD]);
+
+    // TLS settings with a redis:// URL: refused before connecting
+    let plain: Vec<String> = servers.iter().map(RedisServer::plain_url).collect();
+    let err = Cluster::redis(&plain, 2, options.clone()).unwrap_err();
+    assert!(err.to_string().contains("not rediss://"), "{err}");
+    // their plain ports want the password too
+    let err = DhtTemplates::connect(&plain, 2, quick()).await.unwrap_err();
+    assert!(
+        config_error(&err).1.contains("requires a password"),
+        "{err}"
+    );
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::DhtOptions;
 use super::layout::template_key;
-use super::node::Node;
+use super::node::{Node, is_refusal};
 use super::redis_node::RedisNode;
 use super::ring::Ring;
 use crate::error::{Error, Result};
@@ -73,14 +73,22 @@ impl Cluster {
         })
     }
 
-    /// A cluster of Redis servers at `urls` (`redis://host:port`), in any order:
-    /// a node's URL is its identity in the ring, so every host must spell it alike.
-    /// Nothing is connected yet.
+    /// A cluster of Redis servers at `urls` (`redis://[[USER]:PASSWORD@]host:port`,
+    /// or `rediss://` with [`DhtOptions::redis_tls`]), in any order: a node's URL
+    /// less its credentials is its identity in the ring, so every host must spell it
+    /// alike. Nothing is connected yet.
+    ///
+    /// Fails with [`Error::Config`] for a URL that does not parse or TLS settings
+    /// given for a `redis://` node.
     pub fn redis<S: AsRef<str>>(urls: &[S], replicas: usize, options: DhtOptions) -> Result<Self> {
         let nodes = urls
             .iter()
             .map(|url| {
-                let node = RedisNode::new(url.as_ref(), options.timeouts)?;
+                let node = RedisNode::with_tls(
+                    url.as_ref(),
+                    options.timeouts,
+                    options.redis_tls.as_ref(),
+                )?;
                 Ok(Arc::new(node) as Arc<dyn Node>)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -225,7 +233,13 @@ impl Cluster {
                     })
                     .collect(),
             ),
-            Err(_) => Answer::Failed(wants),
+            Err(e) => {
+                if is_refusal(&e) {
+                    // configured wrongly, not down: its replicas serve meanwhile
+                    tracing::warn!("dht: {e}");
+                }
+                Answer::Failed(wants)
+            }
         }
     }
 

@@ -45,6 +45,7 @@ pub mod layout;
 mod memory;
 mod node;
 mod redis_node;
+mod redis_tls;
 mod ring;
 mod seed;
 mod store;
@@ -54,6 +55,7 @@ pub use layout::Manifest;
 pub use memory::MemoryNode;
 pub use node::{Node, NodeFuture};
 pub use redis_node::{RedisNode, Timeouts};
+pub use redis_tls::RedisTls;
 pub use ring::{DEFAULT_REPLICAS, Ring};
 pub use seed::{NodeCheck, PushReport, VerifyReport, push, verify};
 pub use store::DhtTemplates;
@@ -81,6 +83,9 @@ pub struct DhtOptions {
     pub max_frame_pages: usize,
     /// Most templates a manifest may list.
     pub max_templates: u64,
+    /// TLS settings of `rediss://` nodes (a private CA, a client certificate);
+    /// `None`: such nodes trust the system's roots. Refused for `redis://` nodes.
+    pub redis_tls: Option<RedisTls>,
 }
 
 impl Default for DhtOptions {
@@ -96,6 +101,7 @@ impl Default for DhtOptions {
             cache_pages: 16384,
             max_frame_pages: 16384,
             max_templates: 1 << 26,
+            redis_tls: None,
         }
     }
 }

@@ -17,6 +17,11 @@ pub type NodeFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send +
 /// callers bound the batch size. Errors are transport or server failures: the
 /// caller treats the node as failed for this batch and asks a replica. A missing
 /// key is not an error but `None`.
+///
+/// A failure that no retry cures, because the node is configured wrongly rather
+/// than down (it refused the credentials or its TLS certificate was refused), is an
+/// `io::Error` carrying a [`crate::Error::Config`] that names the node: the
+/// destination's store refuses to start on it rather than silently lose the node.
 pub trait Node: Send + Sync + Debug {
     /// The name the node is configured under (its URL): its identity in the ring.
     fn name(&self) -> &str;
@@ -29,4 +34,31 @@ pub trait Node: Send + Sync + Debug {
 
     /// Removes `keys` (absent keys are not an error).
     fn delete_many<'a>(&'a self, keys: &'a [Vec<u8>]) -> NodeFuture<'a, ()>;
+}
+
+/// The configuration error that a node's failure carries, if it is a refusal that no
+/// retry cures (see [`Node`]); the failure itself otherwise.
+pub(crate) fn refusal(e: io::Error) -> Result<crate::Error, io::Error> {
+    if !is_refusal(&e) {
+        return Err(e);
+    }
+    let kind = e.kind();
+    match e.into_inner().map(|inner| inner.downcast::<crate::Error>()) {
+        Some(Ok(config)) => Ok(*config),
+        Some(Err(inner)) => Err(io::Error::new(kind, inner)),
+        None => Err(io::Error::from(kind)),
+    }
+}
+
+/// A node's failure as the crate's error: its [`crate::Error::Config`] if it is a
+/// refusal, [`crate::Error::Io`] otherwise.
+pub(crate) fn node_error(e: io::Error) -> crate::Error {
+    refusal(e).unwrap_or_else(crate::Error::Io)
+}
+
+/// Whether a node's failure is a refusal that no retry cures (see [`Node`]).
+pub(crate) fn is_refusal(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::Error>())
+        .is_some_and(|inner| matches!(inner, crate::Error::Config { .. }))
 }

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use super::DhtOptions;
 use super::cluster::Cluster;
 use super::layout::{CURRENT_KEY, Manifest, manifest_key, template_key};
+use super::node::node_error;
 use crate::error::{Error, Result};
 use crate::template::Catalog;
 
@@ -117,7 +118,8 @@ fn batches(per_node: &[Vec<u32>], batch: usize) -> Vec<(usize, Vec<u32>)> {
 /// Stores `catalog` on `cluster`: every template on its owners, then the manifest
 /// and the current-catalog pointer on every node (so a destination that finds
 /// the pointer finds the templates). Idempotent: pushing again repairs a node that
-/// lost its data. Fails at the first node error.
+/// lost its data. Fails at the first node error ([`Error::Config`] naming the node
+/// if it refused the credentials or its TLS certificate was refused).
 pub async fn push(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<PushReport> {
     let started = Instant::now();
     let options: &DhtOptions = cluster.options();
@@ -140,7 +142,8 @@ pub async fn push(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<PushRepor
         spawn(&mut tasks, job);
     }
     while let Some(done) = tasks.join_next().await {
-        done.map_err(|e| Error::Io(io::Error::other(e)))??;
+        done.map_err(|e| Error::Io(io::Error::other(e)))?
+            .map_err(node_error)?;
         if let Some(job) = work.next() {
             spawn(&mut tasks, job);
         }
@@ -153,8 +156,8 @@ pub async fn push(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<PushRepor
     ];
     for node in cluster.nodes() {
         // the manifest before the pointer: a reader never sees a pointer without it
-        node.set_many(&entries[..1]).await?;
-        node.set_many(&entries[1..]).await?;
+        node.set_many(&entries[..1]).await.map_err(node_error)?;
+        node.set_many(&entries[1..]).await.map_err(node_error)?;
     }
     Ok(PushReport {
         templates: catalog.len(),

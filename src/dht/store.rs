@@ -25,11 +25,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use tokio::task::JoinSet;
 
 use super::DhtOptions;
 use super::cache::Lru;
 use super::cluster::Cluster;
 use super::layout::{CURRENT_KEY, Manifest, manifest_key};
+use super::node::refusal;
 use crate::error::{Error, Result};
 use crate::page::Fingerprint;
 use crate::resolve::{Fetch, PageAt, PageOut, Restore, TemplateStore, tag};
@@ -54,9 +56,10 @@ struct Shared {
 
 impl DhtTemplates {
     /// The store of the catalog pushed last to the Redis servers at `urls`
-    /// (`redis://host:port`), `replicas` copies per template: its id is read from
-    /// the first node that has one (`mgs:current`), its manifest from the first
-    /// node whose copy checks out.
+    /// (`redis://[[USER]:PASSWORD@]host:port`, or `rediss://` for TLS, trusting
+    /// [`DhtOptions::redis_tls`]), `replicas` copies per template: the catalog the
+    /// most nodes name in `mgs:current` and whose manifest checks out (see
+    /// [`from_cluster`](Self::from_cluster)).
     pub async fn connect<S: AsRef<str>>(
         urls: &[S],
         replicas: usize,
@@ -79,18 +82,38 @@ impl DhtTemplates {
 
     /// The store of catalog `id` (or of the catalog pushed last) on `cluster`.
     ///
-    /// Fails with [`Error::Io`] (`NotFound`) if no node holds a manifest of it
-    /// that hashes to its id, and with the last node error if none answered.
+    /// Every node is asked for its `mgs:current` first, at once. Unpinned (`id`
+    /// `None`), the catalog most answering nodes name is used if its manifest
+    /// checks out, else the next most named, and so on; nodes that disagree are
+    /// logged (`tracing` warning). Pinned, `mgs:current` decides nothing.
+    ///
+    /// Fails with [`Error::Config`] naming the node if a node refuses the
+    /// credentials of its URL or its TLS certificate is refused (a node that is
+    /// down or times out is only passed over), and with [`Error::Io`]
+    /// (`NotFound`) if no node holds a manifest of the catalog that hashes to its
+    /// id, with the last node error if none answered.
     pub async fn from_cluster(
         cluster: Arc<Cluster>,
         id: Option<CatalogId>,
         options: DhtOptions,
     ) -> Result<Self> {
-        let id = match id {
-            Some(id) => id,
-            None => current(&cluster).await?,
+        let pointers = read_pointers(&cluster).await?;
+        let manifest = match id {
+            Some(id) => {
+                let naming: Vec<usize> = (0..pointers.len())
+                    .filter(|&i| matches!(pointers[i], Pointer::Names(c) if c == id))
+                    .collect();
+                if naming.len() < pointers.len() {
+                    tracing::info!(
+                        "dht: catalog {id} pinned; the nodes' current catalogs: {}",
+                        describe(&cluster, &pointers)
+                    );
+                }
+                let order = manifest_order(&pointers, &naming);
+                load_manifest(&cluster, &id, options.max_templates, &order).await?
+            }
+            None => current_manifest(&cluster, &pointers, options.max_templates).await?,
         };
-        let manifest = load_manifest(&cluster, &id, options.max_templates).await?;
         Ok(Self {
             shared: Arc::new(Shared {
                 cluster,
@@ -293,32 +316,149 @@ impl Fetch for DhtFetch {
     }
 }
 
-/// The id of the catalog pushed last, from the first node that has one.
-async fn current(cluster: &Cluster) -> Result<CatalogId> {
-    let key = [CURRENT_KEY.to_vec()];
-    let mut last_error = None;
-    for i in 0..cluster.nodes().len() {
-        match cluster.get_from(i, &key).await {
-            Ok(values) => {
-                let id = values.into_iter().next().flatten();
-                if let Some(id) = id.and_then(|v| <[u8; 32]>::try_from(&v[..]).ok()) {
-                    return Ok(CatalogId(id));
-                }
-            }
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(no_catalog(
-        last_error,
-        "no node names a current catalog".into(),
-    ))
+/// What one node's `mgs:current` says.
+#[derive(Debug)]
+enum Pointer {
+    /// It names this catalog.
+    Names(CatalogId),
+    /// It answered with no pointer (or not 32 bytes).
+    Nothing,
+    /// It failed or timed out.
+    Failed(io::Error),
 }
 
-/// Catalog `id`'s manifest, from the first node whose copy checks out.
-async fn load_manifest(cluster: &Cluster, id: &CatalogId, max_templates: u64) -> Result<Manifest> {
+/// Every node's `mgs:current`, asked at once, in membership order. This also
+/// probes every node: one that refuses the credentials or whose TLS certificate is
+/// refused fails the start with its [`Error::Config`], rather than leave the ring
+/// a node short without a word.
+async fn read_pointers(cluster: &Arc<Cluster>) -> Result<Vec<Pointer>> {
+    let mut tasks = JoinSet::new();
+    for i in 0..cluster.nodes().len() {
+        let cluster = cluster.clone();
+        tasks.spawn(async move { (i, cluster.get_from(i, &[CURRENT_KEY.to_vec()]).await) });
+    }
+    let mut answers: Vec<Option<io::Result<Vec<Option<Bytes>>>>> =
+        (0..cluster.nodes().len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, answer) = joined.map_err(|e| Error::Io(io::Error::other(e)))?;
+        answers[i] = Some(answer);
+    }
+    let mut pointers = Vec::with_capacity(answers.len());
+    for answer in answers {
+        pointers.push(match answer {
+            Some(Ok(values)) => match values.into_iter().next().flatten() {
+                Some(v) => <[u8; 32]>::try_from(&v[..])
+                    .map_or(Pointer::Nothing, |id| Pointer::Names(CatalogId(id))),
+                None => Pointer::Nothing,
+            },
+            Some(Err(e)) => match refusal(e) {
+                Ok(config) => return Err(config),
+                Err(e) => Pointer::Failed(e),
+            },
+            None => Pointer::Failed(io::Error::other("the request task did not report")),
+        });
+    }
+    Ok(pointers)
+}
+
+/// The catalogs the nodes name, most named first (ties: in the order of the first
+/// node naming them), each with the nodes naming it.
+fn candidates(pointers: &[Pointer]) -> Vec<(CatalogId, Vec<usize>)> {
+    let mut named: Vec<(CatalogId, Vec<usize>)> = Vec::new();
+    for (i, p) in pointers.iter().enumerate() {
+        if let Pointer::Names(id) = p {
+            match named.iter_mut().find(|(c, _)| c == id) {
+                Some((_, nodes)) => nodes.push(i),
+                None => named.push((*id, vec![i])),
+            }
+        }
+    }
+    named.sort_by_key(|(_, nodes)| std::cmp::Reverse(nodes.len())); // stable
+    named
+}
+
+/// The order to ask nodes for a manifest: `first`, then the other nodes that
+/// answered, then those that failed.
+fn manifest_order(pointers: &[Pointer], first: &[usize]) -> Vec<usize> {
+    let answered = |i: &usize| !matches!(pointers[*i], Pointer::Failed(_));
+    let mut order = first.to_vec();
+    order.extend((0..pointers.len()).filter(|i| !first.contains(i) && answered(i)));
+    order.extend((0..pointers.len()).filter(|i| !first.contains(i) && !answered(i)));
+    order
+}
+
+/// "node = id" for every node, for the log.
+fn describe(cluster: &Cluster, pointers: &[Pointer]) -> String {
+    let nodes = cluster.nodes().iter().zip(pointers);
+    let each = nodes.map(|(node, p)| match p {
+        Pointer::Names(id) => format!("{} = {id}", node.name()),
+        Pointer::Nothing => format!("{} = none", node.name()),
+        Pointer::Failed(_) => format!("{} = no answer", node.name()),
+    });
+    each.collect::<Vec<_>>().join(", ")
+}
+
+/// The manifest of the catalog pushed last. The nodes' `mgs:current` should agree;
+/// if they do not (a node missed a push, was restored from an old snapshot, or was
+/// tampered with), the catalog most of them name is tried first and each other
+/// one in turn, and the first whose manifest checks out is used. Disagreement is
+/// logged.
+async fn current_manifest(
+    cluster: &Cluster,
+    pointers: &[Pointer],
+    max_templates: u64,
+) -> Result<Manifest> {
+    let candidates = candidates(pointers);
+    let answering = pointers
+        .iter()
+        .filter(|p| !matches!(p, Pointer::Failed(_)))
+        .count();
+    let Some((first, _)) = candidates.first() else {
+        let last_error = pointers.iter().rev().find_map(|p| match p {
+            Pointer::Failed(e) => Some(io::Error::new(e.kind(), e.to_string())),
+            _ => None,
+        });
+        let what = "no node names a current catalog".to_string();
+        return Err(no_catalog(last_error, what));
+    };
+    if candidates.len() > 1 {
+        let (votes, majority) = (candidates[0].1.len(), candidates[0].1.len() * 2 > answering);
+        tracing::warn!(
+            "dht: the nodes name different current catalogs ({}); trying {first} first, named by {votes} of {answering} answering nodes{}",
+            describe(cluster, pointers),
+            if majority {
+                " (a majority)"
+            } else {
+                " (no majority)"
+            },
+        );
+    }
+    let mut last = None;
+    for (id, naming) in &candidates {
+        let order = manifest_order(pointers, naming);
+        match load_manifest(cluster, id, max_templates, &order).await {
+            Ok(manifest) => {
+                if id != first {
+                    tracing::warn!("dht: using current catalog {id}: no valid manifest of {first}");
+                }
+                return Ok(manifest);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| no_catalog(None, "no node names a current catalog".into())))
+}
+
+/// Catalog `id`'s manifest, from the first node in `order` whose copy checks out.
+async fn load_manifest(
+    cluster: &Cluster,
+    id: &CatalogId,
+    max_templates: u64,
+    order: &[usize],
+) -> Result<Manifest> {
     let key = [manifest_key(id)];
     let mut last_error = None;
-    for i in 0..cluster.nodes().len() {
+    for &i in order {
         match cluster.get_from(i, &key).await {
             Ok(values) => {
                 if let Some(bytes) = values.into_iter().next().flatten() {

@@ -4,6 +4,10 @@
 //! (`--save '' --appendonly no`) and its own directory. Readiness is awaited by
 //! polling PING within a bounded time. Only the processes started here are ever
 //! killed, by their own handles, at the latest when dropped.
+//!
+//! A server may require a password (`--requirepass`) and may listen for TLS on a
+//! second port (`--tls-port`, with certificate files the caller made); its plain
+//! port stays open on loopback for the readiness check and [`RedisServer::command`].
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{Read, Write};
@@ -43,20 +47,51 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// The certificate files of a TLS server (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server's certificate chain.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA that client certificates must chain to.
+    pub ca: PathBuf,
+    /// Whether a client must show a certificate (`--tls-auth-clients yes`).
+    pub auth_clients: bool,
+}
+
+/// How a server is run, beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--requirepass`: the password of the default user.
+    pub password: Option<String>,
+    /// TLS on a second port.
+    pub tls: Option<TlsFiles>,
+}
+
 /// One redis-server process.
 #[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    tls_port: Option<u16>,
+    options: Options,
     dir: PathBuf,
 }
 
 impl RedisServer {
     /// Starts a server on a free port, its files under `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, Options::default())
+    }
+
+    /// Starts a server run with `options`, on free ports, its files under `dir`.
+    pub fn start_with(dir: &Path, options: Options) -> Self {
         let mut server = Self {
             child: None,
             port: free_port(),
+            tls_port: options.tls.as_ref().map(|_| free_port()),
+            options,
             dir: dir.to_path_buf(),
         };
         server.spawn();
@@ -70,9 +105,27 @@ impl RedisServer {
             .collect()
     }
 
-    /// The server's URL.
+    /// The server's URL: `rediss://` to its TLS port if it has one, with its
+    /// password if it has one.
     pub fn url(&self) -> String {
+        let auth = match &self.options.password {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        match self.tls_port {
+            Some(port) => format!("rediss://{auth}127.0.0.1:{port}"),
+            None => format!("redis://{auth}127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The URL of its plain port, without credentials.
+    pub fn plain_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The TLS port, if it has one.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// The server's port.
@@ -99,10 +152,18 @@ impl RedisServer {
         self.spawn();
     }
 
-    /// Sends one command line and returns the raw reply (for INFO and the like).
+    /// Sends one command line on the plain port (after `AUTH` if the server has a
+    /// password) and returns the raw reply (for INFO and the like).
     pub fn command(&self, line: &str) -> String {
         let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if let Some(password) = &self.options.password {
+            s.write_all(format!("AUTH {password}\r\n").as_bytes())
+                .unwrap();
+            let mut ok = [0u8; 5];
+            s.read_exact(&mut ok).expect("AUTH reply");
+            assert_eq!(&ok, b"+OK\r\n", "AUTH refused");
+        }
         s.write_all(format!("{line}\r\n").as_bytes()).unwrap();
         let mut reply = Vec::new();
         let mut buf = [0u8; 65536];
@@ -128,14 +189,31 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("server directory");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--logfile", "redis.log"])
+            .args(["--logfile", "redis.log"]);
+        if let Some(password) = &self.options.password {
+            command.args(["--requirepass", password]);
+        }
+        if let (Some(tls), Some(port)) = (&self.options.tls, self.tls_port) {
+            let auth_clients = if tls.auth_clients { "yes" } else { "no" };
+            command
+                .args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", auth_clients]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -175,10 +253,14 @@ impl RedisServer {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut reply = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok()
+        let (line, expected): (String, &[u8]) = match &self.options.password {
+            Some(password) => (format!("AUTH {password}\r\nPING\r\n"), b"+OK\r\n+PONG\r\n"),
+            None => ("PING\r\n".to_string(), b"+PONG\r\n"),
+        };
+        let mut reply = vec![0u8; expected.len()];
+        s.write_all(line.as_bytes()).is_ok()
             && s.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+            && reply == expected
     }
 }
 
