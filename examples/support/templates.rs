@@ -42,6 +42,7 @@ pub(crate) struct DhtArgs {
 /// The template store of a local catalog file or of the ring of Redis nodes at the
 /// comma-separated `dht` URLs (the catalog the nodes name current, `replicas`
 /// copies per template as pushed); none without either.
+#[allow(dead_code)] // the dedup example's; the proxy takes every ring flag
 pub(crate) async fn template_store(
     catalog: Option<&str>,
     dht: Option<&str>,
