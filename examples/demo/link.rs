@@ -2,20 +2,28 @@
 //! socket, exactly as with real QEMUs and `examples/proxy.rs`:
 //!
 //! ```text
-//! source QEMU ──tcp──▶ source end ══ dedup stream, tcp ══▶ destination end ──tcp──▶ destination QEMU
-//! (this demo)          relay::source                        relay::destination       (this demo)
+//! source QEMU ──tcp──▶ source proxy ══ dedup stream, mutual TLS ══▶ destination proxy ──tcp──▶ destination QEMU
+//! (this demo)          relay::SourceProxy                             relay::DestinationProxy   (this demo)
 //! ```
+//!
+//! The link's certificates are made for the run: a CA, `dest.demo` for the
+//! destination, `source.demo` for the source, the only client name it allows.
 //!
 //! The fake QEMUs hash what they send and receive: delivery is byte-exact when the
 //! two hashes agree.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use migstream::relay::{self, DestinationConfig, Progress, Report, SourceConfig};
+use migstream::relay::net::{Conn, Endpoint};
+use migstream::relay::tls::{TlsClient, TlsIdentity, TlsServer};
+use migstream::relay::{
+    DestinationConfig, DestinationProxy, Progress, Report, SourceConfig, SourceProxy,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -116,39 +124,57 @@ async fn destination_qemu(listener: TcpListener) -> Result<Seen, Error> {
     }
 }
 
-/// The source end (`proxy source`): takes the QEMU connection, dials the destination end.
+/// The source proxy: takes the QEMU connection, links to the destination proxy.
 async fn source_end(
     listener: TcpListener,
     to: SocketAddr,
     config: SourceConfig,
 ) -> Result<Report, Error> {
-    let (qemu, link) = accept_and_dial(listener, to).await?;
-    let progress = Progress::default();
-    Ok(relay::source(qemu.into_split(), link.into_split(), &config, &progress).await?)
+    let (qemu, _) = listener.accept().await?;
+    let tls = TlsClient::new(&CERTS.source, "dest.demo")?;
+    let proxy = SourceProxy::new(config, to.to_string(), Some(tls));
+    Ok(proxy.serve(Conn::Tcp(qemu), &Progress::default()).await?)
 }
 
-/// The destination end (`proxy destination`): takes the link, dials the destination QEMU.
+/// The destination proxy: takes the link, checks the source's certificate and
+/// HELLO, then connects to the destination QEMU.
 async fn destination_end(
     listener: TcpListener,
     to: SocketAddr,
     config: DestinationConfig,
 ) -> Result<Report, Error> {
-    let (link, qemu) = accept_and_dial(listener, to).await?;
-    let progress = Progress::default();
-    Ok(relay::destination(link.into_split(), qemu.into_split(), &config, &progress).await?)
+    let (link, _) = listener.accept().await?;
+    let tls = TlsServer::new(&CERTS.destination, &["source.demo".to_string()])?;
+    let proxy = DestinationProxy::new(config, Endpoint::Tcp(to.to_string()), Some(tls));
+    let incoming = proxy.handshake(Conn::Tcp(link)).await?;
+    Ok(incoming.restore(&Progress::default()).await?)
 }
 
-async fn accept_and_dial(
-    listener: TcpListener,
-    to: SocketAddr,
-) -> Result<(TcpStream, TcpStream), Error> {
-    let (inbound, _) = listener.accept().await?;
-    let outbound = TcpStream::connect(to).await?;
-    for socket in [&inbound, &outbound] {
-        socket.set_nodelay(true)?;
-    }
-    Ok((inbound, outbound))
+/// Both proxies' certificates, made once per run.
+struct Certs {
+    source: TlsIdentity,
+    destination: TlsIdentity,
 }
+
+static CERTS: LazyLock<Certs> = LazyLock::new(|| {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a key"))
+        .expect("a self-signed CA");
+    let identity = |name: &str| {
+        let key = KeyPair::generate().expect("a key");
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .and_then(|params| params.signed_by(&key, &ca))
+            .expect("a certificate");
+        let (cert, key) = (cert.pem(), key.serialize_pem());
+        TlsIdentity::from_pem(cert.as_bytes(), key.as_bytes(), ca.pem().as_bytes())
+            .expect("the certificates made here load")
+    };
+    Certs {
+        source: identity("source.demo"),
+        destination: identity("dest.demo"),
+    }
+});
 
 /// A spawned task (so that the parties run on every core), aborted when dropped: if
 /// one party fails, `try_join!` drops the others, and none is left waiting for a
