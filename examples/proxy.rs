@@ -65,7 +65,7 @@ enum RoleArgs {
 /// What both roles take.
 #[derive(Args)]
 struct Common {
-    /// Where to listen: HOST:PORT, or unix:PATH (the source's QEMU side).
+    /// Where to listen: HOST:PORT, or unix:PATH (for the source QEMU).
     #[arg(long, value_name = "ADDR")]
     listen: String,
     /// Where to connect: the destination proxy (source), the destination QEMU (destination: HOST:PORT or unix:PATH).
