@@ -32,8 +32,31 @@ fi
 step "rustfmt"
 cargo fmt --all -- --check
 
-step "clippy"
+step "clippy (also the MSRV check of our own code: clippy::incompatible_msrv against rust-version)"
 cargo clippy --all-targets --all-features -- -D warnings
+
+step "features: without the default ones, no redis in the tree, lints clean"
+cargo clippy --no-default-features --all-targets -- -D warnings
+if cargo tree -e normal --no-default-features | grep -q redis; then
+  echo "redis is in the dependency tree without default features" >&2
+  exit 1
+fi
+
+step "MSRV of the dependencies (rust-version of every crate we build, dev tools included, <= ours)"
+cargo metadata --format-version 1 --all-features | python3 -c '
+import json, sys
+meta = json.load(sys.stdin)
+ours = next(p for p in meta["packages"] if p["name"] == "migstream")["rust_version"]
+key = lambda v: (tuple(int(x) for x in v.split(".")) + (0, 0))[:3]
+normal = {d["pkg"] for n in meta["resolve"]["nodes"] for d in n["deps"]
+          if any(k["kind"] is None for k in d["dep_kinds"])}
+late = [(p["name"], p["rust_version"]) for p in meta["packages"]
+        if p["id"] in normal and p["rust_version"] and key(p["rust_version"]) > key(ours)]
+print("rust-version", ours, "- dependencies needing a newer Rust:", late or "none")
+sys.exit(1 if late else 0)'
+
+step "docs as docs.rs builds them (nightly, --cfg docsrs, warnings denied)"
+RUSTDOCFLAGS="--cfg docsrs -D warnings" cargo +nightly doc --no-deps --all-features
 
 step "proxies for the live-migration tests (release build)"
 cargo build --release --all-features --example proxy

@@ -34,7 +34,7 @@
 //!
 //! Errors about stream bytes carry the byte offset and the field: see [`Error`].
 
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod dedup;
 pub mod dht;

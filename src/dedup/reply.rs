@@ -142,6 +142,14 @@ impl ReplyDecoder {
             _ if !self.greeted => {
                 return Err(malformed("greeting", "not a migstream destination"));
             }
+            // the writer sends no empty chunk: one would only cost a reader a turn
+            kind::QEMU if len == 0 => {
+                return Err(Error::Malformed {
+                    offset: at + 1,
+                    field: "reply length",
+                    reason: "an empty return-path chunk",
+                });
+            }
             kind::QEMU => (len, MAX_RETURN_CHUNK),
             kind::DONE | kind::FAILED if self.done => {
                 return Err(malformed("reply", "a second verdict"));
@@ -320,6 +328,9 @@ mod tests {
             digest: [0; 16],
         };
         let failed = Reply::Failed { reason: "x".into() };
+        let mut empty = bytes_of(&[greeting.clone()]);
+        empty.extend_from_slice(&[kind::QEMU, 0, 0, 0, 0]);
+        assert_eq!(decode_all(empty).unwrap_err().offset(), Some(46));
         let cases: [(Vec<Reply>, u64); 4] = [
             (vec![done.clone()], 0),
             (vec![greeting.clone(), greeting.clone()], 45),

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use super::DhtOptions;
 use super::layout::template_key;
 use super::node::{Node, is_refusal};
+#[cfg(feature = "redis")]
 use super::redis_node::RedisNode;
 use super::ring::Ring;
 use crate::error::{Error, Result};
@@ -80,6 +81,7 @@ impl Cluster {
     ///
     /// Fails with [`Error::Config`] for a URL that does not parse or TLS settings
     /// given for a `redis://` node.
+    #[cfg(feature = "redis")]
     pub fn redis<S: AsRef<str>>(urls: &[S], replicas: usize, options: DhtOptions) -> Result<Self> {
         let nodes = urls
             .iter()

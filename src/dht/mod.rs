@@ -16,7 +16,10 @@
 //!
 //! The key layout is in [`layout`] and `docs/dht.md`.
 //!
+//! The Redis node needs the `redis` feature (on by default).
+//!
 //! ```no_run
+//! # #[cfg(feature = "redis")] {
 //! use migstream::dedup::DedupDecoder;
 //! use migstream::dht::{DhtOptions, DhtTemplates};
 //! use migstream::resolve::TemplateStore;
@@ -37,6 +40,7 @@
 //! }
 //! # Ok(())
 //! # }
+//! # }
 //! ```
 
 mod cache;
@@ -44,7 +48,9 @@ mod cluster;
 pub mod layout;
 mod memory;
 mod node;
+#[cfg(feature = "redis")]
 mod redis_node;
+#[cfg(feature = "redis")]
 mod redis_tls;
 mod ring;
 mod seed;
@@ -53,8 +59,10 @@ mod store;
 pub use cluster::Cluster;
 pub use layout::Manifest;
 pub use memory::MemoryNode;
-pub use node::{Node, NodeFuture};
-pub use redis_node::{RedisNode, Timeouts};
+pub use node::{Node, NodeFuture, Timeouts};
+#[cfg(feature = "redis")]
+pub use redis_node::RedisNode;
+#[cfg(feature = "redis")]
 pub use redis_tls::RedisTls;
 pub use ring::{DEFAULT_REPLICAS, Ring};
 pub use seed::{NodeCheck, PushReport, VerifyReport, push, verify};
@@ -85,6 +93,7 @@ pub struct DhtOptions {
     pub max_templates: u64,
     /// TLS settings of `rediss://` nodes (a private CA, a client certificate);
     /// `None`: such nodes trust the system's roots. Refused for `redis://` nodes.
+    #[cfg(feature = "redis")]
     pub redis_tls: Option<RedisTls>,
 }
 
@@ -101,6 +110,7 @@ impl Default for DhtOptions {
             cache_pages: 16384,
             max_frame_pages: 16384,
             max_templates: 1 << 26,
+            #[cfg(feature = "redis")]
             redis_tls: None,
         }
     }

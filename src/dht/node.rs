@@ -7,6 +7,7 @@ use std::io;
 use std::pin::Pin;
 
 use bytes::Bytes;
+use std::time::Duration;
 
 /// The future a [`Node`] method returns (boxed so that nodes are `dyn`-usable).
 pub type NodeFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -61,4 +62,25 @@ pub(crate) fn is_refusal(e: &io::Error) -> bool {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<crate::Error>())
         .is_some_and(|inner| matches!(inner, crate::Error::Config { .. }))
+}
+
+/// How long a store node (a Redis server) may take, per connection attempt and per
+/// request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest wait for a TCP connection and its handshake.
+    pub connect: Duration,
+    /// Longest wait for the answer to one batch.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    /// 1 s to connect, 2 s per batch: long enough for a 1 MiB answer on a busy
+    /// host, short enough that a dead node's replica is asked within a few seconds.
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            request: Duration::from_secs(2),
+        }
+    }
 }

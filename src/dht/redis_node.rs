@@ -13,35 +13,14 @@
 
 use std::fmt;
 use std::io;
-use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, Value};
 
-use super::node::{Node, NodeFuture};
+use super::node::{Node, NodeFuture, Timeouts};
 use super::redis_tls::RedisTls;
 use crate::error::{Error, Result};
-
-/// How long a Redis node may take, per connection attempt and per request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    /// Longest wait for a TCP connection and its handshake.
-    pub connect: Duration,
-    /// Longest wait for the answer to one batch.
-    pub request: Duration,
-}
-
-impl Default for Timeouts {
-    /// 1 s to connect, 2 s per batch: long enough for a 1 MiB answer on a busy
-    /// host, short enough that a dead node's replica is asked within a few seconds.
-    fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(1),
-            request: Duration::from_secs(2),
-        }
-    }
-}
 
 /// A Redis server reached at a `redis://[[USER]:PASSWORD@]host:port[/db]` URL, or
 /// `rediss://...` for TLS.

@@ -60,6 +60,7 @@ impl DhtTemplates {
     /// [`DhtOptions::redis_tls`]), `replicas` copies per template: the catalog the
     /// most nodes name in `mgs:current` and whose manifest checks out (see
     /// [`from_cluster`](Self::from_cluster)).
+    #[cfg(feature = "redis")]
     pub async fn connect<S: AsRef<str>>(
         urls: &[S],
         replicas: usize,
@@ -70,6 +71,7 @@ impl DhtTemplates {
     }
 
     /// Like [`connect`](Self::connect) for catalog `id`.
+    #[cfg(feature = "redis")]
     pub async fn connect_to<S: AsRef<str>>(
         urls: &[S],
         replicas: usize,
