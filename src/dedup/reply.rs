@@ -328,7 +328,7 @@ mod tests {
             digest: [0; 16],
         };
         let failed = Reply::Failed { reason: "x".into() };
-        let mut empty = bytes_of(&[greeting.clone()]);
+        let mut empty = bytes_of(std::slice::from_ref(&greeting));
         empty.extend_from_slice(&[kind::QEMU, 0, 0, 0, 0]);
         assert_eq!(decode_all(empty).unwrap_err().offset(), Some(46));
         let cases: [(Vec<Reply>, u64); 4] = [
