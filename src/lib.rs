@@ -33,6 +33,14 @@
 //! ```
 //!
 //! Errors about stream bytes carry the byte offset and the field: see [`Error`].
+//!
+//! # Features
+//!
+//! - `redis` (default): the DHT ring's Redis node (`dht::RedisNode`,
+//!   `dht::DhtTemplates::connect`) through the `redis` crate, most of the
+//!   dependency tree. Without it the ring still runs over any [`dht::Node`].
+//! - `zstd`: zstd compression of dedup batches ([`dedup::Compression`]), smaller
+//!   than LZ4 and slower, for slow links.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

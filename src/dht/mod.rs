@@ -4,8 +4,8 @@
 //! - [`Ring`] places each template on `R` nodes of a configured membership list by
 //!   rendezvous hashing of its fingerprint;
 //! - [`Node`] is what a store node must do (batched get and set), implemented by
-//!   [`RedisNode`] (a Redis server, pipelined over one connection, reconnecting)
-//!   and [`MemoryNode`] (in-process, for tests and demos);
+//!   `RedisNode` (a Redis server, pipelined over one connection, reconnecting;
+//!   feature `redis`) and [`MemoryNode`] (in-process, for tests and demos);
 //! - [`Cluster`] is a ring and its nodes, and fetches templates batched per node,
 //!   with bounded requests in flight, falling over to a replica when a node fails,
 //!   times out or answers with a page that does not match its fingerprint;
