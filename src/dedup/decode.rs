@@ -341,35 +341,24 @@ impl DedupDecoder {
     }
 
     fn on_hello(&mut self, p: &[u8]) -> Result<()> {
-        if p.len() != wire::HELLO_LEN || p[..4] != wire::MAGIC {
-            return Err(self.malformed(5, "hello", "not a migstream dedup stream"));
-        }
+        let hello = Hello::parse(p, self.frame_at + wire::FRAME_HEADER as u64)?;
         // the HELLO is covered by every frame digest: the running hash starts with it
         self.hasher.write(p);
-        let version = u16::from_be_bytes([p[4], p[5]]);
-        if version != wire::VERSION {
+        if hello.channel != 0 {
             return Err(Error::Unsupported {
-                offset: self.frame_at + 9,
-                field: "dedup stream version",
-                reason: "not 3",
+                offset: self.frame_at + 5 + 60,
+                field: "hello channel",
+                reason: "multifd channels are not carried yet",
             });
         }
-        if p[6..8] != [0, 0] {
-            return Err(self.malformed(11, "hello flags", "not zero"));
-        }
-        let page_size = u32::from_be_bytes(p[8..12].try_into().expect("4 bytes"));
-        if !page_size.is_power_of_two() || !(1024..=65536).contains(&page_size) {
-            return Err(self.malformed(13, "page size", "not a power of two from 1 KiB to 64 KiB"));
-        }
-        self.page_size = page_size as usize;
-        let catalog: [u8; 32] = p[12..44].try_into().expect("32 bytes");
-        if catalog != [0; 32] && self.catalog.map(|id| id.0) != Some(catalog) {
+        if let Some(wanted) = hello.catalog.filter(|id| Some(*id) != self.catalog) {
             return Err(Error::CatalogMismatch {
-                wanted: CatalogId(catalog),
+                wanted,
                 held: self.catalog,
             });
         }
-        self.hello = Some(Hello { page_size, catalog });
+        self.page_size = hello.page_size as usize;
+        self.hello = Some(hello);
         Ok(())
     }
 

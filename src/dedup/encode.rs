@@ -11,6 +11,7 @@ use crate::qemu::{
     ConfigSubsection, Configuration, DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record,
 };
 use crate::resolve::{Claim, Page, PageAt, tag};
+use crate::template::CatalogId;
 use crate::varint;
 
 /// Turns QEMU [`Record`]s into the dedup stream.
@@ -21,7 +22,8 @@ use crate::varint;
 /// bytes so far, and [`finish`](Self::finish) writes the END frame with the total.
 pub struct DedupEncoder {
     page_size: usize,
-    catalog: [u8; 32],
+    catalog: Option<CatalogId>,
+    session: [u8; 16],
     qemu: QemuEncoder,
     claims: Vec<Box<dyn Claim>>,
     /// Raw entries of the batch being built.
@@ -69,7 +71,8 @@ impl DedupEncoder {
     pub fn new(claims: Vec<Box<dyn Claim>>) -> Self {
         Self {
             page_size: DEFAULT_PAGE_SIZE,
-            catalog: [0; 32],
+            catalog: None,
+            session: [0; 16],
             qemu: QemuEncoder::new(),
             claims,
             batch: Vec::new(),
@@ -88,9 +91,17 @@ impl DedupEncoder {
         }
     }
 
+    /// Names the migration this stream is part of in its HELLO (see
+    /// [`Hello::session`]): a source relaying several QEMU connections of one
+    /// migration gives each the same.
+    pub fn with_session(mut self, session: [u8; 16]) -> Self {
+        self.session = session;
+        self
+    }
+
     /// Announces the identity of the template catalog the resolvers refer to.
-    pub fn with_catalog_id(mut self, id: [u8; 32]) -> Self {
-        self.catalog = id;
+    pub fn with_catalog_id(mut self, id: CatalogId) -> Self {
+        self.catalog = Some(id);
         self
     }
 
@@ -213,10 +224,7 @@ impl DedupEncoder {
             return;
         }
         self.started = true;
-        let hello = Hello {
-            page_size: self.page_size as u32,
-            catalog: self.catalog,
-        };
+        let hello = Hello::new(self.page_size as u32, self.catalog).in_session(self.session, 0);
         let at = dst.len();
         hello.put(dst);
         // every frame digest covers the HELLO too

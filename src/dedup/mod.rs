@@ -167,7 +167,7 @@ impl DedupEncoder {
     pub fn with_resolvers(resolvers: &Resolvers) -> Self {
         let encoder = Self::new(resolvers.claims());
         match &resolvers.templates {
-            Some(index) => encoder.with_catalog_id(index.id().0),
+            Some(index) => encoder.with_catalog_id(index.id()),
             None => encoder,
         }
     }

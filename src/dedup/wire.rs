@@ -2,6 +2,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::template::CatalogId;
+
 /// First bytes of a HELLO payload.
 pub const MAGIC: [u8; 4] = *b"MGSD";
 /// Version of the dedup stream format, and of the link's return direction.
@@ -43,15 +45,23 @@ pub const PAGE_SAME_BLOCK: u8 = 0x02;
 
 /// The HELLO frame's contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Hello {
     /// Target page size of the QEMU stream.
     pub page_size: u32,
-    /// Identity of the template catalog the source refers to (all zero: none).
-    pub catalog: [u8; 32],
+    /// The template catalog the source refers to, if any.
+    pub catalog: Option<CatalogId>,
+    /// The migration this stream is part of, chosen at random by the source: every
+    /// connection of one migration (QEMU's main channel and its multifd channels)
+    /// carries the same, so a destination can group them.
+    pub session: [u8; 16],
+    /// Which of the migration's QEMU connections this stream carries: 0 the main
+    /// channel, `n` the multifd channel `n - 1`.
+    pub channel: u16,
 }
 
 /// Length of a HELLO payload.
-pub const HELLO_LEN: usize = 4 + 2 + 2 + 4 + 32;
+pub const HELLO_LEN: usize = 4 + 2 + 2 + 4 + 32 + 16 + 2 + 2;
 /// Length of an END payload.
 pub const END_LEN: usize = 8 + FRAME_DIGEST;
 /// Bytes of a DATA payload before its batch: codec, flags, raw length, digest.
@@ -63,13 +73,100 @@ pub const DATA_HEADER: usize = 1 + 1 + 4 + FRAME_DIGEST;
 pub const FLAG_HOLD: u8 = 0x01;
 
 impl Hello {
+    /// The HELLO of a QEMU main channel of `page_size` pages referring to `catalog`.
+    pub fn new(page_size: u32, catalog: Option<CatalogId>) -> Self {
+        Self {
+            page_size,
+            catalog,
+            session: [0; 16],
+            channel: 0,
+        }
+    }
+
+    /// The same, as channel `channel` of migration `session`.
+    pub fn in_session(mut self, session: [u8; 16], channel: u16) -> Self {
+        self.session = session;
+        self.channel = channel;
+        self
+    }
+
     pub(crate) fn put(&self, dst: &mut BytesMut) {
         put_frame_header(dst, frame::HELLO, HELLO_LEN);
         dst.put_slice(&MAGIC);
         dst.put_u16(VERSION);
         dst.put_u16(0);
         dst.put_u32(self.page_size);
-        dst.put_slice(&self.catalog);
+        dst.put_slice(&self.catalog.map_or([0; 32], |id| id.0));
+        dst.put_slice(&self.session);
+        dst.put_u16(self.channel);
+        dst.put_u16(0);
+    }
+
+    /// Parses a HELLO payload found at stream offset `at`.
+    pub(crate) fn parse(p: &[u8], at: u64) -> crate::Result<Self> {
+        let malformed = |offset: u64, field, reason| crate::Error::Malformed {
+            offset: at + offset,
+            field,
+            reason,
+        };
+        let mut r = Reader::new(p);
+        if p.len() != HELLO_LEN || r.array::<4>() != MAGIC {
+            return Err(malformed(0, "hello", "not a migstream dedup stream"));
+        }
+        if r.u16() != VERSION {
+            return Err(crate::Error::Unsupported {
+                offset: at + 4,
+                field: "dedup stream version",
+                reason: "not version 3",
+            });
+        }
+        if r.u16() != 0 {
+            return Err(malformed(6, "hello flags", "not zero"));
+        }
+        let page_size = r.u32();
+        if !page_size.is_power_of_two() || !(1024..=65536).contains(&page_size) {
+            return Err(malformed(
+                8,
+                "page size",
+                "not a power of two from 1 KiB to 64 KiB",
+            ));
+        }
+        let catalog = r.array::<32>();
+        let session = r.array::<16>();
+        let channel = r.u16();
+        if r.u16() != 0 {
+            return Err(malformed(62, "hello reserved", "not zero"));
+        }
+        Ok(Hello {
+            page_size,
+            catalog: (catalog != [0; 32]).then_some(CatalogId(catalog)),
+            session,
+            channel,
+        })
+    }
+}
+
+/// Reads the fixed fields of a payload whose length was checked: big-endian
+/// integers and byte arrays, front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self(bytes)
+    }
+
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let (head, rest) = self.0.split_first_chunk::<N>().expect("a checked length");
+        self.0 = rest;
+        *head
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.array())
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.array())
     }
 }
 

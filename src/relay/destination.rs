@@ -210,7 +210,7 @@ where
         returned?;
         Ok(Report {
             stats: decoder.stats().clone(),
-            templates: hello.catalog != [0; 32],
+            templates: hello.catalog.is_some(),
         })
     }
 }

@@ -216,7 +216,7 @@ impl DestinationProxy {
         match slot(&self.migrations, self.limits.max_migrations) {
             Ok(slot) => Ok(Incoming {
                 proxy: self,
-                offered: offered && handshake.hello().catalog != [0; 32],
+                offered: offered && handshake.hello().catalog.is_some(),
                 handshake,
                 _slot: slot,
             }),

@@ -88,7 +88,9 @@ where
     }
     let templates = resolvers.templates.is_some();
     tracing::debug!(templates, "greeted by the destination");
-    let encoder = DedupEncoder::with_resolvers(&resolvers).with_compression(config.compression);
+    let encoder = DedupEncoder::with_resolvers(&resolvers)
+        .with_compression(config.compression)
+        .with_session(new_session());
     let forward = async {
         let encoded = pump::encode(from_qemu, &mut to_link, encoder, progress, &activity).await;
         if encoded.is_err() {
@@ -142,6 +144,19 @@ where
         stats: encoded.stats,
         templates,
     })
+}
+
+/// A migration's random name: 128 bits from the process's random hasher keys and a
+/// counter, so two migrations through one destination never share one.
+fn new_session() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let keys = ahash::RandomState::new();
+    let mut session = [0; 16];
+    session[..8].copy_from_slice(&keys.hash_one((n, 0u8)).to_le_bytes());
+    session[8..].copy_from_slice(&keys.hash_one((n, 1u8)).to_le_bytes());
+    session
 }
 
 /// Runs the forward direction and waits for the destination's verdict. A verdict
