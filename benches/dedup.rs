@@ -64,7 +64,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use migstream::dedup::wire::{self, codec, frame};
-use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, Resolvers, Stats};
+use migstream::dedup::{Compression, Decoded, DedupDecoder, DedupEncoder, Resolvers, Stats};
 use migstream::qemu::{QemuDecoder, RamRecord, Record};
 use migstream::resolve::tag;
 use migstream::template::{Catalog, TemplateIndex};
@@ -158,7 +158,7 @@ fn encode(records: &[Record], mut enc: DedupEncoder, sink: &mut BytesMut) -> Ded
 /// Decodes the whole dedup stream in `wire`; returns the QEMU bytes' length.
 fn decode(mut wire: BytesMut, dec: &mut DedupDecoder) -> usize {
     let mut n = 0;
-    while let Some(bytes) = dec.decode_eof(&mut wire).expect("valid dedup stream") {
+    while let Decoded::Qemu(bytes) = dec.decode_eof(&mut wire).expect("valid dedup stream") {
         n += black_box(bytes).len();
     }
     n
@@ -213,7 +213,7 @@ fn check_round_trip(case: &Case, name: &str, wire: &[u8], stats: &Stats) {
     let mut dec = case.decoder();
     let mut src = BytesMut::from(wire);
     let mut out = Vec::with_capacity(case.qemu.len());
-    while let Some(bytes) = dec.decode_eof(&mut src).expect("valid dedup stream") {
+    while let Decoded::Qemu(bytes) = dec.decode_eof(&mut src).expect("valid dedup stream") {
         out.extend_from_slice(&bytes);
     }
     let stream = case.stream;

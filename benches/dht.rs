@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput};
-use migstream::dedup::{DedupDecoder, DedupEncoder};
+use migstream::dedup::{Decoded, DedupDecoder, DedupEncoder};
 use migstream::dht::{Cluster, DhtOptions, DhtTemplates, push};
 use migstream::page::Fingerprint;
 use migstream::qemu::SectionHeader;
@@ -128,16 +128,12 @@ async fn decode_ring(store: &DhtTemplates, wire: &Bytes) -> usize {
     let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
     let (mut buf, mut n) = (BytesMut::from(&wire[..]), 0);
     loop {
-        match dec.decode(&mut buf).expect("decodes") {
-            Some(bytes) => n += black_box(bytes).len(),
-            None if dec.waiting() => fetch.fetch().await.expect("fetched"),
-            None => break,
+        match dec.decode_eof(&mut buf).expect("decodes") {
+            Decoded::Qemu(bytes) => n += black_box(bytes).len(),
+            Decoded::Fetch => fetch.fetch().await.expect("fetched"),
+            _ => return n,
         }
     }
-    while let Some(bytes) = dec.decode_eof(&mut buf).expect("complete") {
-        n += black_box(bytes).len();
-    }
-    n
 }
 
 /// The same, collecting the bytes, for the byte-identical check.
@@ -147,22 +143,18 @@ async fn decode_ring_bytes(store: &DhtTemplates, wire: &Bytes) -> migstream::Res
     let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
     let (mut buf, mut out) = (BytesMut::from(&wire[..]), Vec::new());
     loop {
-        match dec.decode(&mut buf)? {
-            Some(bytes) => out.extend_from_slice(&bytes),
-            None if dec.waiting() => fetch.fetch().await?,
-            None => break,
+        match dec.decode_eof(&mut buf)? {
+            Decoded::Qemu(bytes) => out.extend_from_slice(&bytes),
+            Decoded::Fetch => fetch.fetch().await?,
+            _ => return Ok(out),
         }
     }
-    while let Some(bytes) = dec.decode_eof(&mut buf)? {
-        out.extend_from_slice(&bytes);
-    }
-    Ok(out)
 }
 
 fn decode_local(catalog: &Arc<Catalog>, wire: &Bytes) -> usize {
     let mut dec = DedupDecoder::with_templates(catalog.clone());
     let (mut buf, mut n) = (BytesMut::from(&wire[..]), 0);
-    while let Some(bytes) = dec.decode_eof(&mut buf).expect("decodes") {
+    while let Decoded::Qemu(bytes) = dec.decode_eof(&mut buf).expect("decodes") {
         n += black_box(bytes).len();
     }
     n

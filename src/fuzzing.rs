@@ -247,25 +247,25 @@ pub fn dedup_decode(data: &[u8]) {
 /// Decodes a dedup stream fed in reads of `read` bytes: the QEMU bytes released and
 /// the error, if any.
 fn dedup_round(wire: &[u8], read: usize) -> (Vec<u8>, Option<crate::Error>) {
+    use crate::dedup::Decoded;
     let mut dec = crate::dedup::DedupDecoder::with_default_resolvers();
     let (mut buf, mut out) = (BytesMut::new(), Vec::new());
     let mut chunks = wire.chunks(read);
     loop {
-        let step = match chunks.next() {
-            Some(chunk) => {
-                buf.extend_from_slice(chunk);
-                dec.decode(&mut buf)
-            }
-            None => dec.decode_eof(&mut buf),
-        };
-        match step {
-            Ok(Some(bytes)) => out.extend_from_slice(&bytes),
-            Ok(None) if chunks.len() == 0 => match dec.decode_eof(&mut buf) {
-                Ok(Some(bytes)) => out.extend_from_slice(&bytes),
-                Ok(None) => return (out, None),
-                Err(e) => return (out, Some(e)),
+        match dec.decode(&mut buf) {
+            Ok(Decoded::Qemu(bytes)) => out.extend_from_slice(&bytes),
+            // more input, or (after END) the check that nothing follows it
+            Ok(Decoded::NeedInput | Decoded::Done) => match chunks.next() {
+                Some(chunk) => buf.extend_from_slice(chunk),
+                None => loop {
+                    match dec.decode_eof(&mut buf) {
+                        Ok(Decoded::Qemu(bytes)) => out.extend_from_slice(&bytes),
+                        Ok(_) => return (out, None),
+                        Err(e) => return (out, Some(e)),
+                    }
+                },
             },
-            Ok(None) => {}
+            Ok(decoded) => unreachable!("the default resolvers never wait: {decoded:?}"),
             Err(e) => return (out, Some(e)),
         }
     }

@@ -5,7 +5,7 @@ mod support;
 
 use bytes::BytesMut;
 use migstream::ErrorKind;
-use migstream::dedup::{DedupDecoder, DedupEncoder};
+use migstream::dedup::{Decoded, DedupDecoder, DedupEncoder};
 use migstream::resolve::{Claim, Page, PageAt, PageOut, Restore};
 use proptest::prelude::*;
 
@@ -34,32 +34,23 @@ fn decode_with(
     let (mut buf, mut out) = (BytesMut::new(), Vec::new());
     let mut chunks = wire.chunks(read.max(1));
     loop {
-        let step = match chunks.next() {
-            Some(c) => {
-                buf.extend_from_slice(c);
-                dec.decode(&mut buf)
-            }
-            None => dec.decode_eof(&mut buf),
+        let step = match buf.is_empty() && chunks.len() == 0 {
+            false => dec.decode(&mut buf),
+            true => dec.decode_eof(&mut buf),
         };
         match step {
-            Ok(Some(bytes)) => {
-                out.extend_from_slice(&bytes);
-                // drain what is complete before reading more
-                loop {
-                    match dec.decode(&mut buf) {
-                        Ok(Some(b)) => out.extend_from_slice(&b),
-                        Ok(None) => break,
-                        Err(e) => return (out, Some(e)),
-                    }
+            Ok(Decoded::Qemu(bytes)) => out.extend_from_slice(&bytes),
+            // more input, or (after END) the check that nothing follows it
+            Ok(Decoded::NeedInput | Decoded::Done) => match chunks.next() {
+                Some(c) => buf.extend_from_slice(c),
+                None => {
+                    return match dec.decode_eof(&mut buf) {
+                        Ok(_) => (out, None),
+                        Err(e) => (out, Some(e)),
+                    };
                 }
-            }
-            Ok(None) if chunks.len() == 0 && buf.is_empty() => {
-                return match dec.decode_eof(&mut buf) {
-                    Ok(_) => (out, None),
-                    Err(e) => (out, Some(e)),
-                };
-            }
-            Ok(None) => {}
+            },
+            Ok(other) => panic!("these resolvers never wait: {other:?}"),
             Err(e) => return (out, Some(e)),
         }
     }

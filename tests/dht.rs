@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use migstream::dedup::{DedupDecoder, DedupEncoder};
+use migstream::dedup::{Decoded, DedupDecoder, DedupEncoder};
 use migstream::dht::{
     Cluster, DhtOptions, DhtTemplates, MemoryNode, Node, RedisTls, Timeouts, layout, push, verify,
 };
@@ -109,23 +109,16 @@ async fn decode_through(
     let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
     let (mut buf, mut out, mut fetches) = (BytesMut::from(wire), Vec::new(), 0);
     loop {
-        match dec.decode(&mut buf) {
-            Ok(Some(bytes)) => out.extend_from_slice(&bytes),
-            Ok(None) if dec.waiting() => {
+        match dec.decode_eof(&mut buf) {
+            Ok(Decoded::Qemu(bytes)) => out.extend_from_slice(&bytes),
+            Ok(Decoded::Fetch) => {
                 before_fetch(fetches);
                 fetches += 1;
                 if let Err(e) = fetch.fetch().await {
                     return (out, Some(e), fetches);
                 }
             }
-            Ok(None) => break,
-            Err(e) => return (out, Some(e), fetches),
-        }
-    }
-    loop {
-        match dec.decode_eof(&mut buf) {
-            Ok(Some(bytes)) => out.extend_from_slice(&bytes),
-            Ok(None) => return (out, None, fetches),
+            Ok(_) => return (out, None, fetches),
             Err(e) => return (out, Some(e), fetches),
         }
     }

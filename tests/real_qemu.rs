@@ -239,7 +239,7 @@ fn qemu_xbzrle_deltas_decode_and_re_encode_exactly() {
 #[test]
 #[ignore = "needs real QEMU captures: scripts/test.sh runs it"]
 fn dedup_stream_round_trips_real_qemu_streams() {
-    use migstream::dedup::{DedupDecoder, DedupEncoder};
+    use migstream::dedup::{Decoded, DedupDecoder, DedupEncoder};
     use migstream::resolve::tag;
 
     for c in &captures() {
@@ -255,7 +255,7 @@ fn dedup_stream_round_trips_real_qemu_streams() {
         let wire_len = wire.len();
         let mut back = DedupDecoder::with_default_resolvers();
         let mut compared = 0;
-        while let Some(out) = back
+        while let Decoded::Qemu(out) = back
             .decode_eof(&mut wire)
             .unwrap_or_else(|e| panic!("{name}: {e}"))
         {

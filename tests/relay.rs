@@ -444,6 +444,20 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     .await;
     assert!(err.is_err());
     assert!(out.len() < qemu.len());
+
+    // nor can a FramedRead fetch: it says so at the first waiting frame, instead of
+    // buffering to the end and blaming a truncated stream
+    use futures::StreamExt;
+    let decoder = DedupDecoder::new(vec![Box::new(Remote::default())]);
+    let mut frames = tokio_util::codec::FramedRead::new(&wire[..], decoder);
+    let err = loop {
+        match frames.next().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("a waiting frame must not pass"),
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 }
 
 /// The relays over real loopback TCP, as the proxies run them.

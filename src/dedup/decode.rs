@@ -26,18 +26,17 @@ pub struct DedupDecoder {
     restores: Vec<Box<dyn Restore>>,
     /// Resolver index per entry tag.
     by_tag: [Option<u8>; 256],
+    /// Where the decoder is in the stream.
+    phase: Phase,
     hello: Option<Hello>,
     /// The catalog this end holds.
     catalog: Option<CatalogId>,
-    done: bool,
-    failed: bool,
     /// Stream offset of the first byte of `src` not yet consumed.
     offset: u64,
     /// Stream offset of the frame being decoded.
     frame_at: u64,
+    /// The batch of the DATA frame being restored, decompressed.
     raw: Vec<u8>,
-    /// The DATA frame in `raw`, while a resolver waits for some of its pages.
-    staged: Option<Staged>,
     decompressor: Decompressor,
     /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
     block: Option<Bytes>,
@@ -130,11 +129,36 @@ enum Entry<'a> {
     },
 }
 
-/// A DATA frame decompressed into `DedupDecoder::raw` whose pages are not restored
-/// yet because a resolver is waiting for some of them.
-struct Staged {
-    /// The frame's payload.
-    payload: Bytes,
+/// Where a [`DedupDecoder`] is in its stream.
+enum Phase {
+    /// Before the HELLO.
+    Hello,
+    /// Between frames.
+    Frames,
+    /// A DATA frame decompressed into `DedupDecoder::raw` whose pages are not
+    /// restored yet: its resolvers may wait for pages to be fetched. Holds the
+    /// frame's payload.
+    Restoring(Bytes),
+    /// After the END frame verified the stream.
+    Done,
+    /// After an error: every call fails.
+    Failed,
+}
+
+/// What one call of [`DedupDecoder::decode`] gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Decoded {
+    /// Verified QEMU bytes: write them out, in order, then call again.
+    Qemu(Bytes),
+    /// The input holds no whole frame: read more, then call again.
+    NeedInput,
+    /// A resolver waits for pages of the current frame ([`Restore::prepare`]): have
+    /// its [`Fetch`](crate::resolve::Fetch) fetch them, then call again (no input
+    /// is needed for that).
+    Fetch,
+    /// The END frame verified the whole stream: nothing more comes.
+    Done,
 }
 
 impl std::fmt::Debug for DedupDecoder {
@@ -164,14 +188,12 @@ impl DedupDecoder {
             page_size: DEFAULT_PAGE_SIZE,
             restores,
             by_tag,
+            phase: Phase::Hello,
             hello: None,
             catalog: None,
-            done: false,
-            failed: false,
             offset: 0,
             frame_at: 0,
             raw: Vec::new(),
-            staged: None,
             decompressor: Decompressor::default(),
             block: None,
             out: BytesMut::new(),
@@ -213,83 +235,81 @@ impl DedupDecoder {
 
     /// Whether the END frame arrived and confirmed the whole stream.
     pub fn is_complete(&self) -> bool {
-        self.done
+        matches!(self.phase, Phase::Done)
     }
 
-    /// True while a resolver waits for pages of the frame `decode` stopped at (see
-    /// [`Restore::prepare`]): fetch them, then call `decode` again. Feeding more input
-    /// meanwhile is allowed but makes no progress.
-    pub fn waiting(&self) -> bool {
-        self.staged.is_some()
-    }
-
-    /// Decodes the next frame: `Ok(Some(bytes))` with verified QEMU bytes, `Ok(None)`
-    /// if more input is needed (or the stream is complete, or the decoder is
-    /// [`waiting`](Self::waiting)).
-    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
-        if self.failed {
-            return Err(self.malformed(0, "stream", "the decoder failed earlier"));
-        }
+    /// Decodes what `src` holds up to the next thing the caller must do: write out
+    /// verified QEMU bytes of one DATA frame ([`Decoded::Qemu`]), read more input
+    /// ([`Decoded::NeedInput`]), fetch pages a resolver waits for
+    /// ([`Decoded::Fetch`]), or nothing, the stream is complete ([`Decoded::Done`]).
+    /// After an error every call fails.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Decoded> {
         let result = self.next(src);
-        self.failed = result.is_err();
+        if result.is_err() {
+            self.phase = Phase::Failed;
+        }
         result
     }
 
-    /// Like [`decode`](Self::decode) at the end of the input: fails unless the
-    /// stream ended right after its END frame.
-    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+    /// Like [`decode`](Self::decode) at the end of the input: fails where more input
+    /// would be needed, that is unless the stream ended right after its END frame.
+    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Decoded> {
         match self.decode(src)? {
-            Some(bytes) => Ok(Some(bytes)),
-            None if self.done && src.is_empty() => Ok(None),
-            None => {
-                self.failed = true;
+            Decoded::NeedInput => {
+                self.phase = Phase::Failed;
                 Err(Error::Truncated {
                     offset: self.offset + src.len() as u64,
                     field: "dedup stream before its END frame",
                 })
             }
+            decoded => Ok(decoded),
         }
     }
 
-    fn next(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
-        if self.staged.is_some() {
-            if let Some(bytes) = self.restore_staged()? {
-                return Ok(Some(bytes));
-            }
-            if self.staged.is_some() {
-                return Ok(None);
-            }
-        }
+    fn next(&mut self, src: &mut BytesMut) -> Result<Decoded> {
         loop {
-            if self.done {
-                return match src.is_empty() {
-                    true => Ok(None),
-                    false => Err(Error::Malformed {
+            match self.phase {
+                Phase::Failed => {
+                    return Err(self.malformed(0, "stream", "the decoder failed earlier"));
+                }
+                Phase::Done if src.is_empty() => return Ok(Decoded::Done),
+                Phase::Done => {
+                    return Err(Error::Malformed {
                         offset: self.offset,
                         field: "trailing bytes",
                         reason: "bytes after the END frame",
-                    }),
-                };
+                    });
+                }
+                Phase::Restoring(_) => match self.restore_staged()? {
+                    Some(bytes) => return Ok(Decoded::Qemu(bytes)),
+                    None if matches!(self.phase, Phase::Restoring(_)) => {
+                        return Ok(Decoded::Fetch);
+                    }
+                    None => continue,
+                },
+                Phase::Hello | Phase::Frames => {}
             }
             let Some((kind, payload)) = self.take_frame(src)? else {
-                return Ok(None);
+                return Ok(Decoded::NeedInput);
             };
-            let out = match (kind, self.hello.is_some()) {
-                (frame::HELLO, false) => self.on_hello(&payload).map(|()| None),
-                (frame::DATA, true) => self.on_data(payload),
-                (frame::END, true) => self
-                    .on_end(&payload)
-                    .map(|()| Some(self.held.split().freeze())),
-                (frame::HELLO | frame::DATA | frame::END, _) => {
-                    Err(self.malformed(0, "frame type", "out of order"))
+            match (kind, &self.phase) {
+                (frame::HELLO, Phase::Hello) => {
+                    self.on_hello(&payload)?;
+                    self.phase = Phase::Frames;
                 }
-                _ => Err(self.malformed(0, "frame type", "unknown")),
-            };
-            if let Some(bytes) = out?.filter(|b| !b.is_empty()) {
-                return Ok(Some(bytes));
-            }
-            if self.staged.is_some() {
-                return Ok(None);
+                (frame::DATA, Phase::Frames) => self.on_data(payload)?,
+                (frame::END, Phase::Frames) => {
+                    self.on_end(&payload)?;
+                    self.phase = Phase::Done;
+                    let held = self.held.split().freeze();
+                    if !held.is_empty() {
+                        return Ok(Decoded::Qemu(held));
+                    }
+                }
+                (frame::HELLO | frame::DATA | frame::END, _) => {
+                    return Err(self.malformed(0, "frame type", "out of order"));
+                }
+                _ => return Err(self.malformed(0, "frame type", "unknown")),
             }
         }
     }
@@ -299,14 +319,21 @@ impl DedupDecoder {
     /// [`decode`](Self::decode). For an end that checks its peer before it acts on
     /// the stream: a destination proxy connects to its QEMU only after a valid HELLO.
     pub fn decode_hello(&mut self, src: &mut BytesMut) -> Result<Option<Hello>> {
-        if let Some(hello) = self.hello {
-            return Ok(Some(hello));
+        if !matches!(self.phase, Phase::Hello) {
+            return match self.hello {
+                Some(hello) => Ok(Some(hello)),
+                None => Err(self.malformed(0, "stream", "the decoder failed earlier")),
+            };
         }
         let result = match self.take_frame(src) {
             Ok(Some((_, payload))) => self.on_hello(&payload).map(|()| self.hello),
             other => other.map(|_| None),
         };
-        self.failed = result.is_err();
+        self.phase = match &result {
+            Ok(Some(_)) => Phase::Frames,
+            Ok(None) => Phase::Hello,
+            Err(_) => Phase::Failed,
+        };
         result
     }
 
@@ -318,7 +345,7 @@ impl DedupDecoder {
         let kind = header[0];
         let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
         self.frame_at = self.offset;
-        if self.hello.is_none() && kind != frame::HELLO {
+        if matches!(self.phase, Phase::Hello) && kind != frame::HELLO {
             return Err(self.malformed(0, "first frame", "not a migstream dedup stream"));
         }
         if kind == frame::HELLO && len != wire::HELLO_LEN {
@@ -364,7 +391,7 @@ impl DedupDecoder {
 
     /// Checks a DATA frame's header and decompresses its batch into `self.raw`; the
     /// pages are restored by [`restore_staged`](Self::restore_staged).
-    fn on_data(&mut self, payload: Bytes) -> Result<Option<Bytes>> {
+    fn on_data(&mut self, payload: Bytes) -> Result<()> {
         let Some(header) = payload.get(..wire::DATA_HEADER) else {
             return Err(self.malformed(5, "data frame", "shorter than its header"));
         };
@@ -387,8 +414,8 @@ impl DedupDecoder {
                 "batch does not decompress to its length",
             ));
         }
-        self.staged = Some(Staged { payload });
-        self.restore_staged()
+        self.phase = Phase::Restoring(payload);
+        Ok(())
     }
 
     /// Offers the staged frame's page bodies to their resolvers. When every page can
@@ -421,13 +448,16 @@ impl DedupDecoder {
         }
     }
 
-    /// Restores the staged frame's pages once its resolvers are ready, and checks
-    /// the frame's digest before its QEMU bytes go anywhere.
+    /// Restores the staged frame's pages once its resolvers are ready (else leaves
+    /// it staged and gives `None`), and checks the frame's digest before its QEMU
+    /// bytes go anywhere. `None` also for a frame whose bytes are held until END.
     fn restore_staged(&mut self) -> Result<Option<Bytes>> {
         let Some(qemu_bytes) = self.prepare()? else {
             return Ok(None);
         };
-        let Staged { payload } = self.staged.take().expect("a staged frame");
+        let Phase::Restoring(payload) = std::mem::replace(&mut self.phase, Phase::Frames) else {
+            unreachable!("restore_staged runs on a staged frame");
+        };
         let header = &payload[..wire::DATA_HEADER];
         let flags = header[1];
         let out = self.entries(qemu_bytes)?;
@@ -454,7 +484,7 @@ impl DedupDecoder {
             self.hold_started = true;
             return Ok(None);
         }
-        Ok(Some(out.freeze()))
+        Ok(Some(out.freeze()).filter(|bytes| !bytes.is_empty()))
     }
 
     /// Rebuilds the QEMU bytes of the batch in `self.raw`, about `qemu_bytes` of them.
@@ -558,7 +588,6 @@ impl DedupDecoder {
                 "total or digest differs from the QEMU bytes delivered",
             ));
         }
-        self.done = true;
         Ok(())
     }
 

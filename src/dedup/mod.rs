@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use bytes::BytesMut;
-//! use migstream::dedup::{DedupDecoder, DedupEncoder};
+//! use migstream::dedup::{Decoded, DedupDecoder, DedupEncoder};
 //! use migstream::qemu::QemuDecoder;
 //!
 //! # let qemu_stream = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/qemu-7.2-pc-paused.mig"));
@@ -21,7 +21,7 @@
 //! // destination side: frames in, the source QEMU's exact bytes out
 //! let mut dec = DedupDecoder::with_default_resolvers();
 //! let mut qemu_out = Vec::new();
-//! while let Some(bytes) = dec.decode_eof(&mut wire)? {
+//! while let Decoded::Qemu(bytes) = dec.decode_eof(&mut wire)? {
 //!     qemu_out.extend_from_slice(&bytes);
 //! }
 //! assert_eq!(&qemu_out[..], &qemu_stream[..]);
@@ -37,7 +37,7 @@ mod stream;
 pub mod wire;
 
 pub use compress::Compression;
-pub use decode::DedupDecoder;
+pub use decode::{Decoded, DedupDecoder};
 pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_FRAME_QEMU_BYTES};
 pub use reply::{MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
 pub use stream::DedupFrames;

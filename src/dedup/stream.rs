@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use tokio_util::codec::Decoder;
 
-use super::{DedupDecoder, DedupEncoder, Stats};
+use super::{Decoded, DedupDecoder, DedupEncoder, Stats};
 use crate::error::{Error, Result};
 use crate::qemu::Record;
 
@@ -90,15 +90,33 @@ impl<S: Stream<Item = Result<Record>> + Unpin> Stream for DedupFrames<S> {
     }
 }
 
+/// A `FramedRead` of dedup frames yields the verified QEMU bytes. It cannot fetch:
+/// with a resolver that waits for pages (a DHT store), a frame that needs a fetch
+/// fails with [`Error::Config`]; drive such a decoder with
+/// [`relay::decode_stream`](crate::relay::decode_stream) or by hand
+/// ([`Decoded::Fetch`]).
 impl Decoder for DedupDecoder {
     type Item = Bytes;
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
-        DedupDecoder::decode(self, src)
+        framed(DedupDecoder::decode(self, src)?)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
-        DedupDecoder::decode_eof(self, src)
+        framed(DedupDecoder::decode_eof(self, src)?)
+    }
+}
+
+fn framed(decoded: Decoded) -> Result<Option<Bytes>> {
+    match decoded {
+        Decoded::Qemu(bytes) => Ok(Some(bytes)),
+        Decoded::NeedInput | Decoded::Done => Ok(None),
+        Decoded::Fetch => Err(Error::Config {
+            what: "resolvers",
+            reason: "a resolver waits for pages to be fetched, which a FramedRead cannot do: \
+                     use relay::decode_stream"
+                .into(),
+        }),
     }
 }

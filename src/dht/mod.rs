@@ -20,7 +20,7 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "redis")] {
-//! use migstream::dedup::DedupDecoder;
+//! use migstream::dedup::{Decoded, DedupDecoder};
 //! use migstream::dht::{DhtOptions, DhtTemplates};
 //! use migstream::resolve::TemplateStore;
 //!
@@ -33,9 +33,9 @@
 //! # let mut input = bytes::BytesMut::new();
 //! loop {
 //!     match decoder.decode(&mut input)? {
-//!         Some(qemu_bytes) => { /* to the destination QEMU */ }
-//!         None if decoder.waiting() => fetch.as_mut().expect("a fetcher").fetch().await?,
-//!         None => break, // read more input
+//!         Decoded::Qemu(qemu_bytes) => { /* to the destination QEMU */ }
+//!         Decoded::Fetch => fetch.as_mut().expect("a fetcher").fetch().await?,
+//!         _ => break, // read more input, or the stream is complete
 //!     }
 //! }
 //! # Ok(())

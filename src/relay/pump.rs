@@ -7,7 +7,7 @@ use tokio_util::codec::FramedRead;
 
 use super::Progress;
 use super::activity::Activity;
-use crate::dedup::{DedupDecoder, DedupEncoder, DedupFrames, Stats, wire};
+use crate::dedup::{Decoded, DedupDecoder, DedupEncoder, DedupFrames, Stats, wire};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
 use crate::resolve::Fetch;
@@ -69,7 +69,7 @@ where
 
 /// Reads a dedup stream from `wan` to its END frame, writes the verified QEMU bytes
 /// to `qemu`, and shuts `qemu`'s writing side down at the end. Whenever the decoder
-/// waits for pages (see [`DedupDecoder::waiting`]), `fetch` fetches them.
+/// waits for pages ([`Decoded::Fetch`]), `fetch` fetches them.
 pub async fn decode_stream<R, W>(
     wan: R,
     qemu: W,
@@ -105,25 +105,29 @@ where
             false => decoder.decode(&mut input)?,
             true => decoder.decode_eof(&mut input)?,
         };
-        if let Some(bytes) = decoded {
-            qemu.write_all(&bytes).await?;
-            activity.touch();
-            progress.set(decoder.stats());
-        } else if decoder.waiting() {
-            let Some(fetch) = fetch.as_deref_mut() else {
-                return Err(Error::Config {
-                    what: "resolvers",
-                    reason: "a resolver waits for pages but nothing fetches them".into(),
-                });
-            };
-            fetch.fetch().await?;
-            activity.touch();
-        } else if eof || decoder.is_complete() {
-            break;
-        } else {
-            input.reserve(CHUNK);
-            eof = wan.read_buf(&mut input).await? == 0;
-            activity.touch();
+        match decoded {
+            Decoded::Qemu(bytes) => {
+                qemu.write_all(&bytes).await?;
+                activity.touch();
+                progress.set(decoder.stats());
+            }
+            Decoded::Fetch => {
+                let Some(fetch) = fetch.as_deref_mut() else {
+                    return Err(Error::Config {
+                        what: "resolvers",
+                        reason: "a resolver waits for pages but nothing fetches them".into(),
+                    });
+                };
+                fetch.fetch().await?;
+                activity.touch();
+            }
+            // the source waits for the verdict: the link stays open after END
+            Decoded::Done => break,
+            Decoded::NeedInput => {
+                input.reserve(CHUNK);
+                eof = wan.read_buf(&mut input).await? == 0;
+                activity.touch();
+            }
         }
     }
     progress.set(decoder.stats());
