@@ -125,7 +125,8 @@ fn encode(catalog: &Catalog, qemu: &[u8]) -> (Bytes, u64) {
 async fn decode_ring(store: &DhtTemplates, wire: &Bytes) -> usize {
     let (templates, fetch) = store.open();
     let mut fetch = fetch.expect("a fetcher");
-    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
+    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id())
+        .expect("a template store");
     let (mut buf, mut n) = (BytesMut::from(&wire[..]), 0);
     loop {
         match dec.decode_eof(&mut buf).expect("decodes") {
@@ -140,7 +141,8 @@ async fn decode_ring(store: &DhtTemplates, wire: &Bytes) -> usize {
 async fn decode_ring_bytes(store: &DhtTemplates, wire: &Bytes) -> migstream::Result<Vec<u8>> {
     let (templates, fetch) = store.open();
     let mut fetch = fetch.expect("a fetcher");
-    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
+    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id())
+        .expect("a template store");
     let (mut buf, mut out) = (BytesMut::from(&wire[..]), Vec::new());
     loop {
         match dec.decode_eof(&mut buf)? {

@@ -155,7 +155,7 @@ async fn decode(
         Some(store) => {
             let (restore, fetch) = store.open();
             (
-                DedupDecoder::with_template_resolver(restore, store.catalog_id()),
+                DedupDecoder::with_template_resolver(restore, store.catalog_id())?,
                 fetch,
             )
         }

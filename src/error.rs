@@ -22,6 +22,8 @@ pub enum ErrorKind {
     InvalidRecord,
     /// A page could not be restored exactly (missing template, fingerprint mismatch).
     Unresolved,
+    /// A resolver refused a page body.
+    Resolver,
     /// The peer refers to a template catalog this end does not hold.
     CatalogMismatch,
     /// A peer or a store did not answer in time.
@@ -103,6 +105,18 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// A resolver refused the body of a page entry: the resolver's own reason, with
+    /// its tag and the stream offset of the frame.
+    #[error("resolver {tag:#04x} refused a page at byte {offset}: {reason}")]
+    Resolver {
+        /// The entry tag of the resolver.
+        tag: u8,
+        /// Absolute stream offset of the frame holding the entry (filled in by the
+        /// decoder; 0 where a resolver builds the error).
+        offset: u64,
+        /// The resolver's reason.
+        reason: String,
+    },
     /// The peer refers to a template catalog this end does not hold.
     #[error("the stream refers to template catalog {wanted}, this end holds {}", held.map_or("none".to_string(), |id| id.to_string()))]
     CatalogMismatch {
@@ -152,6 +166,42 @@ pub enum Error {
 }
 
 impl Error {
+    /// What a resolver (a custom one especially) returns for a page body it cannot
+    /// restore: the decoder adds the stream offset of the frame.
+    pub fn resolver(tag: u8, reason: impl Into<String>) -> Self {
+        Self::Resolver {
+            tag,
+            offset: 0,
+            reason: reason.into(),
+        }
+    }
+
+    /// The error of a resolver of the frame at stream offset `frame_at`, with that
+    /// offset where the resolver could not know it.
+    pub(crate) fn in_frame(self, frame_at: u64) -> Self {
+        match self {
+            Self::Resolver {
+                tag,
+                offset: 0,
+                reason,
+            } => Self::Resolver {
+                tag,
+                offset: frame_at,
+                reason,
+            },
+            Self::Malformed {
+                offset: 0,
+                field,
+                reason,
+            } => Self::Malformed {
+                offset: frame_at,
+                field,
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// The category of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -161,6 +211,7 @@ impl Error {
             Self::Truncated { .. } => ErrorKind::Truncated,
             Self::InvalidRecord { .. } => ErrorKind::InvalidRecord,
             Self::Unresolved { .. } => ErrorKind::Unresolved,
+            Self::Resolver { .. } => ErrorKind::Resolver,
             Self::CatalogMismatch { .. } => ErrorKind::CatalogMismatch,
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::PeerClosed { .. } => ErrorKind::PeerClosed,
@@ -178,7 +229,8 @@ impl Error {
             Self::Malformed { offset, .. }
             | Self::Unsupported { offset, .. }
             | Self::LimitExceeded { offset, .. }
-            | Self::Truncated { offset, .. } => Some(offset),
+            | Self::Truncated { offset, .. }
+            | Self::Resolver { offset, .. } => Some(offset),
             _ => None,
         }
     }

@@ -140,6 +140,18 @@ impl Restore for Ramp {
     }
 }
 
+/// A restore half that refuses every body, as a custom resolver reports it.
+struct Refusing;
+
+impl Restore for Refusing {
+    fn tag(&self) -> u8 {
+        0x80
+    }
+    fn restore(&mut self, _: PageAt<'_>, _: &[u8], _: &mut PageOut<'_>) -> migstream::Result<()> {
+        Err(migstream::Error::resolver(0x80, "not a ramp I know"))
+    }
+}
+
 /// A restore half that returns without writing its page.
 struct Forgetful;
 
@@ -166,7 +178,7 @@ fn a_custom_resolver_plugs_in() {
         }),
     );
     let qemu = support::encode(&records);
-    let enc = DedupEncoder::new(vec![Box::new(Ramp)]);
+    let enc = DedupEncoder::new(vec![Box::new(Ramp)]).unwrap();
     let mut wire = BytesMut::new();
     let mut enc = enc;
     for r in support::decode(&qemu, 1 << 20) {
@@ -174,18 +186,58 @@ fn a_custom_resolver_plugs_in() {
     }
     enc.finish(&mut wire).unwrap();
     assert_eq!(enc.stats().pages[0x80], 1);
-    let (out, err) = decode_with(DedupDecoder::new(vec![Box::new(Ramp)]), &wire, 100);
+    let (out, err) = decode_with(DedupDecoder::new(vec![Box::new(Ramp)]).unwrap(), &wire, 100);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(out, qemu);
     // without the resolver the destination refuses rather than guessing
-    let (_, err) = decode_with(DedupDecoder::new(vec![]), &wire, 100);
+    let (_, err) = decode_with(DedupDecoder::new(vec![]).unwrap(), &wire, 100);
     assert_eq!(err.unwrap().kind(), ErrorKind::Malformed);
     // a resolver that writes no page fails its frame where the page is missing
-    let (out, err) = decode_with(DedupDecoder::new(vec![Box::new(Forgetful)]), &wire, 100);
+    let (out, err) = decode_with(
+        DedupDecoder::new(vec![Box::new(Forgetful)]).unwrap(),
+        &wire,
+        100,
+    );
     let err = err.expect("a page was not written");
     assert_eq!(err.kind(), ErrorKind::Malformed);
     assert_eq!(err.field(), Some("batch entry"), "{err}");
     assert!(out.len() < qemu.len());
+    // a resolver's own error names its tag and the frame's stream offset
+    let (_, err) = decode_with(
+        DedupDecoder::new(vec![Box::new(Refusing)]).unwrap(),
+        &wire,
+        100,
+    );
+    let err = err.expect("refused");
+    assert_eq!(err.kind(), ErrorKind::Resolver);
+    assert!(err.offset().unwrap() > 0, "{err}");
+    assert!(
+        err.to_string().contains("0x80") && err.to_string().contains("not a ramp"),
+        "{err}"
+    );
+}
+
+/// A resolver whose tag the format reserves.
+struct Squatter(u8);
+
+impl Claim for Squatter {
+    fn tag(&self) -> u8 {
+        self.0
+    }
+    fn claim(&mut self, _: &Page<'_>, _: &mut Vec<u8>) -> bool {
+        false
+    }
+}
+
+#[test]
+fn reserved_or_repeated_tags_are_refused_when_an_end_is_built() {
+    for tag in [0x00, 0x01, 0x06, 0x7f] {
+        let err = DedupEncoder::new(vec![Box::new(Squatter(tag))]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{tag:#x}: {err}");
+    }
+    assert!(DedupEncoder::new(vec![Box::new(Squatter(0x80)), Box::new(Squatter(0x80))]).is_err());
+    assert!(DedupDecoder::new(vec![Box::new(Ramp), Box::new(Forgetful)]).is_err());
+    assert!(DedupEncoder::new(vec![Box::new(Squatter(0x80)), Box::new(Squatter(0xff))]).is_ok());
 }
 
 proptest! {

@@ -106,7 +106,7 @@ async fn decode_through(
 ) -> (Vec<u8>, Option<Error>, usize) {
     let (templates, fetch) = store.open();
     let mut fetch: Box<dyn Fetch> = fetch.expect("a fetcher");
-    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id());
+    let mut dec = DedupDecoder::with_template_resolver(templates, store.catalog_id()).unwrap();
     let (mut buf, mut out, mut fetches) = (BytesMut::from(wire), Vec::new(), 0);
     loop {
         match dec.decode_eof(&mut buf) {

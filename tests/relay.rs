@@ -400,7 +400,9 @@ impl migstream::resolve::Claim for RemoteClaim {
 #[tokio::test]
 async fn restore_fetches_what_a_waiting_resolver_needs() {
     let qemu = testdata("qemu-10.0-q35-paused.mig");
-    let mut encoder = DedupEncoder::new(vec![Box::new(RemoteClaim)]).with_batch_size(16 << 10);
+    let mut encoder = DedupEncoder::new(vec![Box::new(RemoteClaim)])
+        .unwrap()
+        .with_batch_size(16 << 10);
     let (mut input, mut wire) = (BytesMut::from(&qemu[..]), BytesMut::new());
     let mut records = QemuDecoder::new();
     while let Some(record) = records.decode_eof(&mut input).unwrap() {
@@ -411,7 +413,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     assert!(claimed > 10);
 
     let remote = Remote::default();
-    let mut decoder = DedupDecoder::new(vec![Box::new(remote.clone())]);
+    let mut decoder = DedupDecoder::new(vec![Box::new(remote.clone())]).unwrap();
     let mut fetch = remote.clone();
     let mut out = Vec::new();
     relay::decode_stream(
@@ -432,7 +434,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     );
 
     // without a fetcher the destination fails instead of stalling
-    let mut decoder = DedupDecoder::new(vec![Box::new(Remote::default())]);
+    let mut decoder = DedupDecoder::new(vec![Box::new(Remote::default())]).unwrap();
     let mut out = Vec::new();
     let err = relay::decode_stream(
         &wire[..],
@@ -448,7 +450,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     // nor can a FramedRead fetch: it says so at the first waiting frame, instead of
     // buffering to the end and blaming a truncated stream
     use futures::StreamExt;
-    let decoder = DedupDecoder::new(vec![Box::new(Remote::default())]);
+    let decoder = DedupDecoder::new(vec![Box::new(Remote::default())]).unwrap();
     let mut frames = tokio_util::codec::FramedRead::new(&wire[..], decoder);
     let err = loop {
         match frames.next().await {

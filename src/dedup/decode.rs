@@ -171,19 +171,16 @@ impl std::fmt::Debug for DedupDecoder {
 }
 
 impl DedupDecoder {
-    /// A decoder with these resolvers (at most one per tag; raw pages and verbatim
-    /// QEMU bytes need none).
-    pub fn new(restores: Vec<Box<dyn Restore>>) -> Self {
+    /// A decoder with these resolvers (raw pages and verbatim QEMU bytes need
+    /// none). Fails with [`Error::Config`] if two resolvers share a tag or one has a
+    /// reserved tag.
+    pub fn new(restores: Vec<Box<dyn Restore>>) -> Result<Self> {
+        crate::resolve::check_tags(restores.iter().map(|r| r.tag()))?;
         let mut by_tag = [None; 256];
         for (i, r) in restores.iter().enumerate() {
-            assert!(
-                by_tag[usize::from(r.tag())].is_none(),
-                "two resolvers for tag {:#x}",
-                r.tag()
-            );
             by_tag[usize::from(r.tag())] = Some(i as u8);
         }
-        Self {
+        Ok(Self {
             limits: Limits::default(),
             page_size: DEFAULT_PAGE_SIZE,
             restores,
@@ -201,7 +198,7 @@ impl DedupDecoder {
             hold_started: false,
             hasher: XxHash3_128::new(),
             stats: Stats::default(),
-        }
+        })
     }
 
     /// The identity of the template catalog this end holds: a stream naming another
@@ -435,7 +432,9 @@ impl DedupDecoder {
                     ..
                 })) => {
                     if let Some(i) = self.by_tag[usize::from(tag)] {
-                        ready &= self.restores[usize::from(i)].prepare(body)?;
+                        ready &= self.restores[usize::from(i)]
+                            .prepare(body)
+                            .map_err(|e| e.in_frame(self.frame_at))?;
                     }
                     // the record header: be64 word, and a block name of up to 255 bytes
                     let name = if continued { 0 } else { 1 + 255 };
@@ -557,7 +556,9 @@ impl DedupDecoder {
                     return Err(bad("no resolver for this tag"));
                 };
                 let mut page = PageOut::new(&mut out, self.page_size);
-                self.restores[usize::from(i)].restore(at, body, &mut page)?;
+                self.restores[usize::from(i)]
+                    .restore(at, body, &mut page)
+                    .map_err(|e| e.in_frame(self.frame_at))?;
                 if !page.is_written() {
                     return Err(bad("the resolver of its tag wrote no page"));
                 }

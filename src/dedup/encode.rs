@@ -67,9 +67,11 @@ pub const DEFAULT_BATCH: usize = 256 * 1024;
 
 impl DedupEncoder {
     /// An encoder whose resolvers are tried in the order given; pages none of them
-    /// claims travel raw.
-    pub fn new(claims: Vec<Box<dyn Claim>>) -> Self {
-        Self {
+    /// claims travel raw. Fails with [`Error::Config`](crate::Error::Config) if two
+    /// resolvers share a tag or one has a reserved tag.
+    pub fn new(claims: Vec<Box<dyn Claim>>) -> Result<Self> {
+        crate::resolve::check_tags(claims.iter().map(|c| c.tag()))?;
+        Ok(Self {
             page_size: DEFAULT_PAGE_SIZE,
             catalog: None,
             session: [0; 16],
@@ -88,7 +90,7 @@ impl DedupEncoder {
             hold: false,
             last_block: None,
             stats: Stats::default(),
-        }
+        })
     }
 
     /// Names the migration this stream is part of in its HELLO (see

@@ -165,7 +165,7 @@ impl DedupEncoder {
     /// An encoder running `resolvers`; the template catalog's identity, if any, goes
     /// in the HELLO.
     pub fn with_resolvers(resolvers: &Resolvers) -> Self {
-        let encoder = Self::new(resolvers.claims());
+        let encoder = Self::new(resolvers.claims()).expect(BUILT_IN);
         match &resolvers.templates {
             Some(index) => encoder.with_catalog_id(index.id()),
             None => encoder,
@@ -189,22 +189,38 @@ impl DedupEncoder {
 impl DedupDecoder {
     /// A decoder for streams of any [`Resolvers`] without templates.
     pub fn with_default_resolvers() -> Self {
-        Self::new(default_restores(None))
+        Self::new(default_restores(None)).expect(BUILT_IN)
     }
 
     /// A decoder for streams of any [`Resolvers`], templates of `catalog` included;
     /// refuses a stream that names another catalog.
     pub fn with_templates(catalog: Arc<Catalog>) -> Self {
         let id = catalog.id();
-        Self::with_template_resolver(Box::new(TemplateRestore::new(catalog)), id)
+        Self::with_template_resolver(Box::new(TemplateRestore::new(catalog)), id).expect(BUILT_IN)
     }
 
     /// Like [`with_templates`](Self::with_templates) with templates of catalog `id`
-    /// restored by `templates` (e.g. from [`TemplateStore::open`]).
-    pub fn with_template_resolver(templates: Box<dyn Restore>, id: CatalogId) -> Self {
-        Self::new(default_restores(Some(templates))).with_catalog_id(id)
+    /// restored by `templates` (e.g. from [`TemplateStore::open`]). Fails with
+    /// [`Error::Config`](crate::Error::Config) unless `templates` has the TEMPLATE
+    /// tag.
+    pub fn with_template_resolver(
+        templates: Box<dyn Restore>,
+        id: CatalogId,
+    ) -> crate::Result<Self> {
+        if templates.tag() != crate::resolve::tag::TEMPLATE {
+            return Err(crate::Error::Config {
+                what: "resolvers",
+                reason: format!("a template resolver with tag {:#04x}", templates.tag()),
+            });
+        }
+        Ok(Self::new(default_restores(Some(templates)))
+            .expect(BUILT_IN)
+            .with_catalog_id(id))
     }
 }
+
+/// The built-in resolvers have distinct tags of their own.
+const BUILT_IN: &str = "the built-in resolvers' tags are valid and distinct";
 
 fn default_restores(templates: Option<Box<dyn Restore>>) -> Vec<Box<dyn Restore>> {
     let mut restores: Vec<Box<dyn Restore>> = vec![Box::new(Fill)];

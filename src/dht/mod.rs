@@ -29,7 +29,7 @@
 //! // the catalog pushed last (`catalog push`), its manifest checked against its id
 //! let store = DhtTemplates::connect(&urls, 2, DhtOptions::default()).await?;
 //! let (templates, mut fetch) = store.open();
-//! let mut decoder = DedupDecoder::with_template_resolver(templates, store.catalog_id());
+//! let mut decoder = DedupDecoder::with_template_resolver(templates, store.catalog_id())?;
 //! # let mut input = bytes::BytesMut::new();
 //! loop {
 //!     match decoder.decode(&mut input)? {

@@ -88,7 +88,7 @@ where
     let (mut decoder, fetch) = match &config.templates {
         Some(store) => {
             let (restore, fetch) = store.open();
-            let decoder = DedupDecoder::with_template_resolver(restore, store.catalog_id());
+            let decoder = DedupDecoder::with_template_resolver(restore, store.catalog_id())?;
             (decoder, fetch)
         }
         None => (DedupDecoder::with_default_resolvers(), None),

@@ -58,6 +58,29 @@ use crate::page;
 /// Tags free for resolvers outside this crate.
 pub const CUSTOM_TAGS: RangeInclusive<u8> = 0x80..=0xFF;
 
+/// Checks that the resolvers of one end have distinct tags, each a built-in page tag
+/// with a resolver (FILL, SEEN, TEMPLATE, XBZRLE) or a custom one
+/// ([`CUSTOM_TAGS`]): a reserved tag would be blamed on the peer at the far end.
+pub(crate) fn check_tags(tags: impl IntoIterator<Item = u8>) -> Result<()> {
+    let mut seen = [false; 256];
+    for t in tags {
+        let built_in = (tag::FILL..=tag::XBZRLE).contains(&t);
+        if !built_in && !CUSTOM_TAGS.contains(&t) {
+            return Err(crate::Error::Config {
+                what: "resolvers",
+                reason: format!("tag {t:#04x} is reserved (custom resolvers take 0x80-0xff)"),
+            });
+        }
+        if std::mem::replace(&mut seen[usize::from(t)], true) {
+            return Err(crate::Error::Config {
+                what: "resolvers",
+                reason: format!("two resolvers for tag {t:#04x}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Entry tags of the built-in resolvers (see `docs/wire-format.md`).
 pub mod tag {
     /// A page sent whole (inside a compressed batch): what nobody claimed.
