@@ -422,6 +422,26 @@ fn stalled_handshakes_are_capped_and_timed_out() {
     assert_eq!(d["migration"], 1, "{d}");
 }
 
+/// (3a) A connection closed because every handshake slot is taken is logged as that:
+/// an operator reading "N migrations in progress" while none is would look for the
+/// wrong cause.
+///
+/// `DestinationProxy::handshake` (src/relay/proxy.rs) takes its handshake slot with
+/// `slot(&self.handshakes, ...)`, which fails with `Error::Busy`, whose message
+/// (src/error.rs) is "busy: {limit} migrations in progress already".
+#[test]
+#[ignore = "library bug: a full handshake cap is reported as N migrations in progress (Error::Busy)"]
+fn a_full_handshake_cap_is_not_reported_as_migrations_in_progress() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-busy-message");
+    let dst = destination(&pki, &qemu, &["--max-handshakes", "1"]);
+    // one of the two takes the slot, the other is closed at once
+    let _two = [0, 1].map(|_| TcpStream::connect(dst.addr()).unwrap());
+    let line = refusal(&dst);
+    assert!(line.contains("busy"), "{line}");
+    assert!(!line.contains("migrations in progress"), "{line}");
+}
+
 /// (3b) An authenticated source that sends its HELLO and part of the stream, then
 /// stalls: the destination gives up after `--idle-timeout`, closes its QEMU
 /// connection before the stream is complete, reports the failure, and serves the
