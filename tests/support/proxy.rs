@@ -123,13 +123,24 @@ impl Proxy {
 
     /// Resident memory of the process, in bytes (Linux).
     pub fn rss(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// The most resident memory the process has had so far, in bytes (Linux's
+    /// high-water mark: a peak between two looks at [`rss`](Self::rss) counts too).
+    pub fn rss_peak(&self) -> u64 {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// A size field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`...), in bytes.
+    fn status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let kib: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib * 1024
     }
 
