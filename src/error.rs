@@ -146,10 +146,12 @@ pub enum Error {
     /// The link's TLS handshake failed, or the peer's certificate was refused.
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
-    /// Every slot for a migration is taken.
-    #[error("busy: {limit} migrations in progress already")]
+    /// Every slot of a kind is taken (migrations, or connections in their handshake).
+    #[error("busy: {limit} {what} in progress already")]
     Busy {
-        /// The number of migrations allowed at once.
+        /// What is at its limit.
+        what: &'static str,
+        /// How many are allowed at once.
         limit: usize,
     },
     /// A configuration (certificates, options, resolvers) is unusable.

@@ -52,12 +52,12 @@ impl ProxyLimits {
     }
 }
 
-/// A slot out of `limit`, or [`Error::Busy`].
-fn slot(slots: &Arc<Semaphore>, limit: usize) -> Result<OwnedSemaphorePermit> {
+/// A slot out of `limit` slots for `what`, or [`Error::Busy`].
+fn slot(slots: &Arc<Semaphore>, what: &'static str, limit: usize) -> Result<OwnedSemaphorePermit> {
     slots
         .clone()
         .try_acquire_owned()
-        .map_err(|_| Error::Busy { limit })
+        .map_err(|_| Error::Busy { what, limit })
 }
 
 /// The source proxy: takes the source QEMU's connection and carries its migration
@@ -94,7 +94,7 @@ impl SourceProxy {
 
     /// Carries the migration the source QEMU sends on `qemu`.
     pub async fn serve(&self, qemu: Conn, progress: &Progress) -> Result<Report> {
-        let _slot = slot(&self.migrations, self.limits.max_migrations)?;
+        let _slot = slot(&self.migrations, "migrations", self.limits.max_migrations)?;
         net::tune_source_qemu(&qemu)?;
         let timeouts = &self.config.timeouts;
         let link = Endpoint::Tcp(self.link.clone())
@@ -188,7 +188,7 @@ impl DestinationProxy {
     /// touches the destination QEMU: a connection that fails this step, a port scan
     /// or a peer of another protocol, costs a handshake slot for a moment.
     pub async fn handshake(&self, link: Conn) -> Result<Incoming<'_>> {
-        let handshake_slot = slot(&self.handshakes, self.limits.max_handshakes)?;
+        let handshake_slot = slot(&self.handshakes, "handshakes", self.limits.max_handshakes)?;
         let timeouts = &self.config.timeouts;
         if let Some(tcp) = link.as_tcp() {
             net::tune_link(tcp, timeouts.idle, false)?;
@@ -213,7 +213,7 @@ impl DestinationProxy {
         };
         let handshake = accept(tokio::io::split(link), &config).await?;
         drop(handshake_slot);
-        match slot(&self.migrations, self.limits.max_migrations) {
+        match slot(&self.migrations, "migrations", self.limits.max_migrations) {
             Ok(slot) => Ok(Incoming {
                 proxy: self,
                 offered: offered && handshake.hello().catalog.is_some(),
