@@ -189,10 +189,10 @@ fn case(
     let mut wire = BytesMut::new();
     let mut seen = HashSet::new();
     for record in &case.records {
-        let before = enc.stats().pages[usize::from(tag::SEEN)];
+        let before = enc.stats().pages(tag::SEEN);
         enc.encode(record, &mut wire).expect("encodable record");
         if let Record::Ram(RamRecord::Page { data, .. }) = record {
-            if enc.stats().pages[usize::from(tag::SEEN)] > before {
+            if enc.stats().pages(tag::SEEN) > before {
                 seen.insert(blake3::hash(data));
             }
         }
@@ -201,8 +201,8 @@ fn case(
     enc.finish(&mut wire).expect("end of stream");
     case.wire = wire.freeze();
     case.frames = data_frames(&case.wire);
-    case.seen = enc.stats().pages[usize::from(tag::SEEN)] as usize;
-    case.templates = enc.stats().pages[usize::from(tag::TEMPLATE)] as usize;
+    case.seen = enc.stats().pages(tag::SEEN) as usize;
+    case.templates = enc.stats().pages(tag::TEMPLATE) as usize;
     check_round_trip(&case, case.resolvers(), &case.wire, enc.stats());
     case
 }
@@ -288,9 +288,9 @@ fn lz4_decompress_floor(case: &Case, out: &mut Vec<u8>) -> usize {
 }
 
 fn pages(stats: &Stats) -> String {
-    let pages: Vec<String> = tag::NAMED
-        .iter()
-        .map(|(name, t)| format!("{name} {}", stats.pages[usize::from(*t)]))
+    let pages: Vec<String> = stats
+        .named_pages()
+        .map(|(name, n)| format!("{name} {n}"))
         .collect();
     format!("pages {}", pages.join(", "))
 }
@@ -350,14 +350,9 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
         });
         // the same references, confirmed by comparing bytes with what the source holds
         if let Some((catalog, _)) = &case.catalog {
-            let held = Resolvers {
-                templates: Some(Arc::new(TemplateIndex::holding(catalog.clone()))),
-                ..Resolvers::default()
-            };
-            let held_seen = Resolvers {
-                hold_seen: true,
-                ..held.clone()
-            };
+            let held = Resolvers::default()
+                .with_templates(Some(Arc::new(TemplateIndex::holding(catalog.clone()))));
+            let held_seen = held.clone().with_hold_seen(true);
             let (plain, fast) = (Compression::Lz4, Compression::Lz4Accelerated(4));
             for (name, resolvers, compression) in [
                 ("templates-held", held.clone(), plain),
@@ -365,8 +360,9 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
                 ("templates-held-lz4a4", held, fast),
             ] {
                 if compression != plain {
-                    let mut enc =
-                        DedupEncoder::with_resolvers(&resolvers).with_compression(compression);
+                    let mut enc = DedupEncoder::with_resolvers(&resolvers)
+                        .expect("built-in resolvers")
+                        .with_compression(compression);
                     let mut wire = BytesMut::new();
                     for record in &case.records {
                         enc.encode(record, &mut wire).expect("encodable record");
@@ -376,7 +372,11 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
                 }
                 group.bench_function(BenchmarkId::new(name, case.stream), |b| {
                     b.iter_batched(
-                        || DedupEncoder::with_resolvers(&resolvers).with_compression(compression),
+                        || {
+                            DedupEncoder::with_resolvers(&resolvers)
+                                .expect("built-in resolvers")
+                                .with_compression(compression)
+                        },
                         |enc| encode(&case.records, enc, &mut sink),
                         BatchSize::PerIteration,
                     )

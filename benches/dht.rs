@@ -116,7 +116,7 @@ fn encode(catalog: &Catalog, qemu: &[u8]) -> (Bytes, u64) {
         enc.encode(&record, &mut wire).expect("encodable");
     }
     enc.finish(&mut wire).expect("end");
-    let templates = enc.stats().pages[usize::from(tag::TEMPLATE)];
+    let templates = enc.stats().pages(tag::TEMPLATE);
     (wire.freeze(), templates)
 }
 

@@ -26,7 +26,7 @@ use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, Stats};
 use migstream::dht::DEFAULT_REPLICAS;
 use migstream::qemu::QemuDecoder;
 use migstream::relay::{self, Progress};
-use migstream::resolve::{TemplateStore, tag};
+use migstream::resolve::TemplateStore;
 use migstream::template::TemplateIndex;
 use tokio::io::BufWriter;
 
@@ -179,12 +179,12 @@ fn report(stats: &Stats, bytes_in: u64, bytes_out: u64, started: Instant) {
     let qemu = stats.qemu_bytes as f64;
     println!(
         "in {bytes_in} bytes out {bytes_out} bytes ratio {:.4} {:.2} GB/s",
-        stats.wire_bytes as f64 / qemu.max(1.0),
+        stats.ratio(),
         qemu / seconds / 1e9
     );
-    let pages: Vec<String> = tag::NAMED
-        .iter()
-        .map(|(name, t)| format!("{name} {}", stats.pages[usize::from(*t)]))
+    let pages: Vec<String> = stats
+        .named_pages()
+        .map(|(name, n)| format!("{name} {n}"))
         .collect();
     println!("pages {}", pages.join(", "));
 }

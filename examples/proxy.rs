@@ -36,7 +36,6 @@ use migstream::relay::{
     DestinationConfig, DestinationProxy, Progress, ProxyLimits, Report, SourceConfig, SourceProxy,
     Timeouts,
 };
-use migstream::resolve::tag;
 use migstream::template::{Catalog, TemplateIndex};
 
 #[path = "support/templates.rs"]
@@ -292,17 +291,16 @@ fn source_proxy(
         (None, Some(n)) => Compression::Lz4Accelerated(n),
         (None, None) => Compression::Lz4,
     };
-    let mut resolvers = Resolvers {
-        templates: match &a.common.catalog {
-            Some(path) if a.hold_catalog => Some(Arc::new(TemplateIndex::holding(Arc::new(
-                Catalog::load(path)?,
-            )))),
-            Some(path) => Some(Arc::new(TemplateIndex::load(path)?)),
-            None => None,
-        },
-        hold_seen: a.hold_seen,
-        ..Resolvers::default()
+    let templates = match &a.common.catalog {
+        Some(path) if a.hold_catalog => Some(Arc::new(TemplateIndex::holding(Arc::new(
+            Catalog::load(path)?,
+        )))),
+        Some(path) => Some(Arc::new(TemplateIndex::load(path)?)),
+        None => None,
     };
+    let mut resolvers = Resolvers::default()
+        .with_templates(templates)
+        .with_hold_seen(a.hold_seen);
     if let Some(list) = &a.resolvers {
         let names: Vec<&str> = list.split(',').filter(|n| *n != "none").collect();
         if let Some(bad) = names
@@ -314,9 +312,10 @@ fn source_proxy(
             )
             .into());
         }
-        resolvers.fill = names.contains(&"fill");
-        resolvers.xbzrle = names.contains(&"xbzrle");
-        resolvers.seen = names.contains(&"seen");
+        resolvers = resolvers
+            .with_fill(names.contains(&"fill"))
+            .with_xbzrle(names.contains(&"xbzrle"))
+            .with_seen(names.contains(&"seen"));
     }
     let to = &a.common.to;
     let tls = match identity {
@@ -444,7 +443,7 @@ impl Proxy {
                 self.role.name(),
                 stats.qemu_bytes as f64 / 1e6,
                 stats.wire_bytes as f64 / 1e6,
-                ratio(&stats),
+                stats.ratio(),
                 pages(&stats),
             );
             match terminal {
@@ -464,16 +463,16 @@ impl Proxy {
                  templates {}) {}",
                 stats.wire_bytes,
                 stats.qemu_bytes,
-                ratio(stats),
+                stats.ratio(),
                 if report.templates { "on" } else { "off" },
                 pages(stats),
             ),
             Err(e) => eprintln!("\rmigration failed: {e} (migration {id}, {role}, {secs:.2} s)"),
         }
         if self.json {
-            let pages: serde_json::Map<String, serde_json::Value> = tag::NAMED
-                .iter()
-                .map(|&(name, t)| (name.to_string(), stats.pages[usize::from(t)].into()))
+            let pages: serde_json::Map<String, serde_json::Value> = stats
+                .named_pages()
+                .map(|(name, n)| (name.to_string(), n.into()))
                 .collect();
             let line = serde_json::json!({
                 "migration": id,
@@ -482,7 +481,7 @@ impl Proxy {
                 "error": outcome.as_ref().err(),
                 "qemu_bytes": stats.qemu_bytes,
                 "wire_bytes": stats.wire_bytes,
-                "ratio": ratio(stats),
+                "ratio": stats.ratio(),
                 "seconds": secs,
                 "templates": outcome.as_ref().is_ok_and(|r| r.templates),
                 "pages": pages,
@@ -493,16 +492,7 @@ impl Proxy {
     }
 }
 
-fn ratio(stats: &Stats) -> f64 {
-    stats.wire_bytes as f64 / (stats.qemu_bytes as f64).max(1.0)
-}
-
 fn pages(stats: &Stats) -> String {
-    let named = tag::NAMED
-        .iter()
-        .map(|&(name, t)| (name, stats.pages[usize::from(t)]));
-    named
-        .map(|(name, n)| format!("{name}={n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    let named = stats.named_pages().map(|(name, n)| format!("{name}={n}"));
+    named.collect::<Vec<_>>().join(" ")
 }

@@ -185,7 +185,7 @@ fn a_custom_resolver_plugs_in() {
         enc.encode(&r, &mut wire).unwrap();
     }
     enc.finish(&mut wire).unwrap();
-    assert_eq!(enc.stats().pages[0x80], 1);
+    assert_eq!(enc.stats().pages(0x80), 1);
     let (out, err) = decode_with(DedupDecoder::new(vec![Box::new(Ramp)]).unwrap(), &wire, 100);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(out, qemu);
@@ -355,7 +355,7 @@ fn templates_round_trip_and_a_wrong_catalog_is_refused() {
     }
     enc.finish(&mut wire).unwrap();
     assert_eq!(
-        enc.stats().pages[usize::from(migstream::resolve::tag::TEMPLATE)],
+        enc.stats().pages(migstream::resolve::tag::TEMPLATE),
         catalog.len() as u64
     );
     let (out, err) = decode_with(DedupDecoder::with_templates(catalog.clone()), &wire, 5000);

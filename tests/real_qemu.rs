@@ -251,7 +251,7 @@ fn dedup_stream_round_trips_real_qemu_streams() {
             enc.encode(&record, &mut wire).unwrap();
         }
         enc.finish(&mut wire).unwrap();
-        let pages = enc.stats().pages;
+        let pages = enc.stats().clone();
         let wire_len = wire.len();
         let mut back = DedupDecoder::with_default_resolvers();
         let mut compared = 0;
@@ -270,10 +270,10 @@ fn dedup_stream_round_trips_real_qemu_streams() {
             "{name}: ratio {:.3} ({} -> {wire_len}); pages raw {} fill {} xbzrle {} seen {}",
             wire_len as f64 / bytes.len() as f64,
             bytes.len(),
-            pages[usize::from(tag::RAW)],
-            pages[usize::from(tag::FILL)],
-            pages[usize::from(tag::XBZRLE)],
-            pages[usize::from(tag::SEEN)],
+            pages.pages(tag::RAW),
+            pages.pages(tag::FILL),
+            pages.pages(tag::XBZRLE),
+            pages.pages(tag::SEEN),
         );
     }
 }

@@ -183,10 +183,9 @@ async fn templates_are_used_only_when_both_ends_hold_the_catalog() {
     let catalog = Arc::new(catalog_of(&qemu));
     let other = Arc::new(Catalog::from_pages(4096, [[7u8; 4096]]).unwrap());
     let source = || {
-        SourceConfig::default().with_resolvers(Resolvers {
-            templates: Some(Arc::new(TemplateIndex::new(&catalog))),
-            ..Resolvers::default()
-        })
+        SourceConfig::default().with_resolvers(
+            Resolvers::default().with_templates(Some(Arc::new(TemplateIndex::new(&catalog)))),
+        )
     };
     let holding = |c: &Arc<Catalog>| {
         DestinationConfig::default().with_templates(Arc::new(TemplateRestore::new(c.clone())))
@@ -201,7 +200,7 @@ async fn templates_are_used_only_when_both_ends_hold_the_catalog() {
         assert!(run.delivered == qemu);
         assert_eq!(sent.templates, expect_templates);
         assert_eq!(received.templates, expect_templates);
-        let templated = sent.stats.pages[usize::from(tag::TEMPLATE)];
+        let templated = sent.stats.pages(tag::TEMPLATE);
         assert_eq!(
             templated > 0,
             expect_templates,
@@ -409,7 +408,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
         encoder.encode(&record, &mut wire).unwrap();
     }
     encoder.finish(&mut wire).unwrap();
-    let claimed = encoder.stats().pages[0x81];
+    let claimed = encoder.stats().pages(0x81);
     assert!(claimed > 10);
 
     let remote = Remote::default();
@@ -426,7 +425,7 @@ async fn restore_fetches_what_a_waiting_resolver_needs() {
     .await
     .unwrap();
     assert!(out == qemu);
-    assert_eq!(decoder.stats().pages[0x81], claimed);
+    assert_eq!(decoder.stats().pages(0x81), claimed);
     let fetches = remote.state.lock().unwrap().fetches;
     assert!(
         fetches >= 2 && fetches < claimed,
@@ -500,4 +499,59 @@ async fn over_loopback_tcp() {
     let (received, delivered) = destination.await.unwrap();
     assert!(delivered == qemu);
     assert_eq!(sent.stats.wire_bytes, received.stats.wire_bytes);
+}
+
+/// A custom resolver from outside the crate, both halves: a page travels with its
+/// bits inverted.
+struct Inverted;
+
+const INVERTED: u8 = 0x90;
+
+impl migstream::resolve::Claim for Inverted {
+    fn tag(&self) -> u8 {
+        INVERTED
+    }
+    fn claim(&mut self, page: &migstream::resolve::Page<'_>, body: &mut Vec<u8>) -> bool {
+        body.extend(page.data.iter().map(|b| !b));
+        true
+    }
+}
+
+impl Restore for Inverted {
+    fn tag(&self) -> u8 {
+        INVERTED
+    }
+    fn restore(
+        &mut self,
+        _: PageAt<'_>,
+        body: &[u8],
+        out: &mut PageOut<'_>,
+    ) -> migstream::Result<()> {
+        if body.len() != out.page_size() {
+            return Err(migstream::Error::resolver(INVERTED, "not a whole page"));
+        }
+        let page = out.as_mut_slice();
+        page.iter_mut().zip(body).for_each(|(b, &inv)| *b = !inv);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn custom_resolvers_plug_into_both_ends_of_a_link() {
+    let qemu = testdata("qemu-10.0-q35-paused.mig");
+    let source = SourceConfig::default()
+        .with_resolvers(Resolvers::none().with_custom(|| Box::new(Inverted)));
+    let destination = DestinationConfig::default().with_restore(|| Box::new(Inverted));
+    let run = migrate(&qemu, source.clone(), destination, wire).await;
+    let (sent, received) = (run.source.unwrap(), run.destination.unwrap());
+    assert!(run.delivered == qemu);
+    assert!(sent.stats.pages(INVERTED) > 10, "{:?}", sent.stats);
+    assert_eq!(received.stats.pages(INVERTED), sent.stats.pages(INVERTED));
+    // a destination without the restoring half refuses, and the source hears why
+    let run = migrate(&qemu, source, DestinationConfig::default(), wire).await;
+    let err = run
+        .source
+        .expect_err("no resolver for the tag at the destination");
+    assert_eq!(err.kind(), ErrorKind::Remote, "{err}");
+    assert!(run.delivered.len() < qemu.len());
 }

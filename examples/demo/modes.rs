@@ -48,13 +48,13 @@ impl Mode {
     /// The source end's settings (what `proxy source --resolvers ... --catalog` sets).
     pub(crate) fn source(self, templates: &Templates) -> SourceConfig {
         let on = |since: Mode| self as u8 >= since as u8;
-        SourceConfig::default().with_resolvers(Resolvers {
-            fill: on(Mode::Fill),
-            xbzrle: on(Mode::Seen),
-            seen: on(Mode::Seen),
-            templates: self.uses_templates().then(|| templates.index.clone()),
-            ..Resolvers::default()
-        })
+        SourceConfig::default().with_resolvers(
+            Resolvers::default()
+                .with_fill(on(Mode::Fill))
+                .with_xbzrle(on(Mode::Seen))
+                .with_seen(on(Mode::Seen))
+                .with_templates(self.uses_templates().then(|| templates.index.clone())),
+        )
     }
 
     /// The destination end's settings: where it restores templates from.

@@ -25,7 +25,7 @@ impl Row {
 
 /// Pages by kind from an end's counters.
 pub(crate) fn pages(stats: &Stats) -> [u64; 5] {
-    tag::NAMED.map(|(_, t)| stats.pages[usize::from(t)])
+    tag::NAMED.map(|(_, t)| stats.pages(t))
 }
 
 /// Prints the rows, one guest after the other.

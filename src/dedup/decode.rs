@@ -569,7 +569,7 @@ impl DedupDecoder {
             }
             // hashed while in the cache: the frame's digest is checked at its end
             self.hasher.write(&out[header..]);
-            self.stats.pages[usize::from(tag)] += 1;
+            self.stats.count_page(tag);
         }
         self.raw = raw;
         let bytes = out.split();

@@ -279,7 +279,7 @@ impl DedupEncoder {
         }
         varint::put(&mut self.batch, body.len() as u64);
         self.batch.extend_from_slice(body);
-        self.stats.pages[usize::from(tag)] += 1;
+        self.stats.count_page(tag);
         let page = page.delivered_as(tag);
         for c in &mut self.claims {
             c.delivered(&page);

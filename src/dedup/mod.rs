@@ -33,6 +33,8 @@ mod decode;
 mod encode;
 pub(crate) mod lz4;
 mod reply;
+mod resolvers;
+mod stats;
 mod stream;
 pub mod wire;
 
@@ -40,17 +42,9 @@ pub use compress::Compression;
 pub use decode::{Decoded, DedupDecoder};
 pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_FRAME_QEMU_BYTES};
 pub use reply::{MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
+pub use resolvers::{Resolvers, default_restores};
+pub use stats::Stats;
 pub use stream::DedupFrames;
-
-use std::sync::Arc;
-
-#[cfg(doc)]
-use crate::resolve::TemplateStore;
-use crate::resolve::{
-    Claim, DEFAULT_CACHE_BYTES, Fill, Restore, SeenBefore, SeenBeforeRestore, TemplateClaim,
-    TemplateRestore, XbzrleDelta, XbzrleRestore,
-};
-use crate::template::{Catalog, CatalogId, TemplateIndex};
 
 /// Seen-before window of the dedup stream: 256 MiB of pages (65536 pages of 4 KiB)
 /// held at the destination, ~2.5 MiB of index at the source for 4 KiB pages. Fixed in
@@ -83,149 +77,4 @@ impl Default for Limits {
             max_output: 64 << 20,
         }
     }
-}
-
-/// Counters of a dedup encoder or decoder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    /// QEMU stream bytes taken in (encoder) or given out (decoder).
-    pub qemu_bytes: u64,
-    /// Dedup stream bytes given out (encoder) or taken in (decoder).
-    pub wire_bytes: u64,
-    /// Pages by entry tag ([`crate::resolve::tag`]).
-    pub pages: [u64; 256],
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Self {
-            qemu_bytes: 0,
-            wire_bytes: 0,
-            pages: [0; 256],
-        }
-    }
-}
-
-/// Which built-in resolvers a [`DedupEncoder`] runs, tried in this order: fill pages,
-/// templates, XBZRLE deltas (64 MiB cache), seen-before ([`SEEN_WINDOW_BYTES`]).
-/// The decoders of [`DedupDecoder::with_default_resolvers`] and its siblings
-/// understand every combination.
-#[derive(Debug, Clone)]
-pub struct Resolvers {
-    /// Pages filled with one byte value.
-    pub fill: bool,
-    /// Pages of the catalog this index was built from.
-    pub templates: Option<Arc<TemplateIndex>>,
-    /// XBZRLE deltas against the last version of a page sent.
-    pub xbzrle: bool,
-    /// References to pages already sent in this migration.
-    pub seen: bool,
-    /// Keep the seen-before window's pages at the source too
-    /// ([`SeenBefore::holding`]): up to [`SEEN_WINDOW_BYTES`] (256 MiB),
-    /// for a repeated page confirmed by comparing bytes instead of a BLAKE3.
-    pub hold_seen: bool,
-}
-
-impl Default for Resolvers {
-    /// Every local resolver; no templates.
-    fn default() -> Self {
-        Self {
-            fill: true,
-            templates: None,
-            xbzrle: true,
-            seen: true,
-            hold_seen: false,
-        }
-    }
-}
-
-impl Resolvers {
-    /// The resolver chain.
-    pub fn claims(&self) -> Vec<Box<dyn Claim>> {
-        let mut claims: Vec<Box<dyn Claim>> = Vec::new();
-        if self.fill {
-            claims.push(Box::new(Fill));
-        }
-        if let Some(index) = &self.templates {
-            claims.push(Box::new(TemplateClaim::new(index.clone())));
-        }
-        if self.xbzrle {
-            claims.push(Box::new(XbzrleDelta::new(DEFAULT_CACHE_BYTES)));
-        }
-        match (self.seen, self.hold_seen) {
-            (true, false) => claims.push(Box::new(SeenBefore::new(SEEN_WINDOW_BYTES))),
-            (true, true) => claims.push(Box::new(SeenBefore::holding(SEEN_WINDOW_BYTES))),
-            (false, _) => {}
-        }
-        claims
-    }
-}
-
-impl DedupEncoder {
-    /// An encoder running `resolvers`; the template catalog's identity, if any, goes
-    /// in the HELLO.
-    pub fn with_resolvers(resolvers: &Resolvers) -> Self {
-        let encoder = Self::new(resolvers.claims()).expect(BUILT_IN);
-        match &resolvers.templates {
-            Some(index) => encoder.with_catalog_id(index.id()),
-            None => encoder,
-        }
-    }
-
-    /// An encoder with every built-in local resolver ([`Resolvers::default`]).
-    pub fn with_default_resolvers() -> Self {
-        Self::with_resolvers(&Resolvers::default())
-    }
-
-    /// The built-in resolvers plus templates of the catalog `index` was built from.
-    pub fn with_templates(index: Arc<TemplateIndex>) -> Self {
-        Self::with_resolvers(&Resolvers {
-            templates: Some(index),
-            ..Resolvers::default()
-        })
-    }
-}
-
-impl DedupDecoder {
-    /// A decoder for streams of any [`Resolvers`] without templates.
-    pub fn with_default_resolvers() -> Self {
-        Self::new(default_restores(None)).expect(BUILT_IN)
-    }
-
-    /// A decoder for streams of any [`Resolvers`], templates of `catalog` included;
-    /// refuses a stream that names another catalog.
-    pub fn with_templates(catalog: Arc<Catalog>) -> Self {
-        let id = catalog.id();
-        Self::with_template_resolver(Box::new(TemplateRestore::new(catalog)), id).expect(BUILT_IN)
-    }
-
-    /// Like [`with_templates`](Self::with_templates) with templates of catalog `id`
-    /// restored by `templates` (e.g. from [`TemplateStore::open`]). Fails with
-    /// [`Error::Config`](crate::Error::Config) unless `templates` has the TEMPLATE
-    /// tag.
-    pub fn with_template_resolver(
-        templates: Box<dyn Restore>,
-        id: CatalogId,
-    ) -> crate::Result<Self> {
-        if templates.tag() != crate::resolve::tag::TEMPLATE {
-            return Err(crate::Error::Config {
-                what: "resolvers",
-                reason: format!("a template resolver with tag {:#04x}", templates.tag()),
-            });
-        }
-        Ok(Self::new(default_restores(Some(templates)))
-            .expect(BUILT_IN)
-            .with_catalog_id(id))
-    }
-}
-
-/// The built-in resolvers have distinct tags of their own.
-const BUILT_IN: &str = "the built-in resolvers' tags are valid and distinct";
-
-fn default_restores(templates: Option<Box<dyn Restore>>) -> Vec<Box<dyn Restore>> {
-    let mut restores: Vec<Box<dyn Restore>> = vec![Box::new(Fill)];
-    restores.extend(templates);
-    restores.push(Box::new(XbzrleRestore::new(DEFAULT_CACHE_BYTES)));
-    restores.push(Box::new(SeenBeforeRestore::new(SEEN_WINDOW_BYTES)));
-    restores
 }

@@ -12,12 +12,15 @@ use tokio::sync::oneshot;
 use super::activity::Activity;
 use super::{Progress, Report, Timeouts, pump};
 use crate::dedup::wire::{FRAME_DIGEST, Hello};
-use crate::dedup::{DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply};
+use crate::dedup::{DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply, default_restores};
 use crate::error::{Error, Result};
-use crate::resolve::{Fetch, TemplateStore};
+use crate::resolve::{Fetch, Restore, TemplateStore};
+
+/// Makes a fresh custom destination-side resolver for each stream.
+type RestoreFactory = Arc<dyn Fn() -> Box<dyn Restore> + Send + Sync>;
 
 /// Where the destination end restores pages from, and what it lets a source do.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 #[non_exhaustive]
 pub struct DestinationConfig {
     /// The template store (local catalog or DHT ring), if any.
@@ -26,6 +29,19 @@ pub struct DestinationConfig {
     pub limits: Limits,
     /// How long to wait for the HELLO, and for progress.
     pub timeouts: Timeouts,
+    /// Custom resolvers, besides the built-in ones.
+    custom: Vec<RestoreFactory>,
+}
+
+impl std::fmt::Debug for DestinationConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationConfig")
+            .field("templates", &self.templates)
+            .field("limits", &self.limits)
+            .field("timeouts", &self.timeouts)
+            .field("custom", &self.custom.len())
+            .finish()
+    }
 }
 
 impl DestinationConfig {
@@ -45,6 +61,35 @@ impl DestinationConfig {
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
         self
+    }
+
+    /// With the restoring half of a custom resolver, made by `make` for every
+    /// stream: the counterpart of the source's
+    /// [`Resolvers::with_custom`](crate::dedup::Resolvers::with_custom).
+    pub fn with_restore(
+        mut self,
+        make: impl Fn() -> Box<dyn Restore> + Send + Sync + 'static,
+    ) -> Self {
+        self.custom.push(Arc::new(make));
+        self
+    }
+
+    /// A decoder for one stream, and the fetcher of its template store, if any.
+    fn decoder(&self) -> Result<(DedupDecoder, Option<Box<dyn Fetch>>)> {
+        let (templates, fetch, catalog) = match &self.templates {
+            Some(store) => {
+                let (restore, fetch) = store.open();
+                (Some(restore), fetch, Some(store.catalog_id()))
+            }
+            None => (None, None, None),
+        };
+        let mut restores = default_restores(templates);
+        restores.extend(self.custom.iter().map(|make| make()));
+        let mut decoder = DedupDecoder::new(restores)?.with_limits(self.limits.clone());
+        if let Some(id) = catalog {
+            decoder = decoder.with_catalog_id(id);
+        }
+        Ok((decoder, fetch))
     }
 }
 
@@ -85,15 +130,7 @@ where
         catalog: config.templates.as_ref().map(|s| s.catalog_id()),
     }
     .encode(&mut greeting);
-    let (mut decoder, fetch) = match &config.templates {
-        Some(store) => {
-            let (restore, fetch) = store.open();
-            let decoder = DedupDecoder::with_template_resolver(restore, store.catalog_id())?;
-            (decoder, fetch)
-        }
-        None => (DedupDecoder::with_default_resolvers(), None),
-    };
-    decoder = decoder.with_limits(config.limits.clone());
+    let (mut decoder, fetch) = config.decoder()?;
     let mut input = BytesMut::with_capacity(pump::CHUNK);
     let handshake = async {
         to_link.write_all(&greeting).await?;

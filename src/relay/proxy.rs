@@ -204,13 +204,10 @@ impl DestinationProxy {
             None => Box::new(link),
         };
         let offered = self.templates_offered();
-        let config = match offered {
-            true => self.config.clone(),
-            false => DestinationConfig {
-                templates: None,
-                ..self.config.clone()
-            },
-        };
+        let mut config = self.config.clone();
+        if !offered {
+            config.templates = None;
+        }
         let handshake = accept(tokio::io::split(link), &config).await?;
         drop(handshake_slot);
         match slot(&self.migrations, "migrations", self.limits.max_migrations) {

@@ -88,7 +88,7 @@ where
     }
     let templates = resolvers.templates.is_some();
     tracing::debug!(templates, "greeted by the destination");
-    let encoder = DedupEncoder::with_resolvers(&resolvers)
+    let encoder = DedupEncoder::with_resolvers(&resolvers)?
         .with_compression(config.compression)
         .with_session(new_session());
     let forward = async {
