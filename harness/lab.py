@@ -1023,11 +1023,14 @@ def migrate_cmd(a, rundir, vms):
             # the source's state at the poll that injects (kill) or first sees (corrupt,
             # template-store) the fault
             sent = info.get("ram", {}).get("transferred", 0)
-            if fault == "kill-dst-proxy" and not dproxy.killed and sent >= a.kill_after:
+            if fault == "kill-dst-proxy":
+                if dproxy.killed or sent < a.kill_after:
+                    return
                 dproxy.kill()
-            elif fault == "corrupt" and relay.corrupted is None:
-                return
-            elif fault == "template-store" and not dproxy.saw(COOLDOWN):
+            elif fault == "corrupt":
+                if relay.corrupted is None:
+                    return
+            elif not dproxy.saw(COOLDOWN):
                 return
             if "src_status" not in fault_at:
                 fault_at.update(src_status=info.get("status"), src_ram_transferred=sent)
