@@ -467,7 +467,7 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
         if use_proxy:
             # the link runs over mutual TLS (the source checks the destination's
             # certificate for DST_IP, the address it dials), or --plaintext
-            rec["link"] = "mutual TLS" if pki else "plaintext"
+            rec["proxy_link"] = "mutual TLS" if pki else "plaintext"
             dextra, sextra = [], list(cfg["proxy"])
             if cfg.get("catalog") == "local":
                 dextra += ["--catalog", catalog]
