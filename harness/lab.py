@@ -481,24 +481,124 @@ class Relay:
             s.close()
 
 
+# --------------------------------------------------------------------------- link TLS
+class Pki:
+    """Credentials for the proxies' mutually authenticated TLS link, made afresh in
+    `dir` with the openssl CLI: a throwaway CA, the destination proxy's server
+    certificate (DNS:dest.test, IP:127.0.0.1 and `server_ips`) and the source
+    proxy's client certificate (DNS:source.test). EC P-256 keys; every certificate
+    valid from an hour ago for a day. The CA's key stays in `dir`: nothing else
+    trusts this CA, and the whole directory goes with the run dir."""
+
+    SERVER_NAME, CLIENT_NAME = "dest.test", "source.test"
+    CONF = """[ca]
+default_ca = lab
+[lab]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any
+unique_subject = no
+copy_extensions = none
+[any]
+commonName = supplied
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign
+subjectKeyIdentifier = hash
+[server_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = %(server_san)s
+[client_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = DNS:%(client)s
+"""
+
+    def __init__(self, dir, server_ips=()):
+        self.dir = os.path.abspath(dir)
+        self.server_ips = ["127.0.0.1"] + [ip for ip in server_ips if ip != "127.0.0.1"]
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir, mode=0o700)
+        f = lambda name: os.path.join(self.dir, name)     # noqa: E731
+        self.ca = f("ca.pem")
+        self.server_cert, self.server_key = f("dest.pem"), f("dest.key")
+        self.client_cert, self.client_key = f("source.pem"), f("source.key")
+        with open(f("ca.cnf"), "w") as c:
+            c.write(self.CONF % {"client": self.CLIENT_NAME, "server_san": ",".join(
+                ["DNS:" + self.SERVER_NAME] + ["IP:" + ip for ip in self.server_ips])})
+        open(f("index.txt"), "w").close()
+        with open(f("serial"), "w") as c:
+            c.write("01\n")
+        now = time.time()
+        # openssl 3.0's req/x509 know only -days; `ca` takes both ends of the validity
+        when = [time.strftime("%Y%m%d%H%M%SZ", time.gmtime(t)) for t in (now - 3600, now + 86400)]
+        for name, cn, ext in (("ca", "migstream lab CA", "ca_ext"), ("dest", self.SERVER_NAME, "server_ext"),
+                              ("source", self.CLIENT_NAME, "client_ext")):
+            self._openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                          "-out", name + ".key")
+            self._openssl("req", "-new", "-key", name + ".key", "-subj", "/CN=" + cn, "-out", name + ".csr")
+            issuer = ["-selfsign"] if name == "ca" else ["-cert", "ca.pem"]
+            self._openssl("ca", "-batch", "-notext", "-config", "ca.cnf", *issuer, "-keyfile", "ca.key",
+                          "-in", name + ".csr", "-out", name + ".pem", "-startdate", when[0],
+                          "-enddate", when[1], "-extensions", ext)
+        log("link TLS: CA, destination %s (%s) and source %s certificates in %s" % (
+            self.SERVER_NAME, ", ".join(self.server_ips), self.CLIENT_NAME, self.dir))
+
+    def _openssl(self, *args):
+        try:
+            r = subprocess.run(["openssl"] + list(args), cwd=self.dir, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=60)
+        except OSError as e:
+            raise Fail("openssl: %s (apt-get install openssl, or --plaintext)" % e)
+        except subprocess.TimeoutExpired:
+            raise Fail("openssl %s: timed out" % args[0])
+        if r.returncode != 0:
+            raise Fail("openssl %s: exit %d: %s" % (args[0], r.returncode, r.stderr.strip()[-500:]))
+
+    def args(self, role):
+        """The proxy's --tls-* options for `role` (source or destination)."""
+        if role == "source":
+            return ["--tls-cert", self.client_cert, "--tls-key", self.client_key, "--tls-ca", self.ca]
+        return ["--tls-cert", self.server_cert, "--tls-key", self.server_key, "--tls-ca", self.ca,
+                "--tls-allow", self.CLIENT_NAME]
+
+    def meta(self):
+        return {"ca": self.ca, "server_name": self.SERVER_NAME, "server_ips": self.server_ips,
+                "client_name": self.CLIENT_NAME}
+
+
 # --------------------------------------------------------------------------- proxies
 class Proxy:
-    """One `proxy source|destination` process (examples/proxy.rs) with --json.
-    Its stderr goes to NAME.stderr.log (the `listening on 127.0.0.1:PORT` line is
+    """One `proxy source|destination` process (examples/proxy.rs) with --json,
+    over mutual TLS with `tls`'s credentials (a Pki), or --plaintext if None.
+    `listen` and `to` are addresses as the proxy takes them (HOST:PORT or
+    unix:PATH); `prefix` runs it through another program (wan-bench.py: `ip netns
+    exec NS`). Its stderr goes to NAME.stderr.log (the `listening on ADDR` line is
     picked out of it), its stdout to NAME.stdout.log, one JSON object a migration."""
 
-    LISTENING = re.compile(r"^listening on 127\.0\.0\.1:(\d+)\s*$")
+    LISTENING = re.compile(r"^listening on (\S+)")
+    # the line a migration ends with, at either end
+    FINAL = re.compile(r"^(wire \d+ bytes qemu \d+ bytes|migration failed: )")
 
-    def __init__(self, name, binary, role, listen, to_port, extra, once, rundir):
+    def __init__(self, name, binary, role, listen, to, extra, once, rundir, tls=None, prefix=()):
         self.name, self.role = name, role
-        self.argv = [binary, role, "--listen", listen, "--to", "127.0.0.1:%d" % to_port, "--json"]
+        self.argv = list(prefix) + [binary, role, "--listen", listen, "--to", to, "--json"]
+        self.argv += tls.args(role) if tls else ["--plaintext"]
         if once:
             self.argv.append("--once")
         self.argv += extra
         self.rundir = rundir
         self.proc = None
-        self.port = None
+        self.addr = self.port = None    # as its `listening on` line names it; port for HOST:PORT
+        self.plaintext = None           # whether that line says the link is plaintext
         self.results = []               # the JSON objects from stdout, in order
+        self.result_times = []          # time.time() at which each came
+        self.final_times = []           # time.time() of each final stderr line (FINAL)
         self.stderr = []                # stderr lines (progress lines split at \r too)
         self.garbage = []               # stdout lines that are not JSON objects
         self.cv = threading.Condition()
@@ -513,7 +613,7 @@ class Proxy:
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as e:
             raise Fail("%s: cannot run %s: %s" % (self.name, self.argv[0], e))
-        log("%s: %s started, pid %d" % (self.name, " ".join(self.argv[1:]), self.proc.pid))
+        log("%s: %s started, pid %d" % (self.name, " ".join(self.argv), self.proc.pid))
         self.open_streams = 2
         for stream, fn in ((self.proc.stdout, self._on_stdout), (self.proc.stderr, self._on_stderr)):
             threading.Thread(target=self._reader, args=(stream, fn), daemon=True).start()
@@ -549,14 +649,25 @@ class Proxy:
             obj = None
         if isinstance(obj, dict):
             self.results.append(obj)
+            self.result_times.append(time.time())
         else:
             self.garbage.append(line)
 
     def _on_stderr(self, line):
         self.stderr.append(line)
         m = self.LISTENING.match(line)
-        if m and self.port is None:
-            self.port = int(m.group(1))
+        if m and self.addr is None:
+            self.addr = m.group(1)
+            self.plaintext = "plaintext" in line[m.end():]
+            if not self.addr.startswith("unix:"):
+                self.port = int(self.addr.rsplit(":", 1)[1])
+        if self.FINAL.match(line):
+            self.final_times.append(time.time())
+
+    def saw(self, regex):
+        """Whether a stderr line so far matches regex."""
+        with self.cv:
+            return any(re.search(regex, x) for x in self.stderr)
 
     def _wait(self, pred, timeout, what):
         end = time.monotonic() + timeout
@@ -571,9 +682,17 @@ class Proxy:
                 self.cv.wait(min(left, 1.0))
 
     def wait_listening(self, timeout=30):
-        self._wait(lambda: self.port is not None, timeout, "its 'listening on 127.0.0.1:PORT' line")
-        log("%s: listening on 127.0.0.1:%d" % (self.name, self.port))
+        """Wait for the `listening on ADDR` line; the port (None for unix:PATH)."""
+        self._wait(lambda: self.addr is not None, timeout, "its 'listening on ADDR' line")
+        log("%s: listening on %s (%s link)" % (self.name, self.addr, "plaintext" if self.plaintext else "TLS"))
         return self.port
+
+    def wait_streams(self, timeout):
+        """Wait (bounded) until its stdout and stderr are read to their end."""
+        end = time.monotonic() + timeout
+        with self.cv:
+            while self.open_streams and time.monotonic() < end:
+                self.cv.wait(1.0)
 
     def wait_results(self, n, timeout):
         """Wait for the n-th JSON line (a proxy reports each migration once it ends)."""
@@ -585,10 +704,7 @@ class Proxy:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-        with self.cv:                   # its last lines may still be in the pipes
-            end = time.monotonic() + 10
-            while self.open_streams and time.monotonic() < end:
-                self.cv.wait(1.0)
+        self.wait_streams(10)           # its last lines may still be in the pipes
         return rc
 
     def kill(self):
@@ -694,9 +810,9 @@ def capture_file(a, rundir, vms):
     return out, meta, True
 
 
-def start_destination(a, rundir, vms, name, ver, caps, params):
-    """Boot a destination QEMU waiting for an incoming migration on a free
-    127.0.0.1 port; return (vm, port)."""
+def start_destination(a, rundir, vms, name, ver, caps, params, uri="tcp:127.0.0.1:0"):
+    """Boot a destination QEMU waiting for an incoming migration at `uri` (by
+    default a free 127.0.0.1 port); return (vm, port), port None for unix:PATH."""
     # -incoming defer + migrate-incoming: QEMU 10 refuses multifd once an
     # incoming listener exists, so capabilities go in first
     dst = VM(name, ver, a, rundir, incoming="defer")
@@ -705,7 +821,9 @@ def start_destination(a, rundir, vms, name, ver, caps, params):
     # capabilities must match on both ends; params too (multifd-channels)
     dst.configure(caps, params)
     # port 0: the kernel picks a free port; the destination reports it in query-migrate
-    dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    dst.qmp.cmd("migrate-incoming", uri=uri)
+    if uri.startswith("unix:"):
+        return dst, None
     addrs = dst.qmp.cmd("query-migrate").get("socket-address") or []
     ports = [int(x["port"]) for x in addrs if x.get("type") == "inet"]
     if not ports:
@@ -844,15 +962,29 @@ def migrate_cmd(a, rundir, vms):
     dst_ver = a.dst_qemu or a.qemu
     fault = a.fault
     checks, attempts, relay = {}, [], None
+    pki = None if a.plaintext else Pki(os.path.join(rundir, "pki"))
+    # template-store: the destination proxy lives on through the failure and serves
+    # QEMU's retry (its cool-down is the point), into a new destination QEMU at the
+    # same address
+    dst_once = fault != "template-store"
 
-    def start_dst_proxy(name, listen, to_port):
-        px = Proxy(name, binary, "destination", listen, to_port, dst_args, True, rundir)
+    def qemu_side(name):
+        """The destination QEMU's -incoming address for its VM `name`."""
+        return "unix:%s/%s.sock" % (rundir, name) if a.qemu_unix else "tcp:127.0.0.1:0"
+
+    def start_dst(name, uri):
+        """A destination QEMU at uri; (vm, its address as the proxy's --to)."""
+        vm, port = start_destination(a, rundir, vms, name, dst_ver, caps, params, uri)
+        return vm, "127.0.0.1:%d" % port if port else uri
+
+    def start_dst_proxy(name, listen, to):
+        px = Proxy(name, binary, "destination", listen, to, dst_args, dst_once, rundir, pki)
         vms.append(px)
         px.start().wait_listening()
         return px
 
-    dst, dport = start_destination(a, rundir, vms, "dst", dst_ver, caps, params)
-    dproxy = start_dst_proxy("dst-proxy", "127.0.0.1:0", dport)
+    dst, dst_to = start_dst("dst", qemu_side("dst"))
+    dproxy = start_dst_proxy("dst-proxy", "127.0.0.1:0", dst_to)
     to = dproxy.port
     if fault == "corrupt":
         relay = Relay(dproxy.port, None, corrupt_at=a.corrupt_offset, abort_on_error=True)
@@ -861,13 +993,17 @@ def migrate_cmd(a, rundir, vms):
         log("corrupting relay 127.0.0.1:%d -> dst-proxy 127.0.0.1:%d, flips byte %d of the first connection"
             % (relay.port, dproxy.port, a.corrupt_offset))
     # with a fault the source proxy stays up (no --once) and carries the retry too
-    sproxy = Proxy("src-proxy", binary, "source", "127.0.0.1:0", to, src_args, fault == "none", rundir)
+    src_listen = "unix:%s/src.sock" % rundir if a.qemu_unix else "127.0.0.1:0"
+    sproxy = Proxy("src-proxy", binary, "source", src_listen, "127.0.0.1:%d" % to, src_args, fault == "none",
+                   rundir, pki)
     vms.append(sproxy)
     sproxy.start().wait_listening()
+    checks["link_mode_as_asked"] = all(px.plaintext is bool(a.plaintext) for px in (sproxy, dproxy))
     src, ready = start_source(a, rundir, vms, caps, params)
     eff = {"src": effective_params(src), "dst": effective_params(dst)}
-    uri = "tcp:127.0.0.1:%d" % sproxy.port
+    uri = sproxy.addr if a.qemu_unix else "tcp:127.0.0.1:%d" % sproxy.port
     info = after = sres = dres = None
+    COOLDOWN = r"no catalog offered until the cool-down ends"
 
     if fault != "none":
         # The fault must hit while the source QEMU is still sending: without a
@@ -878,16 +1014,23 @@ def migrate_cmd(a, rundir, vms):
         # reported back, and the guest would be stranded on a stopped source. So
         # the first attempt is throttled (--fault-bandwidth) and the fault comes
         # early (--kill-after / --corrupt-offset, a fraction of a `fill` guest's
-        # stream); the check first_migration_failed catches a fault that came too late.
+        # stream; template-store: wherever the damaged template is in the stream);
+        # the check first_migration_failed catches a fault that came too late.
         src.configure({}, {"max-bandwidth": a.fault_bandwidth})
         fault_at = {}
 
         def on_poll(info):
-            # the source's state at the poll that injects (kill) or first sees (corrupt) the fault
+            # the source's state at the poll that injects (kill) or first sees (corrupt,
+            # template-store) the fault
             sent = info.get("ram", {}).get("transferred", 0)
-            if fault == "kill-dst-proxy" and not dproxy.killed and sent >= a.kill_after:
+            if fault == "kill-dst-proxy":
+                if dproxy.killed or sent < a.kill_after:
+                    return
                 dproxy.kill()
-            elif fault != "corrupt" or relay.corrupted is None:
+            elif fault == "corrupt":
+                if relay.corrupted is None:
+                    return
+            elif not dproxy.saw(COOLDOWN):
                 return
             if "src_status" not in fault_at:
                 fault_at.update(src_status=info.get("status"), src_ram_transferred=sent)
@@ -896,7 +1039,7 @@ def migrate_cmd(a, rundir, vms):
         f = {}
         if fault == "kill-dst-proxy":
             f["fault_injected"] = dproxy.killed
-        else:
+        elif fault == "corrupt":
             f["fault_injected"] = relay.corrupted is not None
             fault_at.update(relay.corrupted or {})
         # (fault_at.src_status: the source's state at the first 50 ms poll after
@@ -915,10 +1058,17 @@ def migrate_cmd(a, rundir, vms):
             f["dst_guest_not_running"] = guest_not_running(dst, 30)
             s1 = proxy_result(sproxy, 1, 60, f, "src_proxy_reported")
             f["src_proxy_reported_failure"] = bool(s1) and s1.get("ok") is False
-            if fault == "corrupt":
+            if fault in ("corrupt", "template-store"):
                 d1 = proxy_result(dproxy, 1, 60, f, "dst_proxy_reported")
                 f["dst_proxy_reported_failure"] = bool(d1) and d1.get("ok") is False
+            if fault == "corrupt":
                 f["dst_proxy_exit_nonzero"] = dproxy.wait_exit(30) not in (0, None)
+            if fault == "template-store":
+                # the destination's store failed on a template (the damaged one), said
+                # so, and went on serving, without templates for its cool-down
+                f["fault_injected"] = f["dst_proxy_cooldown_logged"] = dproxy.saw(COOLDOWN)
+                f["dst_proxy_unresolved"] = bool(d1) and "cannot restore page" in str(d1.get("error"))
+                f["dst_proxy_still_up"] = dproxy.proc.poll() is None
         else:
             log("the fault did not fail the migration (it came too late, or went unnoticed): no retry")
         attempts.append({"fault": fault, "fault_at": fault_at, "migration": summary(info), "checks": f,
@@ -926,14 +1076,18 @@ def migrate_cmd(a, rundir, vms):
         checks.update({"first_" + k: v for k, v in f.items()})
 
         if f["migration_failed"]:
-            # the retry: a new destination QEMU and a new destination proxy; the
-            # source proxy still sends to the same address (kill: the new proxy
-            # binds the dead one's port; corrupt: the relay now forwards untouched)
+            # the retry: a new destination QEMU; the source proxy still sends to the
+            # same address. kill: a new destination proxy binds the dead one's port;
+            # corrupt: a new one, the relay now forwards untouched; template-store:
+            # the same proxy, and the new QEMU listens where the old one did
             dst.stop()
-            dproxy.stop()
-            dst, dport = start_destination(a, rundir, vms, "dst2", dst_ver, caps, params)
-            listen = "127.0.0.1:%d" % (dproxy.port if fault == "kill-dst-proxy" else 0)
-            dproxy = start_dst_proxy("dst2-proxy", listen, dport)
+            if fault == "template-store":
+                dst, _ = start_dst("dst2", "tcp:" + dst_to if not a.qemu_unix else dst_to)
+            else:
+                dproxy.stop()
+                dst, dst_to = start_dst("dst2", qemu_side("dst2"))
+                listen = "127.0.0.1:%d" % (dproxy.port if fault == "kill-dst-proxy" else 0)
+                dproxy = start_dst_proxy("dst2-proxy", listen, dst_to)
             if relay:
                 relay.dst_port = dproxy.port
             src.configure({}, {"max-bandwidth": params["max-bandwidth"]})
@@ -945,12 +1099,17 @@ def migrate_cmd(a, rundir, vms):
         check_minimums(a, info, checks)
         n = 1 if fault == "none" else 2
         sres = proxy_result(sproxy, n, 60, checks, "src_proxy_reported")
-        dres = proxy_result(dproxy, 1, 60, checks, "dst_proxy_reported")
+        dres = proxy_result(dproxy, 2 if fault == "template-store" else 1, 60, checks, "dst_proxy_reported")
         checks["src_proxy_ok"] = bool(sres) and sres.get("ok") is True
         checks["dst_proxy_ok"] = bool(dres) and dres.get("ok") is True
-        checks["dst_proxy_exit_0"] = dproxy.wait_exit(30) == 0
+        if dst_once:
+            checks["dst_proxy_exit_0"] = dproxy.wait_exit(30) == 0
         if fault == "none":
             checks["src_proxy_exit_0"] = sproxy.wait_exit(30) == 0
+        if fault == "template-store":
+            # the retry went through because the destination offered no catalog
+            checks["retry_without_templates"] = bool(sres and dres) and sres.get("templates") is False \
+                and dres.get("templates") is False and (sres.get("pages") or {}).get("template", 0) == 0
         if sres and dres:
             # byte-exact: the destination proxy delivered as many bytes as the source proxy took in
             checks["proxies_agree_qemu_bytes"] = sres.get("qemu_bytes") == dres.get("qemu_bytes") > 0
@@ -965,9 +1124,13 @@ def migrate_cmd(a, rundir, vms):
     del meta["file"]
     res = sres or {}
     meta.update(src_qemu=a.qemu, dst_qemu=dst_ver, dst_qemu_version=dst.version, fault=fault,
+                link="plaintext" if a.plaintext else "mutual TLS", tls=pki.meta() if pki else None,
+                qemu_side="unix" if a.qemu_unix else "tcp", qemu_uri=uri,
                 proxy=binary, src_proxy_args=src_args, dst_proxy_args=dst_args,
+                src_proxy_argv=sproxy.argv, dst_proxy_argv=dproxy.argv,
                 qemu_bytes=res.get("qemu_bytes"), wire_bytes=res.get("wire_bytes"), ratio=res.get("ratio"),
-                seconds=res.get("seconds"), pages=res.get("pages"), proxies={"src": sres, "dst": dres},
+                seconds=res.get("seconds"), pages=res.get("pages"), templates=res.get("templates"),
+                proxies={"src": sres, "dst": dres},
                 proxy_stderr={"src": sproxy.stderr[-3:], "dst": dproxy.stderr[-3:]},
                 check_sum=after, dirty_sync_count=info.get("ram", {}).get("dirty-sync-count"),
                 migration=summary(info), checks=checks, attempts=attempts, effective_params=eff)
@@ -1020,8 +1183,16 @@ def main():
                                 "(repeatable; write --src-proxy-arg='--catalog FILE' or --src-proxy-arg=--once)")
             p.add_argument("--dst-proxy-arg", action="append", default=[], metavar="ARG",
                            help="the same for the destination proxy")
-            p.add_argument("--fault", choices=("none", "kill-dst-proxy", "corrupt"), default="none",
-                           help="fail a first migration, then retry with a new destination (see README)")
+            p.add_argument("--plaintext", action="store_true",
+                           help="run the proxies' link without TLS (default: mutual TLS with a throwaway "
+                                "CA made in the run dir)")
+            p.add_argument("--qemu-unix", action="store_true",
+                           help="Unix sockets between each QEMU and its proxy: migrate unix:RUNDIR/src.sock, "
+                                "-incoming unix:RUNDIR/dst.sock")
+            p.add_argument("--fault", choices=("none", "kill-dst-proxy", "corrupt", "template-store"),
+                           default="none",
+                           help="fail a first migration, then retry with a new destination QEMU (see README); "
+                                "template-store: the caller damaged a template in the destination's store")
             p.add_argument("--kill-after", type=int, default=8 << 20, metavar="BYTES",
                            help="kill-dst-proxy: once the source QEMU has sent this much RAM (default 8 MiB)")
             p.add_argument("--corrupt-offset", type=int, default=1 << 20, metavar="BYTES",
@@ -1053,10 +1224,11 @@ def main():
             if out:
                 with open(out, "w") as f:
                     json.dump(meta, f, indent=1)
-            print("%s migrate qemu=%s machine=%s workload=%s caps=%s fault=%s sum=%s/%s qemu_bytes=%s "
-                  "wire_bytes=%s ratio=%s pages=%s xbzrle-pages=%s total-time=%sms" % (
+            print("%s migrate qemu=%s machine=%s workload=%s caps=%s link=%s qemu-side=%s fault=%s sum=%s/%s "
+                  "qemu_bytes=%s wire_bytes=%s ratio=%s pages=%s xbzrle-pages=%s total-time=%sms" % (
                       "OK" if ok else "FAILED", meta["src_qemu"] + "->" + meta["dst_qemu"], meta["machine_type"],
-                      a.workload, ",".join(k for k, v in meta["caps"].items() if v) or "-", a.fault,
+                      a.workload, ",".join(k for k, v in meta["caps"].items() if v) or "-",
+                      "plaintext" if a.plaintext else "tls", meta["qemu_side"], a.fault,
                       meta["ready_sum"], meta["check_sum"], meta["qemu_bytes"], meta["wire_bytes"], meta["ratio"],
                       json.dumps(meta["pages"], separators=(",", ":")), m.get("xbzrle-cache", {}).get("pages", "-"),
                       m.get("total-time")))

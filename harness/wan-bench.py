@@ -28,13 +28,17 @@ clock), bytes on the wire (the SRC veth's tx/rx counters), proxy CPU time
 (utime+stime of each proxy, read from /proc/PID/stat when it exits, before it
 is reaped, and cross-checked with wait4's rusage), the relay's CPU time.
 
-Needs root, harness/setup.sh, `ip` and `tc`. Python 3 standard library (the
+The proxies are lab.py's Proxy, started through `ip netns exec`; their link runs
+over mutual TLS with lab.py's Pki, made once per `run` in OUT/work/pki (the
+destination's certificate names 10.77.0.2, the address the source dials), or
+without TLS with `run --plaintext`.
+
+Needs root, harness/setup.sh, `ip`, `tc` and `openssl`. Python 3 standard library (the
 PNG: matplotlib, installed into target/wan-bench/venv on demand by `report`).
 """
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -345,76 +349,34 @@ def vm_args(guest, mem, boot_timeout):
 
 
 # --------------------------------------------------------------------------- proxies
-class Proxy:
-    def __init__(self, role, ns, args, logpath):
-        self.role = role
-        self.logf = open(logpath, "ab")
-        self.logf.write(("# %s\n" % " ".join(map(shlex.quote, args))).encode())
-        self.logf.flush()
-        self.p = spawn(["ip", "netns", "exec", ns] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines, self.out = [], []
-        self.addr = None
-        self.t_final = None
-        self.listening = threading.Event()
-        self.t_err = threading.Thread(target=self._stderr, daemon=True)
-        self.t_out = threading.Thread(target=self._stdout, daemon=True)
-        self.t_err.start()
-        self.t_out.start()
+def start_proxy(name, role, ns, listen, to, extra, rundir, pki):
+    """lab.py's Proxy (--json --once; mutual TLS with pki, --plaintext if None),
+    run inside namespace ns; `ip netns exec` execs it, so its PID is the proxy's."""
+    px = lab.Proxy(name, proxy_binary(), role, listen, to, extra, True, rundir, pki,
+                   prefix=["ip", "netns", "exec", ns])
+    px.start()
+    OWNED_PROCS.append(px.proc)
+    return px
 
-    def _stderr(self):
-        t0 = time.monotonic()
-        for raw in iter(self.p.stderr.readline, b""):
-            self.logf.write(b"[+%.3f] " % (time.monotonic() - t0) + raw)
-            self.logf.flush()
-            for line in re.split(r"[\r\n]+", raw.decode("utf-8", "replace")):
-                if not line:
-                    continue
-                self.lines.append(line)
-                if re.search(r"wire \d+ bytes qemu \d+ bytes", line):
-                    self.t_final = time.time()      # when this end finished its migration
-                m = re.search(r"listening on (\S+)", line)
-                if m and not self.listening.is_set():
-                    self.addr = m.group(1)
-                    self.listening.set()
 
-    def _stdout(self):
-        for raw in iter(self.p.stdout.readline, b""):
-            self.out.append(raw.decode("utf-8", "replace"))
-
-    def wait_listening(self, timeout=30):
-        end = time.monotonic() + timeout
-        while not self.listening.wait(0.2):
-            if self.p.poll() is not None:
-                raise Fail("proxy %s exited (%s) before listening: %s" % (self.role, self.p.returncode, self.lines[-3:]))
-            if time.monotonic() > end:
-                raise Fail("proxy %s: not listening after %ss" % (self.role, timeout))
-        return int(self.addr.rsplit(":", 1)[1])
-
-    def finish(self, timeout):
-        """Wait for --once to end it; CPU time and its JSON report."""
-        r = reap_with_cpu(self.p, timeout)
-        res = {"role": self.role}
-        if r is None:
-            stop_proc(self.p)
-            res["error"] = "did not exit within %ss after the migration" % timeout
-            res["exit"] = self.p.returncode
-        else:
-            res["exit"], res["cpu_stat_s"], res["cpu_rusage_s"] = r
-        self.t_out.join(5)
-        self.t_err.join(5)
-        for line in self.out:
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    res["json"] = json.loads(line)
-                except ValueError:
-                    pass
-        wire = [x for x in self.lines if re.search(r"wire \d+ bytes qemu \d+ bytes", x)]
-        if wire:
-            res["final_line"] = wire[-1].strip()
-        res["t_final"] = self.t_final
-        self.logf.close()
-        return res
+def finish_proxy(px, timeout):
+    """Wait for --once to end it; its CPU time (read before it is reaped) and report."""
+    r = reap_with_cpu(px.proc, timeout)
+    res = {"role": px.role}
+    if r is None:
+        stop_proc(px.proc)
+        res["error"] = "did not exit within %ss after the migration" % timeout
+        res["exit"] = px.proc.returncode
+    else:
+        res["exit"], res["cpu_stat_s"], res["cpu_rusage_s"] = r
+    px.wait_streams(5)
+    if px.results:
+        res["json"] = px.results[-1]
+    final = [x for x in px.stderr if px.FINAL.match(x)]
+    if final:
+        res["final_line"] = final[-1]
+    res["t_final"] = px.final_times[-1] if px.final_times else None    # when this end finished
+    return res
 
 
 BIN_DIR = os.path.join(ROOT, "target", "release", "examples")
@@ -438,7 +400,7 @@ def dht_ready():
     if not (proxy_ready() and os.access(catalog_binary(), os.X_OK)):
         return False
     r1 = subprocess.run([catalog_binary()], capture_output=True, text=True, timeout=10)
-    r2 = subprocess.run([proxy_binary()], capture_output=True, text=True, timeout=10)
+    r2 = subprocess.run([proxy_binary(), "destination", "--help"], capture_output=True, text=True, timeout=10)
     return "push" in (r1.stdout + r1.stderr) and "--dht" in (r2.stdout + r2.stderr)
 
 
@@ -475,7 +437,7 @@ def migrate_e2e(src, dst, uri, timeout):
         time.sleep(0.05)
 
 
-def run_one(link, guest, cname, o, workdir, catalog):
+def run_one(link, guest, cname, o, workdir, catalog, pki):
     cfg = CONFIGS[cname]
     caps = dict(cfg.get("caps", {}))
     caps["events"] = True       # MIGRATION status events, stamped by QEMU: the timeline below
@@ -503,21 +465,22 @@ def run_one(link, guest, cname, o, workdir, catalog):
             raise Fail("destination did not report its listening port")
         uri = "tcp:%s:%d" % (DST_IP, ports[0])
         if use_proxy:
-            dargs = [proxy_binary(), "destination", "--listen", DST_IP + ":0", "--to", "127.0.0.1:%d" % ports[0],
-                     "--once", "--json"]
-            sargs = [proxy_binary(), "source", "--listen", "127.0.0.1:0"]
+            # the link runs over mutual TLS (the source checks the destination's
+            # certificate for DST_IP, the address it dials), or --plaintext
+            rec["proxy_link"] = "mutual TLS" if pki else "plaintext"
+            dextra, sextra = [], list(cfg["proxy"])
             if cfg.get("catalog") == "local":
-                dargs += ["--catalog", catalog]
+                dextra += ["--catalog", catalog]
             elif cfg.get("catalog") == "dht":
-                dargs += ["--dht", ",".join("redis://127.0.0.1:%d" % p for p in REDIS_PORTS)]
-            pd = Proxy("destination", link.ns_d, dargs, os.path.join(rundir, "proxy-destination.log"))
+                dextra += ["--dht", ",".join("redis://127.0.0.1:%d" % p for p in REDIS_PORTS)]
+            if cfg.get("catalog"):
+                sextra += ["--catalog", catalog]
+            pd = start_proxy("proxy-destination", "destination", link.ns_d, DST_IP + ":0",
+                             "127.0.0.1:%d" % ports[0], dextra, rundir, pki)
             proxies.append(pd)
             dport = pd.wait_listening()
-            sargs += ["--to", "%s:%d" % (DST_IP, dport)] + cfg["proxy"]
-            if cfg.get("catalog"):
-                sargs += ["--catalog", catalog]
-            sargs += ["--once", "--json"]
-            ps = Proxy("source", link.ns_s, sargs, os.path.join(rundir, "proxy-source.log"))
+            ps = start_proxy("proxy-source", "source", link.ns_s, "127.0.0.1:0", "%s:%d" % (DST_IP, dport),
+                             sextra, rundir, pki)
             proxies.append(ps)
             uri = "tcp:127.0.0.1:%d" % ps.wait_listening()
         src = NsVM("src", a, rundir, link.ns_s, workdir)
@@ -530,7 +493,7 @@ def run_one(link, guest, cname, o, workdir, catalog):
         c0, r0 = link.counters(), link.relay_cpu()
         rec["loadavg_at_migrate"] = loadavg()
         log("%s %s %s: migrate to %s" % (link.name, guest, cname, uri))
-        ours = [vm.proc.pid for vm in vms] + [p.p.pid for p in proxies] + ([link.relay.pid] if link.relay else [])
+        ours = [vm.proc.pid for vm in vms] + [p.proc.pid for p in proxies] + ([link.relay.pid] if link.relay else [])
         if o.migrate_nice:
             renice(ours, o.migrate_nice)
         try:
@@ -541,7 +504,7 @@ def run_one(link, guest, cname, o, workdir, catalog):
         rec["migrate_nice"] = o.migrate_nice
         rec["migration"] = lab.summary(info)
         # the proxies exit after one migration (--once); bounded
-        rec["proxies"] = {p.role: p.finish(60) for p in proxies}
+        rec["proxies"] = {p.role: finish_proxy(p, 60) for p in proxies}
         if not proxies:
             time.sleep(1.0)     # let the last ACKs and FINs cross the link
         c1, r1 = link.counters(), link.relay_cpu()
@@ -595,8 +558,8 @@ def run_one(link, guest, cname, o, workdir, catalog):
         log("HARNESS ERROR: %s" % traceback.format_exc())
     finally:
         for p in proxies:
-            if p.p.returncode is None and p.p.poll() is None:
-                stop_proc(p.p)
+            if p.proc.returncode is None and p.proc.poll() is None:
+                stop_proc(p.proc)
                 rec.setdefault("proxies", {}).setdefault(p.role, {"role": p.role, "error": "stopped by the harness"})
         for vm in reversed(vms):
             vm.stop()
@@ -691,6 +654,10 @@ def cmd_run(o):
     results = os.path.join(o.out, "results.jsonl")
     build(o)
     have_proxy, have_dht = proxy_ready(), dht_ready()
+    pki = None
+    if have_proxy and not o.plaintext and any("proxy" in CONFIGS[c] for c in configs):
+        # once per run: the destination's certificate names DST_IP, where the source dials it
+        pki = lab.Pki(os.path.join(workdir, "pki"), server_ips=(DST_IP,))
     catalog = None
     if any(CONFIGS[c].get("catalog") for c in configs) and have_proxy:
         catalog = ensure_catalog(o, workdir)
@@ -719,7 +686,7 @@ def cmd_run(o):
                             rec = {"link": ln, "guest": guest, "config": cname, "ok": False, "pending": True,
                                    "error": "pending: no `catalog push` / `proxy --dht` yet"}
                         else:
-                            rec = run_one(link, guest, cname, o, workdir, catalog)
+                            rec = run_one(link, guest, cname, o, workdir, catalog, pki)
                             n_fail += not rec["ok"]
                         rec.setdefault("label", cfg["label"])
                         with open(results, "a") as f:
@@ -1066,6 +1033,8 @@ def main():
             p.add_argument("--build-rev", metavar="REV",
                            help="build the proxy from a clean git archive of REV (default: the work tree)")
             p.add_argument("--keep-runs", action="store_true", help="keep lab run dirs of successful runs")
+            p.add_argument("--plaintext", action="store_true",
+                           help="run the proxies' link without TLS (default: mutual TLS, lab.py's throwaway CA)")
         if name == "report":
             p.add_argument("--configs", help="only these configurations (comma list)")
         if name == "linktest":

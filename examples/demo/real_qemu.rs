@@ -3,6 +3,12 @@
 //! destination QEMU 10.0 (TCG), starts `proxy source` and `proxy destination`
 //! between them, migrates a running guest, and checks that the guest's own
 //! checksum of the data it holds is unchanged after the move.
+//!
+//! The proxies' link is mutually authenticated TLS, as in production: lab.py makes a
+//! throwaway CA, the destination's certificate (`dest.test`, `127.0.0.1`) and the
+//! source's client certificate (`source.test`) with `openssl` in each run's
+//! directory and passes them as `--tls-cert/--tls-key/--tls-ca`, the destination
+//! with `--tls-allow source.test`. The demo checks every report says so.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,7 +41,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), Error> {
     let dir = TempDir::new()?;
     println!(
         "migstream demo --qemu: a {} MiB `{}` guest live-migrated between two QEMU 10.0 \
-         through {}\n",
+         through {}, the proxies' link over mutual TLS (a throwaway CA per run: \
+         destination dest.test, source source.test)\n",
         guest.mem,
         guest.workload,
         lab.proxy.display()
@@ -98,12 +105,24 @@ impl Lab {
             .arg(&lab_py)
             .args(["migrate", "--help"])
             .output();
-        if !help.is_ok_and(|out| out.status.success()) {
-            return Err(
-                "`python3 harness/lab.py migrate` does not run: python3 missing, or a harness \
-                        without the migrate command (harness/setup.sh installs python3)"
-                    .into(),
-            );
+        let help = match help {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+            _ => {
+                return Err(
+                    "`python3 harness/lab.py migrate` does not run: python3 missing, or a \
+                     harness without the migrate command (harness/setup.sh installs python3)"
+                        .into(),
+                );
+            }
+        };
+        // a harness older than the proxies' TLS would start them without credentials,
+        // and they refuse to run so
+        if !help.contains("--plaintext") {
+            return Err(format!(
+                "{} predates the proxies' mutual TLS: update the checkout",
+                lab_py.display()
+            )
+            .into());
         }
         let lab = std::env::var_os("MIGSTREAM_LAB_DIR")
             .map_or(repo.join("target/qemu-lab"), PathBuf::from);
@@ -216,9 +235,18 @@ impl Lab {
                 format!("{}: lab.py's checks failed: {}", mode.label(), r["checks"]).into(),
             );
         }
+        if r["link"] != "mutual TLS" {
+            return Err(format!(
+                "{}: the link was {}, not mutual TLS",
+                mode.label(),
+                r["link"]
+            )
+            .into());
+        }
         let total_ms = number(&r["migration"]["total-time"]);
         println!(
-            "{:<28} guest data checksum {} before and after; QEMU: total {:.1} s, downtime {} ms",
+            "{:<28} guest data checksum {} before and after; QEMU: total {:.1} s, downtime {} ms; \
+             link: mutual TLS",
             "",
             ready.as_str().unwrap_or("?"),
             total_ms as f64 / 1e3,
