@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use migstream::dedup::DedupEncoder;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use support::pki::{Files, Leaf, PKI};
 use support::proxy::{Proxy, proxy_binary};
 
@@ -182,27 +181,7 @@ fn dedup_stream_with(qemu: &[u8], batch: usize) -> Vec<u8> {
 /// A TLS client speaking the link's protocol (TLS 1.3, ALPN `migstream/3`) with
 /// `leaf`'s certificate, or none; trusts the test CA.
 fn tls_config(leaf: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(PKI.ca.as_bytes()).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match leaf {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    config.alpn_protocols = vec![migstream::relay::tls::ALPN.to_vec()];
-    Arc::new(config)
+    support::pki::raw_client_config(leaf, &[migstream::relay::tls::ALPN])
 }
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;

@@ -6,15 +6,13 @@
 //! `source-b.example`, and an unrelated CA with a client certificate of its own.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 mod support;
 
 use migstream::Error;
 use migstream::relay::tls::{ALPN, TlsClient, TlsServer, peer_names};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{AlertDescription, CertificateError};
 use support::pki::{Leaf, PKI, identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -91,27 +89,8 @@ async fn raw_client(
     alpn: &[&[u8]],
     stream: TcpStream,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(PKI.ca.as_bytes()).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(
-        rustls::crypto::ring::default_provider().into(),
-    )
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match client_cert {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    let config = support::pki::raw_client_config(client_cert, alpn);
+    tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("dest.example").unwrap(), stream)
         .await
 }

@@ -77,6 +77,37 @@ pub fn identity(leaf: &Leaf, ca: &str) -> TlsIdentity {
     TlsIdentity::from_pem(leaf.cert.as_bytes(), leaf.key.as_bytes(), ca.as_bytes()).unwrap()
 }
 
+/// A bare rustls client configuration, for peers that `TlsClient` cannot be: TLS 1.3
+/// with `leaf`'s certificate or none, these ALPN protocols, trusting the test CA.
+pub fn raw_client_config(
+    leaf: Option<&Leaf>,
+    alpn: &[&[u8]],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(PKI.ca.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match leaf {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(leaf.cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    std::sync::Arc::new(config)
+}
+
 /// PEM files of the set in `dir`, as the proxies take them.
 pub struct Files {
     pub dir: PathBuf,
