@@ -803,6 +803,8 @@ fn open_fds(pid: u32) -> usize {
 /// What the relay between the two proxies does to the link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tamper {
+    /// Pass every byte both ways.
+    Nothing,
     /// Once the source has sent its last byte, reset the source's side: the
     /// destination's confirmation never arrives.
     ResetAfterLastByte,
@@ -820,6 +822,8 @@ const PAST_GREETING: u64 = 8 << 10;
 /// TLS passes through it untouched, unless `tamper` says otherwise.
 struct Relay {
     port: u16,
+    /// Every byte it passed, both directions.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     /// Dropped to end the relay.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -830,6 +834,8 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let (stop_tx, stop) = tokio::sync::oneshot::channel();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tap = seen.clone();
         thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -838,13 +844,14 @@ impl Relay {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 tokio::select! {
-                    _ = relay(listener, &to, tamper) => {}
+                    _ = relay(listener, &to, tamper, &tap) => {}
                     _ = stop => {}
                 }
             });
         });
         Relay {
             port,
+            seen,
             _stop: stop_tx,
         }
     }
@@ -854,7 +861,12 @@ impl Relay {
     }
 }
 
-async fn relay(listener: tokio::net::TcpListener, to: &str, tamper: Tamper) {
+async fn relay(
+    listener: tokio::net::TcpListener,
+    to: &str,
+    tamper: Tamper,
+    seen: &std::sync::Mutex<Vec<u8>>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut src, _) = listener.accept().await.unwrap();
     let mut dst = tokio::net::TcpStream::connect(to).await.unwrap();
@@ -881,6 +893,7 @@ async fn relay(listener: tokio::net::TcpListener, to: &str, tamper: Tamper) {
                         }
                     }
                     forwarded += n as u64;
+                    seen.lock().unwrap().extend_from_slice(&fbuf[..n]);
                     if dw.write_all(&fbuf[..n]).await.is_err() {
                         fwd_open = false;
                     }
@@ -894,7 +907,10 @@ async fn relay(listener: tokio::net::TcpListener, to: &str, tamper: Tamper) {
                         if !swallow {
                             let _ = sw.shutdown().await;
                         }
-                    } else if !swallow && sw.write_all(&bbuf[..n]).await.is_err() {
+                    } else if !swallow && {
+                        seen.lock().unwrap().extend_from_slice(&bbuf[..n]);
+                        sw.write_all(&bbuf[..n]).await.is_err()
+                    } {
                         back_open = false;
                     }
                 }
@@ -923,6 +939,42 @@ fn relayed(
     let relay = Relay::start(dst.addr(), tamper);
     let src = source(&pki, &relay.addr(), source_args);
     (src, dst, relay, qemu, pki)
+}
+
+/// (0) What crosses the network between the proxies is TLS: none of the QEMU
+/// stream's telling bytes (its magic, a RAM block name, the device description)
+/// nor the dedup stream's or the greeting's magic can be read on the link.
+///
+/// Old design: the link was plain text, every page readable.
+#[test]
+fn the_link_shows_nothing_in_the_clear() {
+    let (src, _dst, relay, qemu, _pki) = relayed("attack-clear", Tamper::Nothing, &[]);
+    let stream = testdata("qemu-7.2-pc-paused.mig");
+    let got = run_migration(&src, &qemu, &stream);
+    assert!(got == stream, "delivered byte-exact through the relay");
+    let seen = relay.seen.lock().unwrap().clone();
+    assert!(
+        seen.len() > 10_000,
+        "the relay saw the link: {} bytes",
+        seen.len()
+    );
+    let has = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for clear in [&b"QEVM"[..], b"pc.ram", b"\"devices\""] {
+        assert!(has(&stream, clear), "the QEMU stream has {clear:?}");
+        assert!(
+            !has(&seen, clear),
+            "{:?} in the clear",
+            String::from_utf8_lossy(clear)
+        );
+    }
+    // the dedup stream's and the greeting's magics
+    for clear in [&b"MGSD"[..], b"MGSR"] {
+        assert!(
+            !has(&seen, clear),
+            "{:?} in the clear",
+            String::from_utf8_lossy(clear)
+        );
+    }
 }
 
 /// (6a) The link resets the return direction once the source has sent its last
