@@ -47,6 +47,8 @@
 pub mod dedup;
 pub mod dht;
 mod error;
+#[doc = include_str!("../docs/library.md")]
+pub mod guide {}
 #[cfg(any(fuzzing, test))]
 pub mod fuzzing;
 pub mod page;

@@ -183,7 +183,7 @@ pub trait Restore: Send {
     /// frame is restored, and says whether [`restore`](Self::restore) can run on it
     /// now. A resolver that fetches pages from elsewhere (a DHT ring of store nodes)
     /// notes what it lacks and returns false: the decoder then stops before the frame
-    /// ([`DedupDecoder::waiting`](crate::dedup::DedupDecoder::waiting)) so that
+    /// ([`Decoded::Fetch`](crate::dedup::Decoded::Fetch)) so that
     /// everything the frame needs is fetched in one batch, and tries again on the next
     /// `decode`. Local resolvers keep the default.
     fn prepare(&mut self, _body: &[u8]) -> Result<bool> {
@@ -198,7 +198,7 @@ pub trait Restore: Send {
 /// [`Restore`] half found missing in [`Restore::prepare`], fetched in one batch.
 ///
 /// An async driver of a [`DedupDecoder`](crate::dedup::DedupDecoder) calls `fetch`
-/// whenever the decoder is [`waiting`](crate::dedup::DedupDecoder::waiting), then
+/// whenever the decoder asks for it ([`Decoded::Fetch`](crate::dedup::Decoded::Fetch)), then
 /// decodes again.
 pub trait Fetch: Send {
     /// Fetches every page the paired `Restore` is waiting for. An error fails the
