@@ -200,9 +200,15 @@ struct Proxy {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // the library's events (refused links, failover, timeouts): warnings and worse,
+    // or as MIGSTREAM_LOG says (error, warn, info, debug, trace)
+    let level = std::env::var("MIGSTREAM_LOG")
+        .ok()
+        .and_then(|level| level.parse().ok())
+        .unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(level)
         .with_target(false)
         .init();
     match run(cli).await {

@@ -230,8 +230,17 @@ impl Cluster {
                     .into_iter()
                     .zip(values)
                     .map(|(want, page)| {
-                        let page = page.filter(|p| p.len() == page_size && want.fp.matches(p));
-                        (want, page)
+                        let wrong = page
+                            .as_ref()
+                            .is_some_and(|p| p.len() != page_size || !want.fp.matches(p));
+                        if wrong {
+                            tracing::warn!(
+                                node = self.nodes[node].name(),
+                                fingerprint = %want.fp,
+                                "dht: a node answered a wrong page; asking the next owner"
+                            );
+                        }
+                        (want, page.filter(|_| !wrong))
                     })
                     .collect(),
             ),
@@ -239,6 +248,13 @@ impl Cluster {
                 if is_refusal(&e) {
                     // configured wrongly, not down: its replicas serve meanwhile
                     tracing::warn!("dht: {e}");
+                } else {
+                    tracing::warn!(
+                        node = self.nodes[node].name(),
+                        pages = wants.len(),
+                        error = %e,
+                        "dht: node failed or timed out; its replicas serve"
+                    );
                 }
                 Answer::Failed(wants)
             }

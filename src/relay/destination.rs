@@ -241,7 +241,10 @@ where
         let ends = async { tokio::join!(forward, back) };
         let (restored, returned) = tokio::select! {
             ends = ends => ends,
-            stalled = activity.stalled(timeouts.idle) => return Err(stalled),
+            stalled = activity.stalled(timeouts.idle) => {
+                tracing::warn!(idle = ?timeouts.idle, "no progress on the link: giving up");
+                return Err(stalled);
+            }
         };
         restored?;
         returned?;

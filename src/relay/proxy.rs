@@ -210,6 +210,11 @@ impl DestinationProxy {
         }
         let handshake = accept(tokio::io::split(link), &config).await?;
         drop(handshake_slot);
+        tracing::info!(
+            templates = handshake.hello().catalog.is_some(),
+            page_size = handshake.hello().page_size,
+            "a source authenticated and sent its HELLO"
+        );
         match slot(&self.migrations, "migrations", self.limits.max_migrations) {
             Ok(slot) => Ok(Incoming {
                 proxy: self,

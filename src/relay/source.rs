@@ -114,7 +114,10 @@ where
     };
     let (encoded, confirmed) = tokio::select! {
         ends = both_ends(forward, back) => ends?,
-        stalled = activity.stalled(config.timeouts.idle) => return Err(stalled),
+        stalled = activity.stalled(config.timeouts.idle) => {
+            tracing::warn!(idle = ?config.timeouts.idle, "no progress on the link: giving up");
+            return Err(stalled);
+        }
     };
     if confirmed != (encoded.stats.qemu_bytes, encoded.digest) {
         return Err(Error::Remote {
