@@ -44,6 +44,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cursor;
 pub mod dedup;
 pub mod dht;
 mod error;

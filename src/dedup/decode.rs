@@ -6,12 +6,12 @@ use twox_hash::XxHash3_128;
 use super::compress::Decompressor;
 use super::wire::{self, Hello, frame};
 use super::{Limits, Stats};
+use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::qemu::wire::ram_flag;
 use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
 use crate::resolve::{Page, PageAt, PageOut, Restore, tag};
 use crate::template::CatalogId;
-use crate::varint;
 
 /// Turns the dedup stream back into the QEMU stream.
 ///
@@ -49,61 +49,38 @@ pub struct DedupDecoder {
     stats: Stats,
 }
 
-/// Reads the fields of batch entries; `None` when the batch ends too early.
+/// Reads the entries of a batch.
 struct EntryReader<'a> {
-    rest: &'a [u8],
+    rest: Cursor<'a>,
 }
 
 impl<'a> EntryReader<'a> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.rest.split_first()?;
-        self.rest = rest;
-        Some(b)
-    }
-
-    fn varint(&mut self) -> Option<u64> {
-        let (v, n) = varint::get(self.rest)?;
-        self.rest = &self.rest[n..];
-        Some(v)
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let bytes = self.rest.get(..n)?;
-        self.rest = &self.rest[n..];
-        Some(bytes)
-    }
-
-    /// A varint length and that many bytes.
-    fn counted(&mut self) -> Option<&'a [u8]> {
-        let n = usize::try_from(self.varint()?).ok()?;
-        self.take(n)
-    }
-
-    /// A u8 length and that many bytes.
-    fn cstr8(&mut self) -> Option<&'a [u8]> {
-        let n = self.u8()?;
-        self.take(usize::from(n))
+    fn new(batch: &'a [u8]) -> Self {
+        Self {
+            rest: Cursor::new(batch),
+        }
     }
 
     /// The next entry of the batch, `Ok(None)` at its end.
     fn entry(&mut self) -> std::result::Result<Option<Entry<'a>>, &'static str> {
-        let Some(tag) = self.u8() else {
+        let r = &mut self.rest;
+        let Some(tag) = r.u8() else {
             return Ok(None);
         };
         if tag == wire::ENTRY_QEMU {
-            let bytes = self.counted().ok_or("verbatim bytes beyond the batch")?;
+            let bytes = r.counted().ok_or("verbatim bytes beyond the batch")?;
             return Ok(Some(Entry::Qemu(bytes)));
         }
-        let page = self.varint().ok_or("bad page number")?;
-        let flags = self.u8().ok_or("page address beyond the batch")?;
+        let page = r.varint().ok_or("bad page number")?;
+        let flags = r.u8().ok_or("page address beyond the batch")?;
         if flags & !(wire::PAGE_CONTINUE | wire::PAGE_SAME_BLOCK) != 0 {
             return Err("unknown page address flags");
         }
         let block = match flags & wire::PAGE_SAME_BLOCK {
-            0 => Some(self.cstr8().ok_or("block name beyond the batch")?),
+            0 => Some(r.cstr8().ok_or("block name beyond the batch")?),
             _ => None,
         };
-        let body = self.counted().ok_or("page body beyond the batch")?;
+        let body = r.counted().ok_or("page body beyond the batch")?;
         Ok(Some(Entry::Page {
             tag,
             page,
@@ -336,11 +313,9 @@ impl DedupDecoder {
 
     /// Takes the next whole frame off `src`: its type and payload.
     fn take_frame(&mut self, src: &mut BytesMut) -> Result<Option<(u8, Bytes)>> {
-        let Some(header) = src.get(..wire::FRAME_HEADER) else {
+        let Some((kind, len)) = wire::frame_header(src) else {
             return Ok(None);
         };
-        let kind = header[0];
-        let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
         self.frame_at = self.offset;
         if matches!(self.phase, Phase::Hello) && kind != frame::HELLO {
             return Err(self.malformed(0, "first frame", "not a migstream dedup stream"));
@@ -396,7 +371,7 @@ impl DedupDecoder {
         if flags & !wire::FLAG_HOLD != 0 || (self.hold_started && flags & wire::FLAG_HOLD == 0) {
             return Err(self.malformed(6, "data frame flags", "unknown, or HOLD cleared once set"));
         }
-        let raw_len = u32::from_be_bytes(header[2..6].try_into().expect("4 bytes")) as usize;
+        let raw_len = Cursor::new(&header[2..]).be32().expect("a DATA header") as usize;
         if raw_len > self.limits.max_batch {
             return Err(self.limit(7, "batch length", raw_len, self.limits.max_batch));
         }
@@ -420,7 +395,7 @@ impl DedupDecoder {
     /// so that the output grows once instead of doubling (and copying) its way up
     /// to frames of many small page entries (fill pages, templates: up to 16 MiB).
     fn prepare(&mut self) -> Result<Option<usize>> {
-        let mut r = EntryReader { rest: &self.raw };
+        let mut r = EntryReader::new(&self.raw);
         let mut ready = true;
         let mut qemu_bytes = 0;
         loop {
@@ -500,7 +475,7 @@ impl DedupDecoder {
         let wanted = qemu_bytes.min(self.limits.max_output + self.limits.max_batch);
         out.reserve(wanted);
         let raw = std::mem::take(&mut self.raw);
-        let mut r = EntryReader { rest: &raw };
+        let mut r = EntryReader::new(&raw);
         let frame_start = out.len();
         while let Some(entry) = r.entry().map_err(bad)? {
             if out.len() - frame_start > self.limits.max_output {
@@ -581,7 +556,7 @@ impl DedupDecoder {
         if p.len() != wire::END_LEN {
             return Err(self.malformed(5, "end frame", "wrong length"));
         }
-        let total = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+        let total = Cursor::new(p).be64().expect("an END payload");
         if total != self.stats.qemu_bytes || p[8..] != wire::digest_bytes(&self.hasher)[..] {
             return Err(self.malformed(
                 5,

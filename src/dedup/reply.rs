@@ -6,7 +6,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::wire::{FRAME_DIGEST, FRAME_HEADER, VERSION};
+use super::wire::{FRAME_DIGEST, FRAME_HEADER, VERSION, frame_header, put_frame_header};
+use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::template::CatalogId;
 
@@ -63,7 +64,7 @@ impl Reply {
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
             Reply::Greeting { catalog } => {
-                put_header(dst, kind::GREETING, GREETING_LEN);
+                put_frame_header(dst, kind::GREETING, GREETING_LEN);
                 dst.put_slice(&GREETING_MAGIC);
                 dst.put_u16(VERSION);
                 dst.put_u16(0);
@@ -71,12 +72,12 @@ impl Reply {
             }
             Reply::Qemu(bytes) => {
                 for chunk in bytes.chunks(MAX_RETURN_CHUNK) {
-                    put_header(dst, kind::QEMU, chunk.len());
+                    put_frame_header(dst, kind::QEMU, chunk.len());
                     dst.put_slice(chunk);
                 }
             }
             Reply::Done { qemu_bytes, digest } => {
-                put_header(dst, kind::DONE, DONE_LEN);
+                put_frame_header(dst, kind::DONE, DONE_LEN);
                 dst.put_u64(*qemu_bytes);
                 dst.put_slice(digest);
             }
@@ -85,17 +86,11 @@ impl Reply {
                 while !reason.is_char_boundary(end) {
                     end -= 1;
                 }
-                put_header(dst, kind::FAILED, end);
+                put_frame_header(dst, kind::FAILED, end);
                 dst.put_slice(&reason.as_bytes()[..end]);
             }
         }
     }
-}
-
-fn put_header(dst: &mut BytesMut, kind: u8, len: usize) {
-    dst.reserve(FRAME_HEADER + len);
-    dst.put_u8(kind);
-    dst.put_u32(len as u32);
 }
 
 /// Reads the return direction: [`Reply`] messages in the order a destination may
@@ -119,14 +114,9 @@ impl ReplyDecoder {
 
     /// The next message, `Ok(None)` if `src` does not hold a whole one yet.
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Reply>> {
-        let Some(header) = src.get(..FRAME_HEADER) else {
+        let Some((kind, len)) = frame_header(src) else {
             return Ok(None);
         };
-        let (kind, len) = (
-            header[0],
-            u32::from_be_bytes(header[1..5].try_into().expect("4")),
-        );
-        let len = len as usize;
         let at = self.offset;
         let malformed = |field, reason| Error::Malformed {
             offset: at,
@@ -188,10 +178,12 @@ impl ReplyDecoder {
             kind::QEMU => Reply::Qemu(payload),
             kind::DONE => {
                 self.done = true;
-                Reply::Done {
-                    qemu_bytes: u64::from_be_bytes(payload[..8].try_into().expect("8")),
-                    digest: payload[8..].try_into().expect("16 bytes"),
-                }
+                let mut c = Cursor::new(&payload);
+                let done = (c.be64(), c.array());
+                let (Some(qemu_bytes), Some(digest)) = done else {
+                    unreachable!("a DONE payload has its length")
+                };
+                Reply::Done { qemu_bytes, digest }
             }
             _ => {
                 self.done = true;
@@ -223,28 +215,32 @@ impl ReplyDecoder {
 }
 
 fn parse_greeting(p: &[u8], at: u64) -> Result<Reply> {
-    if p[..4] != GREETING_MAGIC {
+    let mut c = Cursor::new(p);
+    let fields = (c.array::<4>(), c.be16(), c.be16(), c.array::<32>());
+    let (Some(magic), Some(version), Some(flags), Some(catalog)) = fields else {
+        unreachable!("a greeting payload has its length")
+    };
+    if magic != GREETING_MAGIC {
         return Err(Error::Malformed {
             offset: at,
             field: "greeting",
             reason: "not a migstream destination",
         });
     }
-    if p[4..6] != VERSION.to_be_bytes() {
+    if version != VERSION {
         return Err(Error::Unsupported {
             offset: at + 4,
             field: "greeting version",
             reason: "not version 3 of the dedup stream",
         });
     }
-    if p[6..8] != [0, 0] {
+    if flags != 0 {
         return Err(Error::Malformed {
             offset: at + 6,
             field: "greeting flags",
             reason: "not zero",
         });
     }
-    let catalog: [u8; 32] = p[8..40].try_into().expect("32 bytes");
     Ok(Reply::Greeting {
         catalog: (catalog != [0; 32]).then_some(CatalogId(catalog)),
     })

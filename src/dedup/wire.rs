@@ -2,6 +2,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::cursor::Cursor;
 use crate::template::CatalogId;
 
 /// First bytes of a HELLO payload.
@@ -109,21 +110,35 @@ impl Hello {
             field,
             reason,
         };
-        let mut r = Reader::new(p);
-        if p.len() != HELLO_LEN || r.array::<4>() != MAGIC {
+        let mut c = Cursor::new(p);
+        let fields = (|| {
+            let head = (c.array::<4>()?, c.be16()?, c.be16()?, c.be32()?);
+            Some((
+                head,
+                c.array::<32>()?,
+                c.array::<16>()?,
+                c.be16()?,
+                c.be16()?,
+            ))
+        })();
+        let Some(((magic, version, flags, page_size), catalog, session, channel, reserved)) =
+            fields.filter(|_| p.len() == HELLO_LEN)
+        else {
+            return Err(malformed(0, "hello", "not a migstream dedup stream"));
+        };
+        if magic != MAGIC {
             return Err(malformed(0, "hello", "not a migstream dedup stream"));
         }
-        if r.u16() != VERSION {
+        if version != VERSION {
             return Err(crate::Error::Unsupported {
                 offset: at + 4,
                 field: "dedup stream version",
                 reason: "not version 3",
             });
         }
-        if r.u16() != 0 {
+        if flags != 0 {
             return Err(malformed(6, "hello flags", "not zero"));
         }
-        let page_size = r.u32();
         if !page_size.is_power_of_two() || !(1024..=65536).contains(&page_size) {
             return Err(malformed(
                 8,
@@ -131,10 +146,7 @@ impl Hello {
                 "not a power of two from 1 KiB to 64 KiB",
             ));
         }
-        let catalog = r.array::<32>();
-        let session = r.array::<16>();
-        let channel = r.u16();
-        if r.u16() != 0 {
+        if reserved != 0 {
             return Err(malformed(62, "hello reserved", "not zero"));
         }
         Ok(Hello {
@@ -143,30 +155,6 @@ impl Hello {
             session,
             channel,
         })
-    }
-}
-
-/// Reads the fixed fields of a payload whose length was checked: big-endian
-/// integers and byte arrays, front to back.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self(bytes)
-    }
-
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let (head, rest) = self.0.split_first_chunk::<N>().expect("a checked length");
-        self.0 = rest;
-        *head
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_be_bytes(self.array())
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes(self.array())
     }
 }
 
@@ -181,6 +169,14 @@ pub(crate) fn digest_bytes(hasher: &twox_hash::XxHash3_128) -> [u8; FRAME_DIGEST
     hasher.finish_128().to_be_bytes()
 }
 
+/// The type and payload length of the frame `src` starts with, if its header is in:
+/// the framing of both directions of a link.
+pub(crate) fn frame_header(src: &[u8]) -> Option<(u8, usize)> {
+    let mut c = Cursor::new(src);
+    Some((c.u8()?, c.be32()? as usize))
+}
+
+/// Writes a frame header: the framing of both directions of a link.
 pub(crate) fn put_frame_header(dst: &mut BytesMut, kind: u8, len: usize) {
     dst.reserve(FRAME_HEADER + len);
     dst.put_u8(kind);

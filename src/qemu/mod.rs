@@ -28,7 +28,6 @@
 //! ```
 
 mod codec;
-mod cursor;
 mod decode;
 mod encode;
 mod limits;

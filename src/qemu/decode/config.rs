@@ -4,8 +4,8 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{Phase, QemuDecoder, Step};
+use crate::cursor::Cursor;
 use crate::error::Result;
-use crate::qemu::cursor::Cursor;
 use crate::qemu::record::{ConfigSubsection, Configuration, Record};
 use crate::qemu::wire::{self, record_type};
 

@@ -27,10 +27,10 @@ mod ram;
 
 use ram::PayloadKind;
 
-use super::cursor::Cursor;
 use super::record::{Command, PageAddr, RamBlock, Record, SectionHeader};
 use super::tail;
 use super::wire::{self, command, record_type};
+use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 
 /// The page size of every x86 target (`TARGET_PAGE_BITS` = 12).

@@ -3,8 +3,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::{Phase, QemuDecoder, Step};
+use crate::cursor::Cursor;
 use crate::error::Result;
-use crate::qemu::cursor::Cursor;
 use crate::qemu::record::{MemSize, PageAddr, RamBlock, RamRecord, Record};
 use crate::qemu::wire::{self, ram_flag};
 

@@ -1,5 +1,7 @@
-//! A read cursor over a byte slice that answers "not enough bytes yet" with `None`,
-//! so headers can be checked for completeness before anything is consumed.
+//! The one reader of every format the crate parses (QEMU's stream, the dedup
+//! stream's frames and batches): a cursor over a byte slice that answers "not
+//! enough bytes yet" with `None`, so headers can be checked for completeness before
+//! anything is consumed.
 
 pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
@@ -45,6 +47,19 @@ impl<'a> Cursor<'a> {
         self.array().map(u64::from_be_bytes)
     }
 
+    /// A LEB128 varint (the dedup stream's, see [`crate::varint`]).
+    pub(crate) fn varint(&mut self) -> Option<u64> {
+        let (v, n) = crate::varint::get(self.buf.get(self.pos..)?)?;
+        self.pos += n;
+        Some(v)
+    }
+
+    /// A varint length followed by that many bytes.
+    pub(crate) fn counted(&mut self) -> Option<&'a [u8]> {
+        let n = usize::try_from(self.varint()?).ok()?;
+        self.take(n)
+    }
+
     /// A `u8` length followed by that many bytes (QEMU's counted string).
     pub(crate) fn cstr8(&mut self) -> Option<&'a [u8]> {
         let n = *self.buf.get(self.pos)?;
@@ -53,7 +68,7 @@ impl<'a> Cursor<'a> {
         Some(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)
             .map(|b| b.try_into().expect("take returned N bytes"))
     }
