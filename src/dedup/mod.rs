@@ -36,6 +36,9 @@ mod reply;
 mod resolvers;
 mod stats;
 mod stream;
+// the constants and layouts of `docs/wire-format.md`: for the crate's own benches
+// and fuzzing, not an API
+#[doc(hidden)]
 pub mod wire;
 
 pub use compress::Compression;
@@ -45,6 +48,7 @@ pub use reply::{MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
 pub use resolvers::{Resolvers, default_restores};
 pub use stats::Stats;
 pub use stream::DedupFrames;
+pub use wire::{FRAME_DIGEST, Hello, VERSION};
 
 /// Seen-before window of the dedup stream: 256 MiB of pages (65536 pages of 4 KiB)
 /// held at the destination, ~2.5 MiB of index at the source for 4 KiB pages. Fixed in

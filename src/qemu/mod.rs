@@ -5,7 +5,8 @@
 //! stream QEMU 7.2 and 10.0 write: RAM records are parsed exactly (pages handed out as
 //! [`Bytes`](bytes::Bytes) slices of the input, never copied), and everything after the
 //! first device section, whose end only QEMU's device code knows, passes through as
-//! opaque chunks. See the crate's `docs/` and the module [`wire`] for the format.
+//! opaque chunks. The format is QEMU's own (`migration/savevm.c`, `migration/ram.c`
+//! of QEMU's sources).
 //!
 //! ```
 //! use bytes::BytesMut;
@@ -33,6 +34,9 @@ mod encode;
 mod limits;
 mod record;
 mod tail;
+// QEMU's constants (`migration/*.h`): for the crate's own benches and fuzzing, not
+// an API
+#[doc(hidden)]
 pub mod wire;
 
 pub use decode::{DEFAULT_PAGE_SIZE, QemuDecoder};

@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 
 use super::activity::Activity;
 use super::{Progress, Report, Timeouts, pump};
-use crate::dedup::wire::{FRAME_DIGEST, Hello};
 use crate::dedup::{DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply, default_restores};
+use crate::dedup::{FRAME_DIGEST, Hello};
 use crate::error::{Error, Result};
 use crate::resolve::{Fetch, Restore, TemplateStore};
 
