@@ -28,6 +28,7 @@
 //! # Ok::<(), migstream::Error>(())
 //! ```
 
+mod codec;
 mod compress;
 mod decode;
 mod encode;
@@ -41,6 +42,7 @@ mod stream;
 #[doc(hidden)]
 pub mod wire;
 
+pub use codec::End;
 pub use compress::Compression;
 pub use decode::{Decoded, DedupDecoder};
 pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_FRAME_QEMU_BYTES};

@@ -5,19 +5,17 @@
 //! write to the WAN transport. It flushes a partial batch whenever the QEMU side has
 //! nothing more ready, so a QEMU waiting on its peer is never kept waiting on a
 //! batch, and it pulls no more input while a full chunk waits to be taken
-//! (back-pressure; memory stays bounded). Destination side: `DedupDecoder` is a
-//! tokio-util `Decoder`, so `FramedRead::new(wan, DedupDecoder::…)` yields verified
-//! QEMU bytes to write to the destination QEMU.
+//! (back-pressure; memory stays bounded). The codecs themselves are tokio-util
+//! `Encoder`/`Decoder`s too (see `codec.rs`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
-use tokio_util::codec::Decoder;
 
-use super::{Decoded, DedupDecoder, DedupEncoder, Stats};
-use crate::error::{Error, Result};
+use super::{DedupEncoder, Stats};
+use crate::error::Result;
 use crate::qemu::Record;
 
 /// Dedup stream chunks from a stream of QEMU records; see the module docs.
@@ -87,36 +85,5 @@ impl<S: Stream<Item = Result<Record>> + Unpin> Stream for DedupFrames<S> {
                 return Poll::Ready(Some(Err(e)));
             }
         }
-    }
-}
-
-/// A `FramedRead` of dedup frames yields the verified QEMU bytes. It cannot fetch:
-/// with a resolver that waits for pages (a DHT store), a frame that needs a fetch
-/// fails with [`Error::Config`]; drive such a decoder with
-/// [`relay::decode_stream`](crate::relay::decode_stream) or by hand
-/// ([`Decoded::Fetch`]).
-impl Decoder for DedupDecoder {
-    type Item = Bytes;
-    type Error = Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
-        framed(DedupDecoder::decode(self, src)?)
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
-        framed(DedupDecoder::decode_eof(self, src)?)
-    }
-}
-
-fn framed(decoded: Decoded) -> Result<Option<Bytes>> {
-    match decoded {
-        Decoded::Qemu(bytes) => Ok(Some(bytes)),
-        Decoded::NeedInput | Decoded::Done => Ok(None),
-        Decoded::Fetch => Err(Error::Config {
-            what: "resolvers",
-            reason: "a resolver waits for pages to be fetched, which a FramedRead cannot do: \
-                     use relay::decode_stream"
-                .into(),
-        }),
     }
 }

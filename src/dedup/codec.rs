@@ -1,0 +1,70 @@
+//! tokio-util [`Decoder`]/[`Encoder`] over the sans-IO dedup codecs: a
+//! `FramedWrite` of [`DedupEncoder`] takes QEMU records and then [`End`], a
+//! `FramedRead` of [`DedupDecoder`] yields the verified QEMU bytes.
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::{Decoded, DedupDecoder, DedupEncoder};
+use crate::error::{Error, Result};
+use crate::qemu::Record;
+
+/// The end of the QEMU stream, for a `FramedWrite` of dedup frames: sending it
+/// writes what is still batched and the END frame ([`DedupEncoder::finish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct End;
+
+impl Encoder<&Record> for DedupEncoder {
+    type Error = Error;
+
+    fn encode(&mut self, record: &Record, dst: &mut BytesMut) -> Result<()> {
+        DedupEncoder::encode(self, record, dst)
+    }
+}
+
+impl Encoder<Record> for DedupEncoder {
+    type Error = Error;
+
+    fn encode(&mut self, record: Record, dst: &mut BytesMut) -> Result<()> {
+        DedupEncoder::encode(self, &record, dst)
+    }
+}
+
+impl Encoder<End> for DedupEncoder {
+    type Error = Error;
+
+    fn encode(&mut self, _: End, dst: &mut BytesMut) -> Result<()> {
+        self.finish(dst)
+    }
+}
+
+/// A `FramedRead` of dedup frames yields the verified QEMU bytes. It cannot fetch:
+/// with a resolver that waits for pages (a DHT store), a frame that needs a fetch
+/// fails with [`Error::Config`]; drive such a decoder with
+/// [`relay::decode_stream`](crate::relay::decode_stream) or by hand
+/// ([`Decoded::Fetch`]).
+impl Decoder for DedupDecoder {
+    type Item = Bytes;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        framed(DedupDecoder::decode(self, src)?)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        framed(DedupDecoder::decode_eof(self, src)?)
+    }
+}
+
+fn framed(decoded: Decoded) -> Result<Option<Bytes>> {
+    match decoded {
+        Decoded::Qemu(bytes) => Ok(Some(bytes)),
+        Decoded::NeedInput | Decoded::Done => Ok(None),
+        Decoded::Fetch => Err(Error::Config {
+            what: "resolvers",
+            reason: "a resolver waits for pages to be fetched, which a FramedRead cannot do: \
+                     use relay::decode_stream"
+                .into(),
+        }),
+    }
+}
