@@ -32,6 +32,7 @@ mod cursor;
 mod decode;
 mod encode;
 mod limits;
+pub mod multifd;
 mod record;
 mod tail;
 pub mod wire;
