@@ -451,9 +451,10 @@ pub fn multifd_decode(data: &[u8]) {
         0 => input.len().max(1),
         n => usize::from(n) * usize::from(n),
     };
-    let mut limits = Limits::default();
-    limits.max_device_state_len = 1 << 20;
-    limits.max_compressed_len = 1 << 20;
+    let limits = Limits {
+        max_device_state_len: 1 << 20,
+        ..Limits::default()
+    };
     let run = |read: usize| {
         let mut dec = MultifdDecoder::with_limits(limits.clone());
         let mut enc = MultifdEncoder::new();

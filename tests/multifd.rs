@@ -580,7 +580,8 @@ fn encoder_refuses_what_the_decoder_would_not_accept() {
     let ChannelRecord::Packet(good) = records[1].clone() else {
         unreachable!()
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Packet)>)> = vec![
+    type Break = Box<dyn Fn(&mut Packet)>;
+    let cases: Vec<(&str, Break)> = vec![
         (
             "offset slots",
             Box::new(|p| p.offsets.pop().map(drop).unwrap()),
