@@ -1,13 +1,14 @@
 //! The incremental, sans-IO decoder of a multifd channel.
 //!
 //! ```text
-//!             ┌──────────┐   ┌────────┐ 12-byte prefix  ┌───────────┐   ┌────────────┐
-//!   bytes ──▶ │ Greeting │──▶│ Packet │───────────────▶ │ RamHeader │──▶│ RamPayload │──┐
-//!             └──────────┘   └────────┘ ─────┐          └───────────┘   └────────────┘  │
-//!                              ▲  ▲          │ DEVICE_STATE ┌──────────────┐  ┌──────────────────┐
-//!                              │  │          └────────────▶ │ DeviceHeader │─▶│ DevicePayload    │─┐
-//!                              │  └──────────────────────── └──────────────┘  └──────────────────┘ │
-//!                              └──────────────────────────────────────────────────────────────────┘
+//!            ┌──────────┐    ┌────────┐ prefix: RAM    ┌───────────┐    ┌────────────┐
+//!  bytes ──▶ │ Greeting │───▶│ Packet │──────────────▶ │ RamHeader │───▶│ RamPayload │
+//!            └──────────┘    └────────┘                └───────────┘    └────────────┘
+//!                              ▲   │ prefix: DEVICE_STATE ┌──────────────┐  ┌───────────────┐
+//!                              │   └────────────────────▶ │ DeviceHeader │─▶│ DevicePayload │
+//!                              │                          └──────────────┘  └───────────────┘
+//!                              └──── after every packet (straight from RamHeader when the
+//!                                    page data is already there)
 //! ```
 //!
 //! A packet's 12-byte prefix (magic, version, flags) is checked as soon as it is
