@@ -540,7 +540,7 @@ mod multifd_seeds {
             for (variant, data) in variants {
                 let reads: &[u8] = match variant {
                     "whole" => &[0, 1, 37, 255],
-                    _ => &[i as u8 * 50 + 3],
+                    _ => &[(i as u8).wrapping_mul(50).wrapping_add(3)],
                 };
                 for &read in reads {
                     let seed = [&[read][..], &data].concat();
