@@ -880,6 +880,60 @@ fn every_malformed_channel_fails_with_its_golden_error() {
 }
 
 #[test]
+fn every_strict_prefix_is_a_prefix_of_the_records_then_a_truncation() {
+    let small = [
+        golden("qemu-7.2-zstd.mfd"),
+        golden("qemu-10.0-device-state.mfd"),
+        std::fs::read(testdata().join("real-qemu-10.0-zstd.mfd")).unwrap(),
+    ];
+    for bytes in small {
+        let all = decode(&bytes, &[bytes.len()]);
+        // where each record ends
+        let boundaries: Vec<usize> = (1..=all.len()).map(|k| encode(&all[..k]).len()).collect();
+        for cut in 0..bytes.len() {
+            let mut dec = MultifdDecoder::new();
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            let mut records = Vec::new();
+            while let Some(r) = dec.decode(&mut buf).expect("a prefix is no error") {
+                records.push(r);
+            }
+            assert_eq!(records[..], all[..records.len()], "cut at {cut}");
+            match dec.decode_eof(&mut buf) {
+                Ok(None) => assert!(boundaries.contains(&cut), "cut at {cut}"),
+                Ok(Some(r)) => panic!("cut at {cut}: a record at the end: {r:?}"),
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::Truncated, "cut at {cut}");
+                    assert_eq!(e.offset(), Some(cut as u64), "cut at {cut}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn limits_changed_mid_stream_apply_from_the_next_packet() {
+    let bytes = golden("qemu-7.2-nocomp.mfd");
+    let mut dec = MultifdDecoder::new();
+    let mut buf = BytesMut::from(&bytes[..]);
+    assert!(matches!(
+        dec.decode(&mut buf),
+        Ok(Some(ChannelRecord::Greeting(_)))
+    ));
+    assert!(
+        matches!(dec.decode(&mut buf), Ok(Some(ChannelRecord::Packet(p))) if p.normal_pages == 3)
+    );
+    let mut limits = dec.limits().clone();
+    limits.max_pages_per_packet = 1;
+    dec.set_limits(limits);
+    let err = dec.decode(&mut buf).unwrap_err();
+    let at = 64 + 1344 + 3 * 4096 + 16;
+    assert_eq!(
+        (err.kind(), err.offset()),
+        (ErrorKind::LimitExceeded, Some(at as u64))
+    );
+}
+
+#[test]
 fn a_failed_decoder_stays_failed() {
     let bytes = [&greeting(0)[..], b"QEVM\0\0\0\x01\0\0\0\0"].concat();
     let mut dec = MultifdDecoder::new();
