@@ -8,6 +8,11 @@
 //! and the device-state bytes. `--roundtrip` also re-encodes every record while
 //! streaming (memory stays bounded: the file is read in 1 MiB pieces) and compares the
 //! output with the file; it exits non-zero unless they are identical.
+//!
+//! A multifd channel file (one connection of a multifd migration, starting with
+//! `0x11223344`, as `harness/capture-multifd.py` saves them) is recognised by its
+//! first 4 bytes: for it the channel id, packets, SYNC packets, pages by kind (normal,
+//! zero) and compressed packets are printed, and `--roundtrip` works the same.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -16,6 +21,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use migstream::qemu::multifd::{self, ChannelRecord, MultifdDecoder, MultifdEncoder, Payload};
 use migstream::qemu::{QemuDecoder, QemuEncoder, RamRecord, Record, wire};
 use serde_json::{Value, json};
 
@@ -45,6 +51,30 @@ fn main() -> ExitCode {
     }
     let mut ok = true;
     for path in &files {
+        match is_channel_file(path) {
+            Ok(true) => {
+                match inspect_channel(path, roundtrip) {
+                    Ok(report) => {
+                        match json_out {
+                            true => println!("{}", report.to_json(path)),
+                            false => report.print(path),
+                        }
+                        ok &= report.roundtrip_ok.unwrap_or(true);
+                    }
+                    Err(e) => {
+                        eprintln!("{path}: {e}");
+                        ok = false;
+                    }
+                }
+                continue;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("{path}: {e}");
+                ok = false;
+                continue;
+            }
+        }
         match inspect(path, roundtrip) {
             Ok(report) => {
                 if json_out {
@@ -144,12 +174,12 @@ fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Er
         if let Some(original) = original.as_mut() {
             enc.encode(&record, &mut out)?;
             if out.len() >= READ {
-                compare(original, &mut out, &mut expected, &mut report)?;
+                compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
             }
         }
     }
     if let Some(original) = original.as_mut() {
-        compare(original, &mut out, &mut expected, &mut report)?;
+        compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
         let mut rest = [0u8; 1];
         if report.roundtrip_ok != Some(false) && original.read(&mut rest)? > 0 {
             report.roundtrip_ok = Some(false);
@@ -165,18 +195,18 @@ fn compare(
     original: &mut File,
     out: &mut BytesMut,
     expected: &mut Vec<u8>,
-    report: &mut Report,
+    roundtrip_ok: &mut Option<bool>,
 ) -> io::Result<()> {
     expected.resize(out.len(), 0);
     original.read_exact(expected).or_else(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => {
-            report.roundtrip_ok = Some(false);
+            *roundtrip_ok = Some(false);
             Ok(())
         }
         _ => Err(e),
     })?;
     if expected[..] != out[..] {
-        report.roundtrip_ok = Some(false);
+        *roundtrip_ok = Some(false);
     }
     out.clear();
     Ok(())
@@ -340,4 +370,172 @@ fn device_names(json: &[u8]) -> Vec<String> {
         .iter()
         .map(|d| format!("{}/{}", d["name"].as_str().unwrap_or("?"), d["instance_id"]))
         .collect()
+}
+
+/// Whether the file starts like a multifd channel (`0x11223344`) rather than a main
+/// channel (`QEVM`).
+fn is_channel_file(path: &str) -> io::Result<bool> {
+    let mut head = [0u8; 4];
+    let n = File::open(path)?.read(&mut head)?;
+    Ok(multifd::wire::is_channel_start(&head[..n]) == Some(true))
+}
+
+/// What one multifd channel carried.
+#[derive(Default)]
+struct ChannelReport {
+    bytes: u64,
+    records: u64,
+    channel_id: Option<u8>,
+    packets: u64,
+    sync: u64,
+    normal_pages: u64,
+    zero_pages: u64,
+    compressed_packets: u64,
+    compressed_bytes: u64,
+    /// compression methods by name, in packets with page data
+    methods: BTreeMap<String, u64>,
+    device_state_packets: u64,
+    device_state_bytes: u64,
+    roundtrip_ok: Option<bool>,
+    seconds: f64,
+}
+
+fn inspect_channel(
+    path: &str,
+    roundtrip: bool,
+) -> Result<ChannelReport, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let mut input = File::open(path)?;
+    let mut original = match roundtrip {
+        true => Some(File::open(path)?),
+        false => None,
+    };
+    let (mut dec, mut enc) = (MultifdDecoder::new(), MultifdEncoder::new());
+    let (mut buf, mut out) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
+    let mut expected = vec![0; READ];
+    let mut report = ChannelReport::default();
+    let mut at_end = false;
+    loop {
+        let record = match at_end {
+            true => dec.decode_eof(&mut buf)?,
+            false => dec.decode(&mut buf)?,
+        };
+        let Some(record) = record else {
+            if at_end {
+                break;
+            }
+            buf.reserve(READ);
+            let n = read_into(&mut input, &mut buf)?;
+            at_end = n == 0;
+            report.bytes += n as u64;
+            continue;
+        };
+        report.records += 1;
+        report.count(&record);
+        if let Some(original) = original.as_mut() {
+            enc.encode(&record, &mut out)?;
+            if out.len() >= READ {
+                compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
+            }
+        }
+    }
+    if let Some(original) = original.as_mut() {
+        compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
+        let mut rest = [0u8; 1];
+        if report.roundtrip_ok != Some(false) && original.read(&mut rest)? > 0 {
+            report.roundtrip_ok = Some(false);
+        }
+        report.roundtrip_ok.get_or_insert(true);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+impl ChannelReport {
+    fn count(&mut self, record: &ChannelRecord) {
+        match record {
+            ChannelRecord::Greeting(g) => self.channel_id = Some(g.channel_id),
+            ChannelRecord::Packet(p) => {
+                self.packets += 1;
+                self.sync += u64::from(p.is_sync());
+                self.normal_pages += u64::from(p.normal_pages);
+                self.zero_pages += u64::from(p.zero_pages);
+                if let Payload::Compressed(data) = &p.payload {
+                    if p.normal_pages > 0 {
+                        self.compressed_packets += 1;
+                        self.compressed_bytes += data.len() as u64;
+                        let method = format!("{:?}", p.compression().expect("decoded flags"));
+                        *self.methods.entry(method.to_lowercase()).or_default() += 1;
+                    }
+                }
+            }
+            ChannelRecord::DeviceState(d) => {
+                self.device_state_packets += 1;
+                self.device_state_bytes += d.data.len() as u64;
+            }
+            _ => {}
+        }
+    }
+
+    fn print(&self, path: &str) {
+        println!(
+            "{path}: {} bytes, {} records (multifd channel)",
+            self.bytes, self.records
+        );
+        match self.channel_id {
+            Some(id) => println!("  channel      {id}"),
+            None => println!("  channel      (no greeting)"),
+        }
+        println!("  packets      {} (SYNC {})", self.packets, self.sync);
+        println!(
+            "  pages        normal {}, zero {}",
+            self.normal_pages, self.zero_pages
+        );
+        let methods: Vec<String> = self.methods.keys().cloned().collect();
+        println!(
+            "  compressed   {} packets, {} bytes{}",
+            self.compressed_packets,
+            self.compressed_bytes,
+            match methods.is_empty() {
+                true => String::new(),
+                false => format!(" ({})", methods.join(", ")),
+            }
+        );
+        if self.device_state_packets > 0 {
+            println!(
+                "  device state {} packets, {} bytes (opaque)",
+                self.device_state_packets, self.device_state_bytes
+            );
+        }
+        if let Some(ok) = self.roundtrip_ok {
+            let rate = self.bytes as f64 / self.seconds / 1e9;
+            match ok {
+                true => println!(
+                    "roundtrip ok {} bytes {} records {rate:.2} GB/s",
+                    self.bytes, self.records
+                ),
+                false => println!("roundtrip FAILED: re-encoded bytes differ from {path}"),
+            }
+        }
+    }
+
+    fn to_json(&self, path: &str) -> Value {
+        json!({
+            "file": path,
+            "kind": "multifd channel",
+            "bytes": self.bytes,
+            "records": self.records,
+            "channel_id": self.channel_id,
+            "packets": self.packets,
+            "sync_packets": self.sync,
+            "pages": {"normal": self.normal_pages, "zero": self.zero_pages},
+            "compressed_packets": self.compressed_packets,
+            "compressed_bytes": self.compressed_bytes,
+            "compression": self.methods,
+            "device_state_packets": self.device_state_packets,
+            "device_state_bytes": self.device_state_bytes,
+            "roundtrip_ok": self.roundtrip_ok,
+            "seconds": self.seconds,
+        })
+    }
 }

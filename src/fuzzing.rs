@@ -437,3 +437,135 @@ mod tests {
         replay("dht_manifest", super::dht_manifest);
     }
 }
+
+/// A multifd channel decoded from `data[1..]` in reads of `data[0]`² bytes (0: all
+/// at once), every record re-encoded: the output must equal the consumed input after
+/// each record, and the records and the error (kind, offset, field) must be the same
+/// as when the whole input is decoded at once.
+pub fn multifd_decode(data: &[u8]) {
+    use crate::qemu::multifd::{ChannelRecord, Limits, MultifdDecoder, MultifdEncoder};
+    let Some((&seed, input)) = data.split_first() else {
+        return;
+    };
+    let read = match seed {
+        0 => input.len().max(1),
+        n => usize::from(n) * usize::from(n),
+    };
+    let limits = Limits {
+        max_device_state_len: 1 << 20,
+        ..Limits::default()
+    };
+    let run = |read: usize| {
+        let mut dec = MultifdDecoder::with_limits(limits.clone());
+        let mut enc = MultifdEncoder::new();
+        let (mut buf, mut out, mut records) = (BytesMut::new(), BytesMut::new(), Vec::new());
+        let mut fed = 0;
+        let err = loop {
+            let at_end = fed == input.len();
+            let step = match at_end {
+                true => dec.decode_eof(&mut buf),
+                false => dec.decode(&mut buf),
+            };
+            match step {
+                Ok(Some(record)) => {
+                    enc.encode(&record, &mut out)
+                        .expect("a decoded record encodes");
+                    assert_eq!(
+                        out.len() as u64,
+                        dec.offset(),
+                        "encoded length != consumed length"
+                    );
+                    records.push(record);
+                }
+                Ok(None) if !at_end => {
+                    let end = (fed + read).min(input.len());
+                    buf.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+                Ok(None) => break None,
+                Err(e) => break Some((e.kind(), e.offset(), e.field())),
+            }
+        };
+        assert!(
+            out[..] == input[..out.len()],
+            "re-encoded bytes differ from the input"
+        );
+        (records, err)
+    };
+    let (records, err): (Vec<ChannelRecord>, _) = run(read);
+    let (whole, whole_err) = run(input.len().max(1));
+    assert!(records == whole, "records depend on the read size");
+    assert_eq!(err, whole_err, "the error depends on the read size");
+}
+
+#[cfg(test)]
+mod multifd_seeds {
+    use std::path::Path;
+
+    fn corpus() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/multifd_decode")
+    }
+
+    /// `MIGSTREAM_BLESS=1 cargo test --lib write_multifd_decode_seeds` rewrites the
+    /// seeds of `multifd_decode` from the golden channels of `tests/multifd.rs`
+    /// (`testdata/multifd/*.mfd`: each whole in reads of several sizes, cut inside its
+    /// last packet, and with a flipped header byte) and its malformed channels.
+    #[test]
+    fn write_multifd_decode_seeds() {
+        if std::env::var_os("MIGSTREAM_BLESS").is_none() {
+            return;
+        }
+        let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/multifd");
+        let out = corpus();
+        std::fs::create_dir_all(&out).unwrap();
+        let files = |dir: &Path, ext: &str| {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension() == Some(ext.as_ref()))
+                .collect();
+            names.sort();
+            names
+        };
+        let name = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
+        for (i, path) in files(&testdata, "mfd").iter().enumerate() {
+            let bytes = std::fs::read(path).unwrap();
+            let mut flipped = bytes.clone();
+            flipped[64 + 8 + i] ^= 0x10;
+            let variants = [
+                ("whole", bytes.clone()),
+                ("cut", bytes[..bytes.len() - 100].to_vec()),
+                ("flipped", flipped),
+            ];
+            for (variant, data) in variants {
+                let reads: &[u8] = match variant {
+                    "whole" => &[0, 1, 37, 255],
+                    _ => &[(i as u8).wrapping_mul(50).wrapping_add(3)],
+                };
+                for &read in reads {
+                    let seed = [&[read][..], &data].concat();
+                    let file = format!("{}-{variant}-reads-{read}", name(path));
+                    std::fs::write(out.join(file), seed).unwrap();
+                }
+            }
+        }
+        for path in files(&testdata.join("malformed"), "bin") {
+            let seed = [&[3u8][..], &std::fs::read(&path).unwrap()].concat();
+            std::fs::write(out.join(format!("bad-{}", name(&path))), seed).unwrap();
+        }
+    }
+
+    #[test]
+    fn multifd_decode_corpus_replays() {
+        let mut count = 0;
+        for entry in std::fs::read_dir(corpus()).expect("the seed corpus exists") {
+            let data = std::fs::read(entry.expect("corpus entry").path()).expect("corpus file");
+            super::multifd_decode(&data);
+            count += 1;
+        }
+        assert!(
+            count >= 10,
+            "seed corpus of multifd_decode has only {count} inputs"
+        );
+    }
+}

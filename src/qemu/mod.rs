@@ -32,6 +32,7 @@ mod codec;
 mod decode;
 mod encode;
 mod limits;
+pub mod multifd;
 mod record;
 mod tail;
 // QEMU's constants (`migration/*.h`): for the crate's own benches and fuzzing, not
