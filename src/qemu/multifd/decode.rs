@@ -25,9 +25,9 @@ use super::record::{
     ChannelGreeting, ChannelRecord, Compression, DeviceStatePacket, Packet, Payload,
 };
 use super::wire::{self, flag};
+use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::qemu::DEFAULT_PAGE_SIZE;
-use crate::qemu::cursor::Cursor;
 use crate::qemu::wire::checked_page_size;
 
 /// Decodes one multifd channel (the bytes of one connection, from its first byte)
