@@ -1,5 +1,5 @@
-//! Build a TMDM template catalog from VMs' migration streams or memory images, and
-//! inspect one.
+//! Build a TMDM template catalog from VMs' migration streams or memory images,
+//! inspect one, and distribute one over a ring of Redis nodes.
 //!
 //! ```text
 //! cargo run --release --example catalog -- build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...
@@ -8,9 +8,16 @@
 //! cargo run --release --example catalog -- verify --nodes URLS|@FILE [--replicas R] [TLS] CATALOG
 //! ```
 //!
+//! `catalog --help` and `catalog SUBCOMMAND --help` list every option. A closed
+//! stdout (`| head`) ends the printing, not the work: the catalog is still written,
+//! the push still done, and the exit status is the work's.
+//!
 //! `build` keeps the non-zero pages found in at least T inputs (`--count inputs`, the
 //! default) or at least T times in all (`--count occurrences`). An input starting
 //! with "QEVM" is read as a QEMU stream, any other file as a raw memory image.
+//! The catalog is written to a temporary file beside CATALOG, renamed to CATALOG
+//! once complete: on failure no CATALOG appears (one already there is left as it
+//! was). If no page reaches the threshold, `build` writes nothing and fails.
 //! `info` loads the catalog twice, whole with every page verified and as the
 //! source's index, and reports the speed of both.
 //!
@@ -27,38 +34,111 @@
 //! `--redis-cert PEM --redis-key PEM` (a client certificate).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
-use std::sync::Arc;
-
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use migstream::dht::{self, Cluster, DEFAULT_REPLICAS};
 use migstream::template::{Catalog, CatalogBuilder, InputKind, TemplateIndex, Threshold, format};
 
-// the ring's flags are the destination proxy's; the template store is not used here
+#[path = "support/out.rs"]
+mod out;
+#[path = "support/output.rs"]
+mod output;
+// the node list and TLS flags are the destination proxy's; its template store is not
+// used here
 #[path = "support/templates.rs"]
 #[allow(dead_code)]
 mod templates;
 
-const USAGE: &str =
-    "usage: catalog build --threshold T [--count inputs|occurrences] --out CATALOG INPUT...
-       catalog info CATALOG
-       catalog push --nodes URLS|@FILE [--replicas R] [--redis-ca PEM] [--redis-cert PEM --redis-key PEM] CATALOG
-       catalog verify --nodes URLS|@FILE [--replicas R] [--redis-ca PEM] [--redis-cert PEM --redis-key PEM] CATALOG
-       (URLS: redis://[[USER]:PASSWORD@]H:P or rediss://..., comma-separated)";
+use out::outln;
+use output::Output;
+use templates::RedisTlsArgs;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Build a template catalog from VMs' migration streams or memory images, inspect it, \
+             push it to a ring of Redis nodes and verify it there"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Builds a catalog of the non-zero pages shared by the inputs.
+    Build(BuildArgs),
+    /// Loads a catalog, verifying every page, and reports it and the load speeds.
+    Info {
+        /// The catalog file.
+        #[arg(value_name = "CATALOG")]
+        catalog: String,
+    },
+    /// Distributes a catalog over a ring of Redis nodes: every template on its R
+    /// nodes, the manifest on every node.
+    Push(RingArgs),
+    /// Checks that every template is present and correct on its R nodes and every
+    /// node holds the manifest; exits non-zero if anything is missing.
+    Verify(RingArgs),
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// Keep the pages counted at least this many times (see --count).
+    #[arg(long, value_name = "T")]
+    threshold: u32,
+    /// What the threshold counts: the inputs holding a page, or all its occurrences.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = Count::Inputs)]
+    count: Count,
+    /// The catalog file to write.
+    #[arg(long, value_name = "CATALOG")]
+    out: String,
+    /// QEMU migration streams (starting with "QEVM") or raw memory images.
+    #[arg(value_name = "INPUT", required = true)]
+    inputs: Vec<String>,
+}
+
+/// What `--threshold` counts.
+#[derive(Clone, Copy, ValueEnum)]
+enum Count {
+    /// The inputs holding the page (once per input).
+    Inputs,
+    /// Every occurrence of the page, in all inputs.
+    Occurrences,
+}
+
+/// What `push` and `verify` are given.
+#[derive(Args)]
+struct RingArgs {
+    /// The ring's nodes: comma-separated redis://[[USER]:PASSWORD@]HOST:PORT or
+    /// rediss:// URLs, or @FILE of them (keeps passwords out of the process list); the
+    /// proxies' list, in any order.
+    #[arg(long, value_name = "URLS|@FILE")]
+    nodes: String,
+    /// Copies of each template on the ring.
+    #[arg(long, value_name = "R", default_value_t = DEFAULT_REPLICAS)]
+    replicas: usize,
+    #[command(flatten)]
+    tls: RedisTlsArgs,
+    /// The catalog file.
+    #[arg(value_name = "CATALOG")]
+    catalog: String,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("build") => match parse_build(&args[1..]) {
-            Some((threshold, out, inputs)) => build(threshold, &out, &inputs),
-            None => return usage(),
-        },
-        Some("info") if args.len() == 2 => info(&args[1]),
-        Some(cmd @ ("push" | "verify")) => match parse_ring(&args[1..]) {
-            Some(ring_args) => ring(cmd, &ring_args),
-            None => return usage(),
-        },
-        _ => return usage(),
+    let result = match Cli::parse().command {
+        Command::Build(a) => {
+            let threshold = match a.count {
+                Count::Inputs => Threshold::Inputs(a.threshold),
+                Count::Occurrences => Threshold::Occurrences(a.threshold),
+            };
+            build(threshold, &a.out, &a.inputs)
+        }
+        Command::Info { catalog } => info(&catalog),
+        Command::Push(a) => ring("push", &a),
+        Command::Verify(a) => ring("verify", &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,29 +149,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn usage() -> ExitCode {
-    eprintln!("{USAGE}");
-    ExitCode::from(2)
-}
-
-/// The threshold, the output path and the inputs of `build`.
-fn parse_build(args: &[String]) -> Option<(Threshold, String, Vec<String>)> {
-    let (mut threshold, mut count, mut out, mut inputs) = (None, "inputs", None, Vec::new());
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--threshold" => threshold = Some(args.next()?.parse::<u32>().ok()?),
-            "--count" => count = args.next()?.as_str(),
-            "--out" => out = Some(args.next()?.clone()),
-            _ => inputs.push(arg.clone()),
-        }
-    }
-    let threshold = match count {
-        "inputs" => Threshold::Inputs(threshold?),
-        "occurrences" => Threshold::Occurrences(threshold?),
-        _ => return None,
-    };
-    (!inputs.is_empty()).then_some((threshold, out?, inputs))
+/// A closed stdout is no error (see `out`); any other failure to print is.
+fn printed(result: std::io::Result<()>) -> Result<(), String> {
+    result.map_err(|e| format!("stdout: {e}"))
 }
 
 fn build(threshold: Threshold, out: &str, inputs: &[String]) -> Result<(), String> {
@@ -103,30 +163,46 @@ fn build(threshold: Threshold, out: &str, inputs: &[String]) -> Result<(), Strin
             InputKind::QemuStream => "QEMU stream",
             InputKind::RawImage => "raw image",
         };
-        println!(
+        printed(outln!(
             "{path}: {kind}, {} pages ({} zero)",
-            stats.pages, stats.zero_pages
-        );
+            stats.pages,
+            stats.zero_pages
+        ))?;
     }
     let distinct = builder.distinct();
     let catalog = builder.build().map_err(|e| e.to_string())?;
-    catalog.save(out).map_err(|e| format!("{out}: {e}"))?;
+    if catalog.is_empty() {
+        let (count, what) = match threshold {
+            Threshold::Inputs(t) => (t, "inputs"),
+            Threshold::Occurrences(t) => (t, "occurrences"),
+        };
+        return Err(format!(
+            "no page reaches the threshold (--threshold {count} --count {what}) among the \
+             {distinct} distinct non-zero pages of the {} inputs: {out} not written",
+            inputs.len()
+        ));
+    }
+    let (partial, file) = Output::create(out).map_err(|e| format!("{out}: {e}"))?;
+    catalog.write_to(&file).map_err(|e| format!("{out}: {e}"))?;
+    drop(file);
+    partial.commit().map_err(|e| format!("{out}: {e}"))?;
     let bytes = std::fs::metadata(out).map_err(|e| e.to_string())?.len();
-    println!(
+    printed(outln!(
         "kept {} templates of {distinct} distinct non-zero pages ({threshold:?})",
         catalog.len()
-    );
-    println!(
+    ))?;
+    printed(outln!(
         "wrote {out}: {bytes} bytes in {:.3} s",
         started.elapsed().as_secs_f64()
-    );
-    println!("id {}", catalog.id());
-    Ok(())
+    ))?;
+    printed(outln!("id {}", catalog.id()))
 }
 
 fn info(path: &str) -> Result<(), String> {
     let fail = |e: migstream::Error| format!("{path}: {e}");
-    let bytes = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .len();
     let started = Instant::now();
     let catalog = Catalog::load(path).map_err(fail)?;
     let load = started.elapsed().as_secs_f64();
@@ -134,71 +210,32 @@ fn info(path: &str) -> Result<(), String> {
     let index = TemplateIndex::load(path).map_err(fail)?;
     let index_load = started.elapsed().as_secs_f64();
     let gbps = |seconds: f64| bytes as f64 / seconds / 1e9;
-    println!("{path}: template catalog version {}", format::VERSION);
-    println!("  page size  {}", catalog.page_size());
-    println!("  templates  {}", catalog.len());
-    println!("  id         {}", catalog.id());
-    println!("  size       {bytes} bytes");
-    println!(
-        "  load       {load:.3} s, {:.2} GB/s, verified ok",
-        gbps(load)
-    );
-    println!(
-        "  index      {index_load:.3} s, {:.2} GB/s, {} bytes ({:.1} per template)",
-        gbps(index_load),
-        index.heap_bytes(),
-        index.heap_bytes() as f64 / catalog.len().max(1) as f64
-    );
-    Ok(())
-}
-
-/// What `push` and `verify` are given.
-struct RingArgs {
-    /// `--nodes`: URLs or `@FILE`.
-    nodes: String,
-    replicas: usize,
-    redis_ca: Option<String>,
-    redis_cert: Option<String>,
-    redis_key: Option<String>,
-    catalog: String,
-}
-
-fn parse_ring(args: &[String]) -> Option<RingArgs> {
-    let (mut nodes, mut replicas, mut catalog) = (None, DEFAULT_REPLICAS, None);
-    let (mut redis_ca, mut redis_cert, mut redis_key) = (None, None, None);
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--nodes" => nodes = Some(args.next()?.clone()),
-            "--replicas" => replicas = args.next()?.parse().ok()?,
-            "--redis-ca" => redis_ca = Some(args.next()?.clone()),
-            "--redis-cert" => redis_cert = Some(args.next()?.clone()),
-            "--redis-key" => redis_key = Some(args.next()?.clone()),
-            _ if catalog.is_none() => catalog = Some(arg.clone()),
-            _ => return None,
-        }
-    }
-    Some(RingArgs {
-        nodes: nodes?,
-        replicas,
-        redis_ca,
-        redis_cert,
-        redis_key,
-        catalog: catalog?,
-    })
+    let lines = || -> std::io::Result<()> {
+        outln!("{path}: template catalog version {}", format::VERSION)?;
+        outln!("  page size  {}", catalog.page_size())?;
+        outln!("  templates  {}", catalog.len())?;
+        outln!("  id         {}", catalog.id())?;
+        outln!("  size       {bytes} bytes")?;
+        outln!(
+            "  load       {load:.3} s, {:.2} GB/s, verified ok",
+            gbps(load)
+        )?;
+        outln!(
+            "  index      {index_load:.3} s, {:.2} GB/s, {} bytes ({:.1} per template)",
+            gbps(index_load),
+            index.heap_bytes(),
+            index.heap_bytes() as f64 / catalog.len().max(1) as f64
+        )
+    };
+    printed(lines())
 }
 
 /// `push` or `verify` over the ring of Redis servers `args` names.
 fn ring(cmd: &str, args: &RingArgs) -> Result<(), String> {
     let path = &args.catalog;
     let catalog = Catalog::load(path).map_err(|e| format!("{path}: {e}"))?;
-    let nodes = templates::node_urls(&args.nodes).map_err(|e| e.to_string())?;
-    let options = templates::dht_options(
-        args.redis_ca.as_deref(),
-        args.redis_cert.as_deref(),
-        args.redis_key.as_deref(),
-    )
-    .map_err(|e| e.to_string())?;
+    let nodes = templates::node_urls(&args.nodes).map_err(|e| format!("--nodes: {e}"))?;
+    let options = templates::dht_options(&args.tls).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -206,13 +243,13 @@ fn ring(cmd: &str, args: &RingArgs) -> Result<(), String> {
     let replicas = args.replicas;
     let cluster = Cluster::redis(&nodes, replicas, options).map_err(|e| e.to_string())?;
     let cluster = Arc::new(cluster);
-    println!(
+    printed(outln!(
         "{path}: {} templates of {} bytes, id {}; {} nodes, {replicas} replicas",
         catalog.len(),
         catalog.page_size(),
         catalog.id(),
         nodes.len()
-    );
+    ))?;
     runtime.block_on(async {
         match cmd {
             "push" => push(&cluster, &catalog).await,
@@ -226,17 +263,16 @@ async fn push(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     for (node, templates) in &report.per_node {
-        println!("  {node}: {templates} templates");
+        printed(outln!("  {node}: {templates} templates"))?;
     }
     let seconds = report.elapsed.as_secs_f64();
     let copies: usize = report.per_node.iter().map(|n| n.1).sum();
-    println!(
+    printed(outln!(
         "pushed {} templates ({copies} copies, manifest on every node) in {seconds:.3} s, {:.0} copies/s, {:.1} MB/s",
         report.templates,
         copies as f64 / seconds,
         (copies * catalog.page_size()) as f64 / seconds / 1e6
-    );
-    Ok(())
+    ))
 }
 
 async fn verify(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<(), String> {
@@ -245,7 +281,7 @@ async fn verify(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<(), String>
         .await
         .map_err(|e| e.to_string())?;
     for n in &report.nodes {
-        println!(
+        printed(outln!(
             "  {}: {} assigned, {} present, {} missing, {} wrong, manifest {}, current {}{}",
             n.name,
             n.assigned,
@@ -257,15 +293,15 @@ async fn verify(cluster: &Arc<Cluster>, catalog: &Catalog) -> Result<(), String>
             n.error
                 .as_ref()
                 .map_or(String::new(), |e| format!(", error: {e}"))
-        );
+        ))?;
     }
-    println!(
+    printed(outln!(
         "balance {:.3} (max/mean templates per node), {} copies missing or wrong, {} templates lost, in {:.3} s",
         report.balance(),
         report.missing(),
         report.lost,
         started.elapsed().as_secs_f64()
-    );
+    ))?;
     match report.ok() {
         true => Ok(()),
         false => Err(format!(

@@ -2,18 +2,23 @@
 //!
 //! ```text
 //! cargo run --release --example dedup -- encode [--catalog C] IN.mig OUT.mz
-//! cargo run --release --example dedup -- decode [--catalog C | --dht URLS [--replicas R]] IN.mz OUT.mig
+//! cargo run --release --example dedup -- decode [--catalog C | --dht URLS|@FILE [--replicas R] [--dht-catalog ID] [TLS]] IN.mz OUT.mig
 //! cargo run --release --features zstd --example dedup -- encode --zstd 3 IN.mig OUT.mz
 //! cargo run --release --example dedup -- encode --lz4-acceleration 4 IN.mig OUT.mz
 //! ```
 //!
+//! `dedup --help` and `dedup encode|decode --help` list every option; decode's ring
+//! flags (`--dht`, `--replicas`, `--dht-catalog`, and TLS: `--redis-ca`,
+//! `--redis-cert`, `--redis-key`) are `proxy destination`'s.
 //! `--lz4-acceleration N` compresses with migstream's own LZ4 encoder, probing every
 //! N-th position at first: less CPU for a few % more bytes (`Compression::Lz4Accelerated`).
 //!
 //! Both stream with bounded memory (1 MiB reads) and end with a line
 //! `in <BYTES> bytes out <BYTES> bytes ratio <R> <X.XX> GB/s` and the pages by kind.
-//! `decode(encode(x))` is byte-identical to `x`; decode fails, writing nothing past
-//! the damage, on any corruption.
+//! `decode(encode(x))` is byte-identical to `x`; decode fails on any corruption.
+//! Both write to a temporary file beside OUT, renamed to OUT once complete: on
+//! failure, no OUT appears (and an OUT already there is left as it was). A closed
+//! stdout (`| head`) ends the printing, not the work.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,24 +27,88 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use clap::{Args, Parser, Subcommand};
 use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, Stats};
-use migstream::dht::DEFAULT_REPLICAS;
 use migstream::qemu::QemuDecoder;
 use migstream::relay::{self, Progress};
 use migstream::resolve::TemplateStore;
 use migstream::template::TemplateIndex;
 use tokio::io::BufWriter;
 
+#[path = "support/out.rs"]
+mod out;
+#[path = "support/output.rs"]
+mod output;
 #[path = "support/mod.rs"]
 mod support;
 #[path = "support/templates.rs"]
 mod templates;
 
+use out::outln;
+use output::Output;
 use support::{READ, read_into};
-use templates::template_store;
+use templates::{DhtArgs, template_store};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Deduplicate a QEMU migration stream file, and rebuild it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deduplicates and compresses a QEMU migration stream file.
+    Encode(EncodeArgs),
+    /// Rebuilds the QEMU migration stream, byte-identical, from an encoded file.
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+struct EncodeArgs {
+    /// Template catalog file: its pages are sent as references.
+    #[arg(long, value_name = "FILE")]
+    catalog: Option<String>,
+    /// zstd batches at this level (with the zstd feature).
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        allow_negative_numbers = true,
+        conflicts_with = "lz4_acceleration"
+    )]
+    zstd: Option<i32>,
+    /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
+    #[arg(long, value_name = "N")]
+    lz4_acceleration: Option<u32>,
+    /// The QEMU migration stream to read.
+    #[arg(value_name = "IN.mig")]
+    input: String,
+    /// The encoded file to write.
+    #[arg(value_name = "OUT.mz")]
+    output: String,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// Template catalog file: the encoder's.
+    #[arg(long, value_name = "FILE")]
+    catalog: Option<String>,
+    // the ring of Redis nodes to fetch templates from, instead of --catalog
+    #[command(flatten)]
+    dht: DhtArgs,
+    /// The encoded file to read.
+    #[arg(value_name = "IN.mz")]
+    input: String,
+    /// The QEMU migration stream to write.
+    #[arg(value_name = "OUT.mig")]
+    output: String,
+}
 
 fn main() -> ExitCode {
-    match run(std::env::args().skip(1).collect()) {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dedup: {e}");
@@ -48,52 +117,31 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: dedup encode [--catalog C] [--zstd LEVEL | --lz4-acceleration N] IN.mig OUT.mz | \
-dedup decode [--catalog C | --dht URLS [--replicas R]] IN.mz OUT.mig";
-
-fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
-    let (mut catalog, mut zstd, mut files) = (None, None, Vec::new());
-    let mut acceleration = None;
-    let (mut dht, mut replicas) = (None, DEFAULT_REPLICAS);
-    let mut args = args.into_iter();
-    let command = args.next().ok_or(USAGE)?;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--catalog" => catalog = Some(args.next().ok_or(USAGE)?),
-            "--zstd" => zstd = Some(args.next().ok_or(USAGE)?.parse::<i32>()?),
-            "--lz4-acceleration" => acceleration = Some(args.next().ok_or(USAGE)?.parse::<u32>()?),
-            "--dht" => dht = Some(args.next().ok_or(USAGE)?),
-            "--replicas" => replicas = args.next().ok_or(USAGE)?.parse()?,
-            _ => files.push(arg),
-        }
-    }
-    let [input, output] = &files[..] else {
-        return Err(USAGE.into());
-    };
-    match command.as_str() {
-        "encode" => {
-            let mut enc = match &catalog {
-                Some(path) => DedupEncoder::with_templates(Arc::new(TemplateIndex::load(path)?)),
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Encode(a) => {
+            let mut enc = match &a.catalog {
+                Some(path) => DedupEncoder::with_templates(Arc::new(
+                    TemplateIndex::load(path).map_err(|e| format!("--catalog {path}: {e}"))?,
+                )),
                 None => DedupEncoder::with_default_resolvers(),
             };
-            match (zstd, acceleration) {
-                (Some(_), Some(_)) => return Err(USAGE.into()),
-                (Some(level), None) => enc = with_zstd(enc, level)?,
+            match (a.zstd, a.lz4_acceleration) {
+                (Some(level), _) => enc = with_zstd(enc, level)?,
                 (None, Some(n)) => enc = enc.with_compression(Compression::Lz4Accelerated(n)),
                 (None, None) => {}
             }
-            encode(input, output, enc)
+            encode(&a.input, &a.output, enc)
         }
-        "decode" => {
+        Command::Decode(a) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let store = template_store(catalog.as_deref(), dht.as_deref(), replicas).await?;
-                decode(input, output, store).await
+                let store = template_store(a.catalog.as_deref(), &a.dht).await?;
+                decode(&a.input, &a.output, store).await
             })
         }
-        _ => Err(USAGE.into()),
     }
 }
 
@@ -113,7 +161,8 @@ fn encode(
     mut enc: DedupEncoder,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    let (mut file, mut out) = (File::open(input)?, File::create(output)?);
+    let mut file = File::open(input).map_err(|e| format!("{input}: {e}"))?;
+    let (partial, mut out) = Output::create(output).map_err(|e| format!("{output}: {e}"))?;
     let mut records = QemuDecoder::new();
     let (mut buf, mut wire) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
     let mut at_end = false;
@@ -134,12 +183,14 @@ fn encode(
     }
     enc.finish(&mut wire)?;
     out.write_all(&wire)?;
+    drop(out);
+    partial.commit().map_err(|e| format!("{output}: {e}"))?;
     report(
         enc.stats(),
         enc.stats().qemu_bytes,
         enc.stats().wire_bytes,
         started,
-    );
+    )?;
     Ok(())
 }
 
@@ -161,30 +212,34 @@ async fn decode(
         }
         None => (DedupDecoder::with_default_resolvers(), None),
     };
-    let file = tokio::fs::File::open(input).await?;
-    let out = BufWriter::with_capacity(READ, tokio::fs::File::create(output).await?);
+    let file = tokio::fs::File::open(input)
+        .await
+        .map_err(|e| format!("{input}: {e}"))?;
+    let (partial, out) = Output::create(output).map_err(|e| format!("{output}: {e}"))?;
+    let out = BufWriter::with_capacity(READ, tokio::fs::File::from_std(out));
     let progress = Progress::default();
     relay::decode_stream(file, out, &mut dec, fetch.as_deref_mut(), &progress).await?;
+    partial.commit().map_err(|e| format!("{output}: {e}"))?;
     report(
         dec.stats(),
         dec.stats().wire_bytes,
         dec.stats().qemu_bytes,
         started,
-    );
+    )?;
     Ok(())
 }
 
-fn report(stats: &Stats, bytes_in: u64, bytes_out: u64, started: Instant) {
+fn report(stats: &Stats, bytes_in: u64, bytes_out: u64, started: Instant) -> std::io::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let qemu = stats.qemu_bytes as f64;
-    println!(
+    outln!(
         "in {bytes_in} bytes out {bytes_out} bytes ratio {:.4} {:.2} GB/s",
         stats.ratio(),
         qemu / seconds / 1e9
-    );
+    )?;
     let pages: Vec<String> = stats
         .named_pages()
         .map(|(name, n)| format!("{name} {n}"))
         .collect();
-    println!("pages {}", pages.join(", "));
+    outln!("pages {}", pages.join(", "))
 }

@@ -4,7 +4,10 @@
 //! ```text
 //! cargo run --release --example demo            # needs nothing but Rust
 //! cargo run --release --example demo -- --qemu  # two real QEMUs (harness/setup.sh first)
+//! cargo run --release --example demo -- --qemu --workload fill --mem 512
 //! ```
+//!
+//! `demo --help` lists the options.
 //!
 //! With no arguments, everything happens in this process:
 //!
@@ -22,13 +25,20 @@
 //!
 //! `--qemu` runs the same modes with real QEMUs and the proxy binary through the
 //! project's harness ([`real_qemu`]).
+//!
+//! The demo stops quietly (exit status 0) once nobody reads what it prints:
+//! `demo | head -3`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use migstream::template::{Catalog, CatalogBuilder, Threshold};
+
+#[path = "support/out.rs"]
+mod out;
 
 #[path = "demo/guest.rs"]
 mod guest;
@@ -48,6 +58,7 @@ mod table;
 use guest::{DB, Guest, WEB};
 use host_files::HostFiles;
 use modes::{Mode, Templates};
+use out::outln;
 use stream::QemuStream;
 use table::Row;
 
@@ -59,16 +70,37 @@ const GUEST_MIB: u32 = 192;
 /// Templates are the pages found in at least this many catalog guests.
 const CATALOG_THRESHOLD: u32 = 2;
 
-const USAGE: &str = "usage: demo [--qemu [--workload idle|fill|dup|dirty] [--mem MIB]]";
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Live-migrate VMs through the two dedup proxies and see what crosses the link"
+)]
+struct Cli {
+    /// Run with two real QEMUs and the proxy binary, through the project's harness
+    /// (harness/setup.sh first), instead of in this process.
+    #[arg(long)]
+    qemu: bool,
+    /// What the --qemu guest does while it migrates.
+    #[arg(
+        long,
+        value_name = "WORKLOAD",
+        value_parser = ["idle", "fill", "dup", "dirty"],
+        default_value = "dup",
+        requires = "qemu"
+    )]
+    workload: String,
+    /// The --qemu guest's RAM, MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256, requires = "qemu")]
+    mem: u32,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let outcome = match args.first().map(String::as_str) {
-        None => tokio::runtime::Runtime::new()
+    let cli = Cli::parse();
+    let outcome = match cli.qemu {
+        false => tokio::runtime::Runtime::new()
             .map_err(Error::from)
             .and_then(|rt| rt.block_on(in_process())),
-        Some("--qemu") => real_qemu::run(&args[1..]),
-        Some(_) => Err(USAGE.into()),
+        true => real_qemu::run(&cli.workload, cli.mem),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,10 +114,10 @@ fn main() -> ExitCode {
 /// The demo with no arguments: guests, catalog and both ends in this process.
 async fn in_process() -> Result<(), Error> {
     let started = Instant::now();
-    println!("migstream demo: VMs live-migrated through the two dedup ends over loopback TCP\n");
+    outln!("migstream demo: VMs live-migrated through the two dedup ends over loopback TCP\n")?;
     let files = Arc::new(HostFiles::load());
     let (os, data) = (&files.os, &files.data);
-    println!(
+    outln!(
         "shared software  {:.1} MiB OS image ({} files of {}), {:.1} MiB data files ({} files of {})",
         mib(os.len()),
         os.files.len(),
@@ -93,7 +125,10 @@ async fn in_process() -> Result<(), Error> {
         mib(data.len()),
         data.files.len(),
         data.origin
-    );
+    )?;
+    if out::closed() {
+        return Ok(()); // nobody reads on (`demo | head`)
+    }
     let guest = |name: &str, profile, seed| {
         Arc::new(Guest::new(name, profile, GUEST_MIB, seed, files.clone()))
     };
@@ -109,7 +144,7 @@ async fn in_process() -> Result<(), Error> {
     let dir = TempDir::new()?;
     let catalog = build_catalog(&in_catalog, &dir.0)?;
     drop(dir);
-    println!(
+    outln!(
         "catalog          {} templates ({:.1} MiB) from {} guests of {GUEST_MIB} MiB, {}: the pages \
          found in at least {CATALOG_THRESHOLD} of them, built in {:.1} s",
         catalog.len(),
@@ -117,34 +152,40 @@ async fn in_process() -> Result<(), Error> {
         in_catalog.len(),
         names(&in_catalog),
         building.elapsed().as_secs_f64()
-    );
+    )?;
+    if out::closed() {
+        return Ok(());
+    }
     let templates = Templates::new(catalog).await?;
     let held: Vec<String> = templates
         .nodes
         .iter()
         .map(|n| n.len().to_string())
         .collect();
-    println!(
+    outln!(
         "DHT ring         3 in-process nodes holding {} keys (each template on 2 nodes)",
         held.join(" + ")
-    );
-    println!(
+    )?;
+    outln!(
         "migrated         {}: {GUEST_MIB} MiB each + {:.0} MiB firmware and video memory, not in the catalog; \
          {} passes (the later ones resend what the guest dirtied meanwhile)\n",
         names(&migrated),
         mib(migrated[0].ram_bytes()) - f64::from(GUEST_MIB),
         guest::PASSES
-    );
+    )?;
 
     let mut rows = Vec::new();
     for guest in &migrated {
         for mode in Mode::ALL {
             rows.push(migrate(guest, mode, &templates).await?);
+            if out::closed() {
+                return Ok(());
+            }
         }
     }
-    println!();
-    table::print(&rows);
-    conclude(&rows, started);
+    outln!()?;
+    table::print(&rows)?;
+    conclude(&rows, started)?;
     Ok(())
 }
 
@@ -184,17 +225,17 @@ async fn migrate(guest: &Arc<Guest>, mode: Mode, templates: &Templates) -> Resul
     }
     if mode == Mode::ALL[0] {
         let (pages, zero_pages) = run.pages;
-        println!(
+        outln!(
             "{} ({}): QEMU sends {:.1} MB, {pages} pages + {zero_pages} zero pages in {} passes, BLAKE3 {}",
             guest.name,
             guest.profile.kind,
             table::mb(run.sent.bytes),
             guest::PASSES,
             &run.sent.hash.to_hex()[..16],
-        );
+        )?;
     }
     let fetched = templates.fetched().iter().sum::<u64>() - fetched_before;
-    println!(
+    outln!(
         "  {:<28} delivered byte-exact (same BLAKE3) in {:.2} s{}",
         mode.label(),
         run.elapsed.as_secs_f64(),
@@ -202,7 +243,7 @@ async fn migrate(guest: &Arc<Guest>, mode: Mode, templates: &Templates) -> Resul
             Mode::Dht => format!("; {fetched} templates fetched from the ring"),
             _ => String::new(),
         }
-    );
+    )?;
     Ok(Row {
         guest: guest.name.clone(),
         mode: mode.label(),
@@ -215,7 +256,7 @@ async fn migrate(guest: &Arc<Guest>, mode: Mode, templates: &Templates) -> Resul
 
 /// The one-line conclusion: per guest, the share of QEMU's bytes that crossed the
 /// link with LZ4 alone and with every resolver and the DHT's templates.
-fn conclude(rows: &[Row], started: Instant) {
+fn conclude(rows: &[Row], started: Instant) -> std::io::Result<()> {
     let share = |guest: &str, mode: Mode| {
         let row = rows
             .iter()
@@ -231,14 +272,14 @@ fn conclude(rows: &[Row], started: Instant) {
             .collect::<Vec<_>>()
             .join(" and ")
     };
-    println!(
+    outln!(
         "\nAll {} migrations arrived byte-exact in {:.0} s. What crossed the link, of what QEMU sent: \
          {} with every resolver and templates from the DHT ring, against {} with LZ4 alone.",
         rows.len(),
         started.elapsed().as_secs_f64(),
         each(Mode::Dht),
         each(Mode::Lz4),
-    );
+    )
 }
 
 /// "name (profile), ..." of `guests`.

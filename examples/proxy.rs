@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use migstream::dedup::{Compression, Resolvers, Stats};
-use migstream::dht::DEFAULT_REPLICAS;
 use migstream::relay::net::{Conn, Endpoint};
 use migstream::relay::tls::{TlsClient, TlsIdentity, TlsServer};
 use migstream::relay::{
@@ -41,7 +40,7 @@ use migstream::template::{Catalog, TemplateIndex};
 #[path = "support/templates.rs"]
 mod templates;
 
-use templates::{DhtArgs, template_store_with};
+use templates::{DhtArgs, template_store};
 
 #[derive(Parser)]
 #[command(
@@ -148,27 +147,9 @@ struct DestinationArgs {
         requires = "tls_cert"
     )]
     tls_allow: Vec<String>,
-    /// Templates from this ring of Redis nodes: comma-separated
-    /// redis://[[USER]:PASSWORD@]HOST:PORT or rediss:// URLs, or @FILE of them (keeps
-    /// passwords out of the process list).
-    #[arg(long, value_name = "URLS|@FILE", conflicts_with = "catalog")]
-    dht: Option<String>,
-    /// Copies of each template on the ring, as pushed.
-    #[arg(long, value_name = "R", default_value_t = DEFAULT_REPLICAS)]
-    replicas: usize,
-    /// Serve this catalog of the ring (64 hex digits, as `catalog info` prints it)
-    /// instead of the one the nodes name current.
-    #[arg(long, value_name = "ID", requires = "dht")]
-    dht_catalog: Option<String>,
-    /// Trust only this CA (PEM) for rediss:// nodes [default: the system's roots].
-    #[arg(long, value_name = "PEM", requires = "dht")]
-    redis_ca: Option<String>,
-    /// Client certificate (PEM) for rediss:// nodes that ask for one.
-    #[arg(long, value_name = "PEM", requires_all = ["dht", "redis_key"])]
-    redis_cert: Option<String>,
-    /// Its key (PEM).
-    #[arg(long, value_name = "PEM", requires = "redis_cert")]
-    redis_key: Option<String>,
+    // the ring of Redis nodes to fetch templates from, instead of --catalog
+    #[command(flatten)]
+    dht: DhtArgs,
     /// Seconds without a catalog offered after the template store failed a migration.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
     template_cooldown: f64,
@@ -351,15 +332,7 @@ async fn destination_proxy(
         Some(identity) => Some(TlsServer::new(identity, &a.tls_allow)?),
         None => None,
     };
-    let dht = a.dht.as_ref().map(|urls| DhtArgs {
-        urls: urls.clone(),
-        replicas: a.replicas,
-        catalog: a.dht_catalog.clone(),
-        redis_ca: a.redis_ca.clone(),
-        redis_cert: a.redis_cert.clone(),
-        redis_key: a.redis_key.clone(),
-    });
-    let store = template_store_with(a.common.catalog.as_deref(), dht.as_ref()).await?;
+    let store = template_store(a.common.catalog.as_deref(), &a.dht).await?;
     let mut config = DestinationConfig::default().with_timeouts(timeouts);
     if let Some(store) = store {
         config = config.with_templates(store);

@@ -20,6 +20,7 @@ use migstream::template::{Catalog, CatalogBuilder, Threshold};
 use serde_json::Value;
 
 use super::modes::Mode;
+use super::out::{self, outln};
 use super::table::{self, Row};
 use super::{Error, TempDir};
 
@@ -35,58 +36,47 @@ struct Guest {
     mem: u32,
 }
 
-pub(crate) fn run(args: &[String]) -> Result<(), Error> {
-    let guest = parse(args)?;
+/// Runs every mode with a guest of `mem` MiB doing `workload` (the `--workload`
+/// and `--mem` the demo was given, checked there).
+pub(crate) fn run(workload: &str, mem: u32) -> Result<(), Error> {
+    let guest = Guest {
+        workload: workload.to_string(),
+        mem,
+    };
     let lab = Lab::find()?;
     let dir = TempDir::new()?;
-    println!(
+    outln!(
         "migstream demo --qemu: a {} MiB `{}` guest live-migrated between two QEMU 10.0 \
          through {}, the proxies' link over mutual TLS (a throwaway CA per run: \
          destination dest.test, source source.test)\n",
         guest.mem,
         guest.workload,
         lab.proxy.display()
-    );
+    )?;
     let catalog = lab.catalog(&dir.0)?;
     let ring = Ring::start(&dir.0, &catalog)?;
     let mut rows = Vec::new();
     for mode in Mode::ALL {
         let dht = ring.as_ref().map(|r| r.urls.as_str());
         if mode == Mode::Dht && dht.is_none() {
-            println!(
+            outln!(
                 "{:<28} not run: no redis-server (scripts/test.sh installs it)",
                 mode.label()
-            );
+            )?;
             continue;
         }
         rows.push(lab.migrate(&guest, mode, &catalog, dht, &dir.0)?);
-    }
-    println!();
-    table::print(&rows);
-    println!(
-        "\nAll {} migrations completed through the proxies with the guest's data intact.",
-        rows.len()
-    );
-    Ok(())
-}
-
-fn parse(args: &[String]) -> Result<Guest, Error> {
-    let mut guest = Guest {
-        workload: "dup".into(),
-        mem: 256,
-    };
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let value = args.next().ok_or(super::USAGE)?;
-        match arg.as_str() {
-            "--workload" if ["idle", "fill", "dup", "dirty"].contains(&value.as_str()) => {
-                guest.workload = value.clone()
-            }
-            "--mem" => guest.mem = value.parse()?,
-            _ => return Err(super::USAGE.into()),
+        if out::closed() {
+            return Ok(()); // nobody reads on (`demo --qemu | head`)
         }
     }
-    Ok(guest)
+    outln!()?;
+    table::print(&rows)?;
+    outln!(
+        "\nAll {} migrations completed through the proxies with the guest's data intact.",
+        rows.len()
+    )?;
+    Ok(())
 }
 
 impl Lab {
@@ -156,7 +146,7 @@ impl Lab {
     fn catalog(&self, dir: &Path) -> Result<PathBuf, Error> {
         let mut builder = CatalogBuilder::new(Threshold::Inputs(2));
         for input in ["idle-1", "idle-2"] {
-            println!("capturing the migration stream of idle guest {input} for the catalog ...");
+            outln!("capturing the migration stream of idle guest {input} for the catalog ...")?;
             let stream = dir.join(format!("{input}.mig"));
             let args = [
                 "capture-file",
@@ -173,10 +163,10 @@ impl Lab {
         let catalog = builder.build()?;
         let path = dir.join("templates.cat");
         catalog.save(&path)?;
-        println!(
+        outln!(
             "catalog: {} templates found in both idle guests\n",
             catalog.len()
-        );
+        )?;
         Ok(path)
     }
 
@@ -189,7 +179,7 @@ impl Lab {
         dht: Option<&str>,
         dir: &Path,
     ) -> Result<Row, Error> {
-        println!("{:<28} migrating through the proxies ...", mode.label());
+        outln!("{:<28} migrating through the proxies ...", mode.label())?;
         let report = dir.join(format!("{mode:?}.json"));
         let mem = guest.mem.to_string();
         let proxy = path(&self.proxy)?;
@@ -244,14 +234,14 @@ impl Lab {
             .into());
         }
         let total_ms = number(&r["migration"]["total-time"]);
-        println!(
+        outln!(
             "{:<28} guest data checksum {} before and after; QEMU: total {:.1} s, downtime {} ms; \
              link: mutual TLS",
             "",
             ready.as_str().unwrap_or("?"),
             total_ms as f64 / 1e3,
             number(&r["migration"]["downtime"]),
-        );
+        )?;
         Ok(Row {
             guest: guest.workload.clone(),
             mode: mode.label(),
@@ -343,10 +333,10 @@ impl Ring {
         let runtime = tokio::runtime::Runtime::new()?;
         let pushed = runtime.block_on(dht::push(&cluster, &catalog))?;
         let held: Vec<String> = pushed.per_node.iter().map(|(_, n)| n.to_string()).collect();
-        println!(
+        outln!(
             "DHT ring: 3 redis-servers holding {} templates\n",
             held.join(" + ")
-        );
+        )?;
         ring.urls = urls.join(",");
         Ok(Some(ring))
     }

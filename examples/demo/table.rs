@@ -3,6 +3,8 @@
 use migstream::dedup::Stats;
 use migstream::resolve::tag;
 
+use crate::out::outln;
+
 /// One migration's figures.
 #[derive(Debug, Clone)]
 pub(crate) struct Row {
@@ -29,9 +31,9 @@ pub(crate) fn pages(stats: &Stats) -> [u64; 5] {
 }
 
 /// Prints the rows, one guest after the other.
-pub(crate) fn print(rows: &[Row]) {
+pub(crate) fn print(rows: &[Row]) -> std::io::Result<()> {
     let kinds = tag::NAMED.map(|(name, _)| name);
-    println!(
+    outln!(
         "{:<8} {:<28} {:>9} {:>9} {:>6} {:>6} {:>7} | pages by how they travelled: {}",
         "guest",
         "mode",
@@ -41,10 +43,10 @@ pub(crate) fn print(rows: &[Row]) {
         "less",
         "time",
         kinds.join(" / ")
-    );
+    )?;
     for row in rows {
         let pages: Vec<String> = row.pages.iter().map(|n| n.to_string()).collect();
-        println!(
+        outln!(
             "{:<8} {:<28} {:>9.1} {:>9.1} {:>6.3} {:>5.1}x {:>6.2}s | {}",
             row.guest,
             row.mode,
@@ -54,8 +56,9 @@ pub(crate) fn print(rows: &[Row]) {
             1.0 / row.ratio().max(1e-9),
             row.seconds,
             pages.join(" / "),
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Megabytes (10^6 bytes, as the proxies print them).

@@ -1,7 +1,8 @@
 //! Where a destination gets template pages: `--catalog FILE` or `--dht URLS`, and
 //! how the examples reach a ring of Redis nodes (shared with `catalog push|verify`).
 //!
-//! The ring flags, as the examples spell them:
+//! The ring flags, as the examples spell them ([`DhtArgs`], flattened into
+//! `proxy destination` and `dedup decode`):
 //!
 //! - `--dht URLS` (`--nodes` for `catalog`): comma-separated
 //!   `redis://[[USER]:PASSWORD@]HOST:PORT` or `rediss://...` URLs, or `@FILE`, a
@@ -14,78 +15,90 @@
 //!   system's roots);
 //! - `--redis-cert PEM --redis-key PEM`: the client certificate and key shown to
 //!   `rediss://` nodes that ask for one.
+//!
+//! The three TLS flags are [`RedisTlsArgs`], which `catalog push|verify` flatten
+//! too; [`dht_options`] turns them into the ring's options.
 
 use std::error::Error;
 use std::sync::Arc;
 
-use migstream::dht::{DhtOptions, DhtTemplates, RedisTls};
+use clap::Args;
+use migstream::dht::{DEFAULT_REPLICAS, DhtOptions, DhtTemplates, RedisTls};
 use migstream::resolve::{TemplateRestore, TemplateStore};
 use migstream::template::{Catalog, CatalogId};
 
-/// How a destination reaches its ring (see the module's list of flags).
-#[derive(Debug, Clone, Default)]
+/// How a destination reaches its ring (see the module's list of flags). The
+/// command that flattens it must have a `--catalog` of its own: `--dht` conflicts
+/// with it.
+#[derive(Debug, Clone, Args)]
 pub(crate) struct DhtArgs {
-    /// `--dht`: the node URLs, or `@FILE`.
-    pub(crate) urls: String,
-    /// `--replicas`.
+    /// Templates from this ring of Redis nodes: comma-separated
+    /// redis://[[USER]:PASSWORD@]HOST:PORT or rediss:// URLs, or @FILE of them (keeps
+    /// passwords out of the process list).
+    #[arg(long, value_name = "URLS|@FILE", conflicts_with = "catalog")]
+    pub(crate) dht: Option<String>,
+    /// Copies of each template on the ring, as pushed.
+    #[arg(long, value_name = "R", default_value_t = DEFAULT_REPLICAS)]
     pub(crate) replicas: usize,
-    /// `--dht-catalog`: the pinned catalog id, in hex.
-    pub(crate) catalog: Option<String>,
-    /// `--redis-ca`: a PEM file of the CA to trust.
+    /// Serve this catalog of the ring (64 hex digits, as `catalog info` prints it)
+    /// instead of the one the nodes name current.
+    #[arg(long, value_name = "ID", requires = "dht")]
+    pub(crate) dht_catalog: Option<CatalogId>,
+    #[command(flatten)]
+    pub(crate) tls: RedisTlsArgs,
+}
+
+/// The TLS settings for `rediss://` nodes.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct RedisTlsArgs {
+    /// Trust only this CA (PEM) for rediss:// nodes [default: the system's roots].
+    #[arg(long, value_name = "PEM")]
     pub(crate) redis_ca: Option<String>,
-    /// `--redis-cert`: a PEM file of the client certificate chain.
+    /// Client certificate (PEM) for rediss:// nodes that ask for one.
+    #[arg(long, value_name = "PEM", requires = "redis_key")]
     pub(crate) redis_cert: Option<String>,
-    /// `--redis-key`: a PEM file of its key.
+    /// Its key (PEM).
+    #[arg(long, value_name = "PEM", requires = "redis_cert")]
     pub(crate) redis_key: Option<String>,
 }
 
-/// The template store of a local catalog file or of the ring of Redis nodes at the
-/// comma-separated `dht` URLs (the catalog the nodes name current, `replicas`
-/// copies per template as pushed); none without either.
-#[allow(dead_code)] // the dedup example's; the proxy takes every ring flag
-pub(crate) async fn template_store(
-    catalog: Option<&str>,
-    dht: Option<&str>,
-    replicas: usize,
-) -> Result<Option<Arc<dyn TemplateStore>>, Box<dyn Error>> {
-    let dht = dht.map(|urls| DhtArgs {
-        urls: urls.to_string(),
-        replicas,
-        ..DhtArgs::default()
-    });
-    template_store_with(catalog, dht.as_ref()).await
+impl RedisTlsArgs {
+    /// Whether any of the flags is given.
+    fn any(&self) -> bool {
+        self.redis_ca.is_some() || self.redis_cert.is_some() || self.redis_key.is_some()
+    }
 }
 
-/// The template store of a local catalog file or of the ring `dht` describes:
-/// its pinned catalog, or the one the nodes name current; none without either.
-pub(crate) async fn template_store_with(
+/// The template store of the local catalog file at `catalog` or of the ring `dht`
+/// describes (its pinned catalog, or the one the nodes name current); none without
+/// either.
+pub(crate) async fn template_store(
     catalog: Option<&str>,
-    dht: Option<&DhtArgs>,
+    dht: &DhtArgs,
 ) -> Result<Option<Arc<dyn TemplateStore>>, Box<dyn Error>> {
-    Ok(match (catalog, dht) {
+    if dht.dht.is_none() && dht.tls.any() {
+        return Err("--redis-ca, --redis-cert and --redis-key go with --dht".into());
+    }
+    Ok(match (catalog, &dht.dht) {
         (Some(_), Some(_)) => return Err("--catalog or --dht, not both".into()),
-        (Some(path), None) => Some(Arc::new(TemplateRestore::new(Arc::new(Catalog::load(
-            path,
-        )?)))),
-        (None, Some(args)) => {
-            let urls = node_urls(&args.urls)?;
-            let options = dht_options(
-                args.redis_ca.as_deref(),
-                args.redis_cert.as_deref(),
-                args.redis_key.as_deref(),
-            )?;
-            let pinned = match &args.catalog {
-                Some(id) => Some(id.parse::<CatalogId>()?),
-                None => None,
-            };
-            let store = match pinned {
-                Some(id) => DhtTemplates::connect_to(&urls, args.replicas, id, options).await?,
-                None => DhtTemplates::connect(&urls, args.replicas, options).await?,
+        (Some(path), None) => Some(Arc::new(TemplateRestore::new(Arc::new(
+            Catalog::load(path).map_err(|e| format!("--catalog {path}: {e}"))?,
+        )))),
+        (None, Some(spec)) => {
+            let urls = node_urls(spec).map_err(|e| format!("--dht: {e}"))?;
+            let options = dht_options(&dht.tls)?;
+            let store = match dht.dht_catalog {
+                Some(id) => DhtTemplates::connect_to(&urls, dht.replicas, id, options).await?,
+                None => DhtTemplates::connect(&urls, dht.replicas, options).await?,
             };
             eprintln!(
                 "templates of catalog {}{} from {} nodes",
                 store.catalog_id(),
-                if pinned.is_some() { " (pinned)" } else { "" },
+                if dht.dht_catalog.is_some() {
+                    " (pinned)"
+                } else {
+                    ""
+                },
                 urls.len()
             );
             Some(Arc::new(store))
@@ -116,22 +129,19 @@ pub(crate) fn node_urls(spec: &str) -> Result<Vec<String>, Box<dyn Error>> {
 
 /// The ring's options: the defaults, with the TLS settings of `--redis-ca`,
 /// `--redis-cert` and `--redis-key` if any is given.
-pub(crate) fn dht_options(
-    ca: Option<&str>,
-    cert: Option<&str>,
-    key: Option<&str>,
-) -> Result<DhtOptions, Box<dyn Error>> {
+pub(crate) fn dht_options(tls: &RedisTlsArgs) -> Result<DhtOptions, Box<dyn Error>> {
     let mut options = DhtOptions::default();
-    let tls = match ca {
-        Some(path) => Some(RedisTls::from_ca_file(path)?),
+    let ca = match &tls.redis_ca {
+        Some(path) => Some(RedisTls::from_ca_file(path).map_err(|e| format!("--redis-ca: {e}"))?),
         None => None,
     };
-    options.redis_tls = match (cert, key) {
+    options.redis_tls = match (&tls.redis_cert, &tls.redis_key) {
         (Some(cert), Some(key)) => Some(
-            tls.unwrap_or_default()
-                .with_client_identity_files(cert, key)?,
+            ca.unwrap_or_default()
+                .with_client_identity_files(cert, key)
+                .map_err(|e| format!("--redis-cert/--redis-key: {e}"))?,
         ),
-        (None, None) => tls,
+        (None, None) => ca,
         _ => return Err("--redis-cert and --redis-key go together".into()),
     };
     Ok(options)

@@ -1,0 +1,610 @@
+//! The example programs as operators use them: `dedup`, `catalog`, `demo` (and the
+//! proxy's command line), run as built binaries.
+//!
+//! Their command lines (`--help`, `--version`, errors naming the option), a closed
+//! stdout (`| head`), and output files that appear whole or not at all. The
+//! binaries are `target/<profile>/examples/<name>`: `cargo test` builds them, and
+//! `cargo build --examples` does before `cargo test --test tools`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const QEMU_7_2: &str = "testdata/qemu-7.2-pc-paused.mig";
+const QEMU_10_0: &str = "testdata/qemu-10.0-q35-paused.mig";
+
+/// The built example `name`.
+fn example(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: run through `cargo test`, or `cargo build --examples` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs example `name` with `args` from the crate's root, no stdin.
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(example(name))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts `out` is a command-line error (clap's status 2) whose message holds
+/// every one of `words`.
+#[track_caller]
+fn assert_usage_error(out: &Output, words: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    for word in words {
+        assert!(err.contains(word), "{word:?} not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Asserts `out` failed (status 1, the program's own error) with `words` in its
+/// message.
+#[track_caller]
+fn assert_failed(out: &Output, words: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    for word in words {
+        assert!(err.contains(word), "{word:?} not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[track_caller]
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{:?}: {}{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("migstream-tools-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+
+    /// The names of the files in it, sorted.
+    fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn help_and_version_of_every_example_and_subcommand() {
+    let commands: &[(&str, &[&str])] = &[
+        ("dedup", &[]),
+        ("dedup", &["encode"]),
+        ("dedup", &["decode"]),
+        ("catalog", &[]),
+        ("catalog", &["build"]),
+        ("catalog", &["info"]),
+        ("catalog", &["push"]),
+        ("catalog", &["verify"]),
+        ("demo", &[]),
+        ("proxy", &[]),
+        ("proxy", &["source"]),
+        ("proxy", &["destination"]),
+    ];
+    for (name, sub) in commands {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let out = run(name, &args);
+        assert_ok(&out);
+        let help = stdout(&out);
+        assert!(help.contains("Usage:"), "{name} {sub:?} --help: {help}");
+        assert!(help.contains("--help"), "{name} {sub:?} --help: {help}");
+    }
+    for name in ["dedup", "catalog", "demo", "proxy"] {
+        let out = run(name, &["--version"]);
+        assert_ok(&out);
+        // the version is migstream's, as the proxy has always said
+        assert_eq!(
+            stdout(&out).trim(),
+            format!("migstream {}", env!("CARGO_PKG_VERSION")),
+            "{name} --version"
+        );
+    }
+    // the subcommands and the flags the operators' scripts use, all listed
+    let listed: &[(&str, &[&str], &[&str])] = &[
+        ("dedup", &[], &["encode", "decode"]),
+        (
+            "dedup",
+            &["encode"],
+            &[
+                "--catalog",
+                "--zstd",
+                "--lz4-acceleration",
+                "IN.mig",
+                "OUT.mz",
+            ],
+        ),
+        (
+            "dedup",
+            &["decode"],
+            &[
+                "--catalog",
+                "--dht",
+                "--replicas",
+                "--dht-catalog",
+                "--redis-ca",
+                "--redis-cert",
+                "--redis-key",
+            ],
+        ),
+        ("catalog", &[], &["build", "info", "push", "verify"]),
+        (
+            "catalog",
+            &["build"],
+            &["--threshold", "--count", "--out", "inputs", "occurrences"],
+        ),
+        (
+            "catalog",
+            &["push"],
+            &[
+                "--nodes",
+                "--replicas",
+                "--redis-ca",
+                "--redis-cert",
+                "--redis-key",
+            ],
+        ),
+        ("demo", &[], &["--qemu", "--workload", "--mem"]),
+        (
+            "proxy",
+            &["destination"],
+            &[
+                "--catalog",
+                "--dht",
+                "--replicas",
+                "--dht-catalog",
+                "--redis-ca",
+                "--redis-cert",
+                "--redis-key",
+                "--template-cooldown",
+            ],
+        ),
+    ];
+    for (name, sub, words) in listed {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let help = stdout(&run(name, &args));
+        for word in *words {
+            assert!(
+                help.contains(word),
+                "{word} not in {name} {sub:?} --help: {help}"
+            );
+        }
+    }
+}
+
+#[test]
+fn unknown_flags_are_refused_not_taken_for_files() {
+    let cases: &[(&str, &[&str])] = &[
+        ("dedup", &["encode", "--bogus", QEMU_7_2, "out.mz"]),
+        ("dedup", &["decode", "in.mz", "out.mig", "--bogus"]),
+        (
+            "catalog",
+            &[
+                "build",
+                "--threshold",
+                "2",
+                "--out",
+                "c",
+                "--bogus",
+                QEMU_7_2,
+            ],
+        ),
+        ("catalog", &["info", "--bogus"]),
+        (
+            "catalog",
+            &["push", "--nodes", "redis://127.0.0.1:1", "--bogus", "c"],
+        ),
+        (
+            "catalog",
+            &["verify", "--nodes", "redis://127.0.0.1:1", "--bogus", "c"],
+        ),
+        ("demo", &["--bogus"]),
+    ];
+    for (name, args) in cases {
+        let out = run(name, args);
+        assert_usage_error(&out, &["--bogus"]);
+    }
+    // a subcommand that does not exist, and one where none is given
+    assert_usage_error(&run("dedup", &["compress", "a", "b"]), &["compress"]);
+    assert_usage_error(&run("catalog", &[]), &["Usage:"]);
+    // options of one subcommand are not taken by the other
+    assert_usage_error(
+        &run("dedup", &["encode", "--dht", "redis://h:1", "a", "b"]),
+        &["--dht"],
+    );
+    // --workload and --mem go with --qemu
+    assert_usage_error(&run("demo", &["--mem", "512"]), &["--qemu"]);
+}
+
+#[test]
+fn a_missing_or_bad_value_names_the_option() {
+    // at the end of the line
+    assert_usage_error(
+        &run("dedup", &["encode", QEMU_7_2, "out.mz", "--catalog"]),
+        &["--catalog"],
+    );
+    assert_usage_error(&run("catalog", &["build", "--threshold"]), &["--threshold"]);
+    // before another option: that one is not swallowed as the value
+    assert_usage_error(
+        &run(
+            "dedup",
+            &["decode", "--catalog", "--dht", "redis://h:1", "a", "b"],
+        ),
+        &["--catalog"],
+    );
+    assert_usage_error(
+        &run("catalog", &["push", "--nodes", "--replicas", "2", "c"]),
+        &["--nodes"],
+    );
+    // a value that does not parse: the option and the value
+    assert_usage_error(
+        &run(
+            "catalog",
+            &["build", "--threshold", "two", "--out", "c", QEMU_7_2],
+        ),
+        &["--threshold", "two"],
+    );
+    assert_usage_error(
+        &run(
+            "catalog",
+            &[
+                "build",
+                "--threshold",
+                "2",
+                "--count",
+                "pages",
+                "--out",
+                "c",
+                QEMU_7_2,
+            ],
+        ),
+        &["--count", "pages", "inputs", "occurrences"],
+    );
+    assert_usage_error(
+        &run(
+            "dedup",
+            &["encode", "--lz4-acceleration", "fast", QEMU_7_2, "o"],
+        ),
+        &["--lz4-acceleration", "fast"],
+    );
+    assert_usage_error(
+        &run("demo", &["--qemu", "--workload", "sleep"]),
+        &["--workload", "sleep"],
+    );
+    assert_usage_error(
+        &run(
+            "dedup",
+            &[
+                "decode",
+                "--dht",
+                "redis://h:1",
+                "--dht-catalog",
+                "abc",
+                "a",
+                "b",
+            ],
+        ),
+        &["--dht-catalog", "abc", "64 hex digits"],
+    );
+    // --catalog or --dht, and the pairs that go together
+    assert_usage_error(
+        &run(
+            "dedup",
+            &["decode", "--catalog", "c", "--dht", "redis://h:1", "a", "b"],
+        ),
+        &["--catalog", "--dht"],
+    );
+    assert_usage_error(
+        &run(
+            "dedup",
+            &[
+                "decode",
+                "--dht",
+                "redis://h:1",
+                "--redis-cert",
+                "c.pem",
+                "a",
+                "b",
+            ],
+        ),
+        &["--redis-key"],
+    );
+    assert_usage_error(
+        &run(
+            "dedup",
+            &["encode", "--zstd", "3", "--lz4-acceleration", "2", "a", "b"],
+        ),
+        &["--zstd", "--lz4-acceleration"],
+    );
+    // checked once parsed: still named
+    assert_failed(
+        &run("dedup", &["decode", "--redis-ca", "ca.pem", "a", "b"]),
+        &["--redis-ca", "--dht"],
+    );
+    let dir = Scratch::new("values");
+    let out = dir.path("out.mig");
+    assert_failed(
+        &run(
+            "dedup",
+            &["decode", "--catalog", "/nonexistent.cat", "a", &out],
+        ),
+        &["--catalog", "/nonexistent.cat"],
+    );
+    assert_failed(
+        &run(
+            "dedup",
+            &["decode", "--dht", "@/nonexistent.urls", "a", &out],
+        ),
+        &["--dht", "/nonexistent.urls"],
+    );
+    assert_failed(
+        &run("catalog", &["info", "/nonexistent.cat"]),
+        &["/nonexistent.cat"],
+    );
+    // zstd's negative levels are values, not flags
+    let mz = dir.path("out.mz");
+    let out = run("dedup", &["encode", "--zstd", "-5", QEMU_7_2, &mz]);
+    if cfg!(feature = "zstd") {
+        assert_ok(&out);
+        std::fs::remove_file(&mz).unwrap();
+    } else {
+        assert_failed(&out, &["--zstd needs the zstd feature"]);
+    }
+    assert!(dir.files().is_empty(), "{:?}", dir.files());
+}
+
+#[test]
+fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
+    let dir = Scratch::new("dedup");
+    let (mz, mig) = (dir.path("in.mz"), dir.path("out.mig"));
+    let out = run("dedup", &["encode", QEMU_10_0, &mz]);
+    assert_ok(&out);
+    let lines = stdout(&out);
+    assert!(lines.starts_with("in "), "{lines}");
+    assert!(
+        lines.contains(" bytes out ") && lines.contains(" GB/s\npages "),
+        "{lines}"
+    );
+    let out = run("dedup", &["decode", &mz, &mig]);
+    assert_ok(&out);
+    assert!(stdout(&out).starts_with("in "));
+    let original = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(QEMU_10_0)).unwrap();
+    assert!(
+        std::fs::read(&mig).unwrap() == original,
+        "decode(encode(x)) != x"
+    );
+    assert_eq!(dir.files(), ["in.mz", "out.mig"]);
+
+    // damage in the middle, and a cut: the decoder finds both
+    let encoded = std::fs::read(&mz).unwrap();
+    let mut damaged = encoded.clone();
+    let middle = damaged.len() / 2;
+    for b in &mut damaged[middle..middle + 64] {
+        *b ^= 0x5a;
+    }
+    let cut = &encoded[..encoded.len() * 2 / 3];
+    for (name, bytes) in [("damaged.mz", &damaged[..]), ("cut.mz", cut)] {
+        let input = dir.path(name);
+        std::fs::write(&input, bytes).unwrap();
+        let fresh = dir.path("fresh.mig");
+        let out = run("dedup", &["decode", &input, &fresh]);
+        assert_failed(&out, &[]);
+        assert!(stdout(&out).is_empty(), "{name}: {}", stdout(&out));
+        assert!(!Path::new(&fresh).exists(), "{name}: a partial output");
+        // an output already there stays as it was
+        std::fs::write(&mig, b"the operator's file").unwrap();
+        assert_failed(&run("dedup", &["decode", &input, &mig]), &[]);
+        assert_eq!(std::fs::read(&mig).unwrap(), b"the operator's file");
+        std::fs::remove_file(&input).unwrap();
+        assert_eq!(
+            dir.files(),
+            ["in.mz", "out.mig"],
+            "{name}: no temporary left"
+        );
+    }
+
+    // encode: an input that is not a migration stream
+    let bad = dir.path("bad.mig");
+    std::fs::write(&bad, b"not a QEMU stream at all").unwrap();
+    assert_failed(&run("dedup", &["encode", &bad, &mz]), &[]);
+    assert_eq!(std::fs::read(&mz).unwrap(), encoded, "OUT.mz clobbered");
+    let missing = dir.path("missing.mig");
+    assert_failed(&run("dedup", &["encode", &missing, &mz]), &["missing.mig"]);
+    std::fs::remove_file(&bad).unwrap();
+    assert_eq!(dir.files(), ["in.mz", "out.mig"]);
+}
+
+#[test]
+fn catalog_build_info_and_an_empty_catalog() {
+    let dir = Scratch::new("catalog");
+    let cat = dir.path("c.cat");
+    // two inputs: no page is in three of them
+    let out = run(
+        "catalog",
+        &[
+            "build",
+            "--threshold",
+            "3",
+            "--out",
+            &cat,
+            QEMU_7_2,
+            QEMU_10_0,
+        ],
+    );
+    assert_failed(
+        &out,
+        &[
+            "no page reaches the threshold",
+            "--threshold 3",
+            "not written",
+        ],
+    );
+    assert!(dir.files().is_empty(), "{:?}", dir.files());
+    // nor does an existing catalog get replaced by an empty one
+    std::fs::write(&cat, b"the operator's catalog").unwrap();
+    let out = run(
+        "catalog",
+        &[
+            "build",
+            "--threshold",
+            "3",
+            "--out",
+            &cat,
+            QEMU_7_2,
+            QEMU_10_0,
+        ],
+    );
+    assert_failed(&out, &["no page reaches the threshold"]);
+    assert_eq!(std::fs::read(&cat).unwrap(), b"the operator's catalog");
+    // a failing input: nothing written either
+    let missing = dir.path("missing.mig");
+    let out = run(
+        "catalog",
+        &[
+            "build",
+            "--threshold",
+            "1",
+            "--out",
+            &cat,
+            QEMU_7_2,
+            &missing,
+        ],
+    );
+    assert_failed(&out, &["missing.mig"]);
+    assert_eq!(std::fs::read(&cat).unwrap(), b"the operator's catalog");
+    assert_eq!(dir.files(), ["c.cat"]);
+
+    // every page of one stream, once: a catalog, the lines as before
+    let out = run(
+        "catalog",
+        &[
+            "build",
+            "--threshold",
+            "1",
+            "--count",
+            "occurrences",
+            "--out",
+            &cat,
+            QEMU_7_2,
+        ],
+    );
+    assert_ok(&out);
+    let lines = stdout(&out);
+    assert!(
+        lines.starts_with(&format!("{QEMU_7_2}: QEMU stream, ")),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("templates of ") && lines.contains("(Occurrences(1))"),
+        "{lines}"
+    );
+    assert!(lines.contains(&format!("wrote {cat}: ")), "{lines}");
+    let id = lines.lines().last().unwrap().strip_prefix("id ").unwrap();
+    assert_eq!(id.len(), 64, "{lines}");
+    assert_eq!(dir.files(), ["c.cat"]);
+    let out = run("catalog", &["info", &cat]);
+    assert_ok(&out);
+    let info = stdout(&out);
+    assert!(info.contains(&format!("  id         {id}\n")), "{info}");
+    assert!(info.contains("verified ok"), "{info}");
+}
+
+/// Runs example `name` with `args` and a stdout whose reader is already gone.
+async fn run_into_closed_pipe(name: &str, args: &[&str]) -> Output {
+    let (writer, reader) = tokio::net::unix::pipe::pipe().unwrap();
+    drop(reader);
+    let writer = writer.into_blocking_fd().unwrap();
+    let child = Command::new(example(name))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::task::spawn_blocking(|| child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_closed_stdout_is_not_a_panic() {
+    let dir = Scratch::new("pipe");
+    let (cat, mz) = (dir.path("c.cat"), dir.path("o.mz"));
+    // the files are still written and the status is the work's
+    let out = run_into_closed_pipe(
+        "catalog",
+        &["build", "--threshold", "1", "--out", &cat, QEMU_7_2],
+    )
+    .await;
+    assert_ok(&out);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    assert!(Path::new(&cat).exists());
+    let out = run_into_closed_pipe("catalog", &["info", &cat]).await;
+    assert_ok(&out);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    let out = run_into_closed_pipe("dedup", &["encode", "--catalog", &cat, QEMU_7_2, &mz]).await;
+    assert_ok(&out);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    assert_eq!(dir.files(), ["c.cat", "o.mz"]);
+    // the demo stops once nobody reads it
+    let out = run_into_closed_pipe("demo", &[]).await;
+    assert_ok(&out);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    // a failure is still one, and said on stderr
+    let out = run_into_closed_pipe("catalog", &["info", &mz]).await;
+    assert_failed(&out, &["o.mz"]);
+}
