@@ -128,7 +128,12 @@ struct SourceArgs {
     #[arg(long, value_name = "LIST")]
     resolvers: Option<String>,
     /// zstd batches at this level (with the zstd feature).
-    #[arg(long, value_name = "LEVEL", conflicts_with = "lz4_acceleration")]
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        allow_negative_numbers = true,
+        conflicts_with = "lz4_acceleration"
+    )]
     zstd: Option<i32>,
     /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
     #[arg(long, value_name = "N")]

@@ -68,6 +68,26 @@ done
 capture "qemu7.2to10-pc-i440fx-7.2-fill-live.mig" live --src-qemu 7.2 --dst-qemu 10 \
   --machine pc-i440fx-7.2 -w fill "${FIX72[@]}"
 
+# multifd: every connection of a live multifd migration, one file each, the guest
+# checked on the destination (tests/multifd.rs round-trips every channel file)
+mkdir -p "$OUT/multifd"
+mcap() {
+  local name=$1 t=$SECONDS
+  shift
+  if python3 "$HERE/capture-multifd.py" -o "$OUT/multifd/$name" "$@" >"$OUT/logs/multifd-$name.log" 2>&1; then
+    printf '%-44s ok   %4ds\n' "multifd/$name" $((SECONDS - t))
+  else
+    FAILED+=("multifd/$name")
+    printf '%-44s FAIL (see logs/multifd-%s.log)\n' "multifd/$name" "$name"
+  fi
+}
+mcap qemu10-q35-idle-4ch --qemu 10 --machine q35 -w idle --channels 4
+mcap qemu10-pc-idle-2ch-legacy --qemu 10 --machine pc -w idle --channels 2 --param zero-page-detection=legacy
+mcap qemu10-pc-dup-2ch-zstd --qemu 10 --machine pc -w dup --channels 2 --param multifd-compression=zstd
+mcap qemu7.2-pc-fill-2ch --qemu 7.2 --machine pc -w fill --channels 2 "${FIX72[@]}"
+mcap qemu7.2-pc-dup-2ch-zstd --qemu 7.2 --machine pc -w dup --channels 2 "${FIX72[@]}" --param multifd-compression=zstd
+mcap qemu7.2to10-pc-i440fx-7.2-idle-2ch --src-qemu 7.2 --dst-qemu 10 --machine pc-i440fx-7.2 -w idle --channels 2 "${FIX72[@]}"
+
 mv "$MANIFEST.tmp" "$MANIFEST"
 echo "$(( $(wc -l < "$MANIFEST") - 1 )) streams in $OUT, manifest $MANIFEST, $((SECONDS - T_ALL))s"
 if [ ${#FAILED[@]} -gt 0 ]; then
