@@ -555,3 +555,41 @@ async fn custom_resolvers_plug_into_both_ends_of_a_link() {
     assert_eq!(err.kind(), ErrorKind::Remote, "{err}");
     assert!(run.delivered.len() < qemu.len());
 }
+
+/// A destination QEMU that loads the whole stream but never closes its side of the
+/// connection: once DONE went out, only its return path is left, and the idle
+/// timeout ends that without failing a migration both ends completed.
+#[tokio::test]
+async fn a_silent_return_path_after_the_confirmation_fails_nothing() {
+    let qemu = testdata("qemu-7.2-pc-paused.mig");
+    let (src_link, dst_link) = tokio::io::duplex(64 << 10);
+    // read from, never written to nor closed while the test runs
+    let (silent_qemu, _held_open) = tokio::io::duplex(1024);
+    let mut delivered = Vec::new();
+    let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(1));
+    let destination = DestinationConfig::default().with_timeouts(quick);
+    let source = SourceConfig::default();
+    let (src_progress, dst_progress) = (Progress::default(), Progress::default());
+    let ends = async {
+        tokio::join!(
+            relay::source(
+                (&qemu[..], tokio::io::sink()),
+                tokio::io::split(src_link),
+                &source,
+                &src_progress,
+            ),
+            relay::destination(
+                tokio::io::split(dst_link),
+                (silent_qemu, &mut delivered),
+                &destination,
+                &dst_progress,
+            ),
+        )
+    };
+    let (sent, received) = tokio::time::timeout(std::time::Duration::from_secs(30), ends)
+        .await
+        .expect("both ends finish");
+    sent.expect("the source had its confirmation");
+    received.expect("a confirmed migration is not failed by a silent return path");
+    assert!(delivered == qemu);
+}

@@ -4,6 +4,7 @@
 //! [`Handshake::restore`] then feeds the destination QEMU.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -237,17 +238,29 @@ where
             });
             restored
         };
-        let back = pass_return_path(from_qemu, to_link, verdict_rx, &activity);
+        let confirmed = AtomicBool::new(false);
+        let back = pass_return_path(from_qemu, to_link, verdict_rx, &activity, &confirmed);
         let ends = async { tokio::join!(forward, back) };
-        let (restored, returned) = tokio::select! {
-            ends = ends => ends,
-            stalled = activity.stalled(timeouts.idle) => {
-                tracing::warn!(idle = ?timeouts.idle, "no progress on the link: giving up");
-                return Err(stalled);
-            }
+        let ended = tokio::select! {
+            ends = ends => Some(ends),
+            _ = activity.stalled(timeouts.idle) => None,
         };
-        restored?;
-        returned?;
+        match ended {
+            Some((restored, returned)) => {
+                restored?;
+                returned?;
+            }
+            // after DONE only QEMU's return path is left: the migration is done
+            None if confirmed.load(Ordering::Relaxed) => {
+                tracing::debug!("return path idle after the confirmation");
+            }
+            None => {
+                tracing::warn!(idle = ?timeouts.idle, "no progress on the link: giving up");
+                return Err(Error::Timeout {
+                    what: "progress on the link (idle timeout)",
+                });
+            }
+        }
         Ok(Report {
             stats: decoder.stats().clone(),
             templates: hello.catalog.is_some(),
@@ -256,28 +269,29 @@ where
 }
 
 /// Passes the destination QEMU's return path to the link until the forward
-/// direction's verdict, sends the verdict, then (after DONE) the rest of the return
-/// path until QEMU closes it.
+/// direction's verdict, sends the verdict (noting in `confirmed` that DONE went
+/// out), then (after DONE) the rest of the return path until QEMU closes it. QEMU
+/// may close or reset its side at any time (a QEMU without a return path does): the
+/// forward direction's outcome decides the migration, not that.
 async fn pass_return_path<QR, LW>(
     mut from_qemu: QR,
     mut to_link: LW,
     mut verdict: oneshot::Receiver<std::result::Result<(u64, [u8; FRAME_DIGEST]), String>>,
     activity: &Activity,
+    confirmed: &AtomicBool,
 ) -> Result<()>
 where
     QR: AsyncRead + Unpin,
     LW: AsyncWrite + Unpin,
 {
     let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
-    // QEMU may close its side at any time (a QEMU without a return path does): then
-    // only the verdict is left to send
     let mut qemu_open = true;
     let outcome = loop {
         buf.reserve(MAX_RETURN_CHUNK);
         tokio::select! {
             outcome = &mut verdict => break outcome,
             read = from_qemu.read_buf(&mut buf), if qemu_open => {
-                qemu_open = read? > 0;
+                qemu_open = matches!(read, Ok(n) if n > 0);
                 Reply::Qemu(buf.split().freeze()).encode(&mut out);
                 to_link.write_all(&out).await?;
                 out.clear();
@@ -285,22 +299,23 @@ where
             }
         }
     };
-    let confirmed = match outcome {
+    let verdict = match outcome {
         Ok(Ok((qemu_bytes, digest))) => Reply::Done { qemu_bytes, digest },
         Ok(Err(reason)) => Reply::Failed { reason },
         Err(_) => Reply::Failed {
             reason: "the destination end stopped".into(),
         },
     };
-    let done = matches!(confirmed, Reply::Done { .. });
-    confirmed.encode(&mut out);
+    let done = matches!(verdict, Reply::Done { .. });
+    verdict.encode(&mut out);
     to_link.write_all(&out).await?;
     to_link.flush().await?;
+    confirmed.store(done, Ordering::Relaxed);
     activity.touch();
     while done && qemu_open {
         out.clear();
         buf.reserve(MAX_RETURN_CHUNK);
-        qemu_open = from_qemu.read_buf(&mut buf).await? > 0;
+        qemu_open = matches!(from_qemu.read_buf(&mut buf).await, Ok(n) if n > 0);
         Reply::Qemu(buf.split().freeze()).encode(&mut out);
         to_link.write_all(&out).await?;
         activity.touch();
