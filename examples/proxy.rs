@@ -63,10 +63,12 @@ enum RoleArgs {
 /// What both roles take.
 #[derive(Args)]
 struct Common {
-    /// Where to listen: HOST:PORT, or unix:PATH (for the source QEMU).
+    /// Where to listen: the source for its QEMU (HOST:PORT or unix:PATH), the
+    /// destination for links (HOST:PORT).
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// Where to connect: the destination proxy (source), the destination QEMU (destination: HOST:PORT or unix:PATH).
+    /// Where to connect: the source to the destination proxy (HOST:PORT), the
+    /// destination to its QEMU (HOST:PORT or unix:PATH).
     #[arg(long, value_name = "ADDR")]
     to: String,
     /// This end's certificate chain (PEM) for the link's mutual TLS.
@@ -88,7 +90,7 @@ struct Common {
     /// Migrations at once; more are refused [default: source 4, destination 1].
     #[arg(long, value_name = "N")]
     max_migrations: Option<usize>,
-    /// Connections in their handshake at once; more are closed at once.
+    /// Links in their handshake at once (destination); more are closed at once.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_handshakes: usize,
     /// Seconds for a TLS handshake and the peer's first message.
