@@ -25,39 +25,50 @@ use migstream::qemu::multifd::{self, ChannelRecord, MultifdDecoder, MultifdEncod
 use migstream::qemu::{QemuDecoder, QemuEncoder, RamRecord, Record, wire};
 use serde_json::{Value, json};
 
+#[path = "support/out.rs"]
+mod out;
 #[path = "support/mod.rs"]
 mod support;
 
+use clap::Parser;
+use out::outln;
 use support::{READ, read_into};
 
+/// Inspect QEMU migration stream files and multifd channel files.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// One JSON object per file on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Re-encode every record while reading and compare with the file (exit non-zero
+    /// unless identical).
+    #[arg(long)]
+    roundtrip: bool,
+    /// Stream files (main channel) or multifd channel files.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<String>,
+}
+
 fn main() -> ExitCode {
-    let mut json_out = false;
-    let mut roundtrip = false;
-    let mut files = Vec::new();
-    for arg in std::env::args().skip(1) {
-        match arg.as_str() {
-            "--json" => json_out = true,
-            "--roundtrip" => roundtrip = true,
-            "-h" | "--help" => {
-                eprintln!("usage: inspect [--json] [--roundtrip] FILE...");
-                return ExitCode::SUCCESS;
-            }
-            _ => files.push(arg),
-        }
-    }
-    if files.is_empty() {
-        eprintln!("usage: inspect [--json] [--roundtrip] FILE...");
-        return ExitCode::from(2);
-    }
+    let Cli {
+        json: json_out,
+        roundtrip,
+        files,
+    } = Cli::parse();
     let mut ok = true;
     for path in &files {
         match is_channel_file(path) {
             Ok(true) => {
                 match inspect_channel(path, roundtrip) {
                     Ok(report) => {
-                        match json_out {
-                            true => println!("{}", report.to_json(path)),
+                        let printed = match json_out {
+                            true => outln!("{}", report.to_json(path)),
                             false => report.print(path),
+                        };
+                        if let Err(e) = printed {
+                            eprintln!("inspect: stdout: {e}");
+                            return ExitCode::FAILURE;
                         }
                         ok &= report.roundtrip_ok.unwrap_or(true);
                     }
@@ -77,10 +88,13 @@ fn main() -> ExitCode {
         }
         match inspect(path, roundtrip) {
             Ok(report) => {
-                if json_out {
-                    println!("{}", report.to_json(path));
-                } else {
-                    report.print(path);
+                let printed = match json_out {
+                    true => outln!("{}", report.to_json(path)),
+                    false => report.print(path),
+                };
+                if let Err(e) = printed {
+                    eprintln!("inspect: stdout: {e}");
+                    return ExitCode::FAILURE;
                 }
                 ok &= report.roundtrip_ok.unwrap_or(true);
             }
@@ -262,50 +276,52 @@ impl Report {
         }
     }
 
-    fn print(&self, path: &str) {
-        println!("{path}: {} bytes, {} records", self.bytes, self.records);
-        println!(
+    fn print(&self, path: &str) -> io::Result<()> {
+        outln!("{path}: {} bytes, {} records", self.bytes, self.records)?;
+        outln!(
             "  machine      {}",
             self.machine.as_deref().unwrap_or("(no configuration)")
-        );
+        )?;
         for (name, len) in &self.blocks {
-            println!(
+            outln!(
                 "  ram block    {name:<24} {:>12} bytes ({} MiB)",
                 len,
                 len >> 20
-            );
+            )?;
         }
         let pages: Vec<String> = self.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!(
+        outln!(
             "  pages        {} (re-sent {})",
             pages.join(", "),
             self.resent
-        );
+        )?;
         for (name, [start, part, end, full]) in &self.sections {
-            println!("  section      {name:<24} start {start} part {part} end {end} full {full}");
+            outln!("  section      {name:<24} start {start} part {part} end {end} full {full}")?;
         }
         for (name, n) in &self.commands {
-            println!("  command      {name:<24} x{n}");
+            outln!("  command      {name:<24} x{n}")?;
         }
-        println!("  device state {} bytes (opaque)", self.opaque_bytes);
+        outln!("  device state {} bytes (opaque)", self.opaque_bytes)?;
         match self.vmdesc_bytes {
-            Some(n) => println!(
+            Some(n) => outln!(
                 "  vmdesc       {n} bytes, {} devices: {}",
                 self.devices.len(),
                 self.devices.join(" ")
-            ),
-            None => println!("  vmdesc       none"),
+            )?,
+            None => outln!("  vmdesc       none")?,
         }
         if let Some(ok) = self.roundtrip_ok {
             let rate = self.bytes as f64 / self.seconds / 1e9;
             match ok {
-                true => println!(
+                true => outln!(
                     "roundtrip ok {} bytes {} records {rate:.2} GB/s",
-                    self.bytes, self.records
-                ),
-                false => println!("roundtrip FAILED: re-encoded bytes differ from {path}"),
+                    self.bytes,
+                    self.records
+                )?,
+                false => outln!("roundtrip FAILED: re-encoded bytes differ from {path}")?,
             }
         }
+        Ok(())
     }
 
     fn to_json(&self, path: &str) -> Value {
@@ -477,22 +493,24 @@ impl ChannelReport {
         }
     }
 
-    fn print(&self, path: &str) {
-        println!(
+    fn print(&self, path: &str) -> io::Result<()> {
+        outln!(
             "{path}: {} bytes, {} records (multifd channel)",
-            self.bytes, self.records
-        );
+            self.bytes,
+            self.records
+        )?;
         match self.channel_id {
-            Some(id) => println!("  channel      {id}"),
-            None => println!("  channel      (no greeting)"),
+            Some(id) => outln!("  channel      {id}")?,
+            None => outln!("  channel      (no greeting)")?,
         }
-        println!("  packets      {} (SYNC {})", self.packets, self.sync);
-        println!(
+        outln!("  packets      {} (SYNC {})", self.packets, self.sync)?;
+        outln!(
             "  pages        normal {}, zero {}",
-            self.normal_pages, self.zero_pages
-        );
+            self.normal_pages,
+            self.zero_pages
+        )?;
         let methods: Vec<String> = self.methods.keys().cloned().collect();
-        println!(
+        outln!(
             "  compressed   {} packets, {} bytes{}",
             self.compressed_packets,
             self.compressed_bytes,
@@ -500,23 +518,26 @@ impl ChannelReport {
                 true => String::new(),
                 false => format!(" ({})", methods.join(", ")),
             }
-        );
+        )?;
         if self.device_state_packets > 0 {
-            println!(
+            outln!(
                 "  device state {} packets, {} bytes (opaque)",
-                self.device_state_packets, self.device_state_bytes
-            );
+                self.device_state_packets,
+                self.device_state_bytes
+            )?;
         }
         if let Some(ok) = self.roundtrip_ok {
             let rate = self.bytes as f64 / self.seconds / 1e9;
             match ok {
-                true => println!(
+                true => outln!(
                     "roundtrip ok {} bytes {} records {rate:.2} GB/s",
-                    self.bytes, self.records
-                ),
-                false => println!("roundtrip FAILED: re-encoded bytes differ from {path}"),
+                    self.bytes,
+                    self.records
+                )?,
+                false => outln!("roundtrip FAILED: re-encoded bytes differ from {path}")?,
             }
         }
+        Ok(())
     }
 
     fn to_json(&self, path: &str) -> Value {

@@ -128,6 +128,7 @@ fn help_and_version_of_every_example_and_subcommand() {
         ("catalog", &["push"]),
         ("catalog", &["verify"]),
         ("demo", &[]),
+        ("inspect", &[]),
         ("proxy", &[]),
         ("proxy", &["source"]),
         ("proxy", &["destination"]),
@@ -141,7 +142,7 @@ fn help_and_version_of_every_example_and_subcommand() {
         assert!(help.contains("Usage:"), "{name} {sub:?} --help: {help}");
         assert!(help.contains("--help"), "{name} {sub:?} --help: {help}");
     }
-    for name in ["dedup", "catalog", "demo", "proxy"] {
+    for name in ["dedup", "catalog", "demo", "inspect", "proxy"] {
         let out = run(name, &["--version"]);
         assert_ok(&out);
         // the version is migstream's, as the proxy has always said
@@ -196,6 +197,7 @@ fn help_and_version_of_every_example_and_subcommand() {
             ],
         ),
         ("demo", &[], &["--qemu", "--workload", "--mem"]),
+        ("inspect", &[], &["--json", "--roundtrip", "FILE"]),
         (
             "proxy",
             &["destination"],
@@ -251,6 +253,7 @@ fn unknown_flags_are_refused_not_taken_for_files() {
             &["verify", "--nodes", "redis://127.0.0.1:1", "--bogus", "c"],
         ),
         ("demo", &["--bogus"]),
+        ("inspect", &["--bogus", QEMU_7_2]),
     ];
     for (name, args) in cases {
         let out = run(name, args);
@@ -600,6 +603,9 @@ async fn a_closed_stdout_is_not_a_panic() {
     assert_ok(&out);
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
     assert_eq!(dir.files(), ["c.cat", "o.mz"]);
+    let out = run_into_closed_pipe("inspect", &["--roundtrip", QEMU_7_2]).await;
+    assert_ok(&out);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
     // the demo stops once nobody reads it
     let out = run_into_closed_pipe("demo", &[]).await;
     assert_ok(&out);
