@@ -421,10 +421,7 @@ fn scratch(test: &str) -> PathBuf {
 
 fn quick() -> DhtOptions {
     let mut options = DhtOptions::default();
-    options.timeouts = Timeouts {
-        connect: Duration::from_millis(500),
-        request: Duration::from_secs(2),
-    };
+    options.timeouts = Timeouts::new(Duration::from_millis(500), Duration::from_secs(2));
     options
 }
 
@@ -562,10 +559,7 @@ async fn redis_node_that_never_answers_times_out_and_its_replica_serves() {
     ));
     let f = fixture(400);
     let mut options = quick();
-    options.timeouts = Timeouts {
-        connect: Duration::from_millis(200),
-        request: Duration::from_millis(300),
-    };
+    options.timeouts = Timeouts::new(Duration::from_millis(200), Duration::from_millis(300));
     // seed the three live nodes with the placement of the four-node ring
     let ring4 = Arc::new(Cluster::redis(&urls, 2, options.clone()).unwrap());
     let live: Vec<Arc<dyn Node>> = ring4.nodes()[..3].to_vec();

@@ -67,11 +67,19 @@ pub(crate) fn is_refusal(e: &io::Error) -> bool {
 /// How long a store node (a Redis server) may take, per connection attempt and per
 /// request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Timeouts {
     /// Longest wait for a TCP connection and its handshake.
     pub connect: Duration,
     /// Longest wait for the answer to one batch.
     pub request: Duration,
+}
+
+impl Timeouts {
+    /// `connect` per connection attempt, `request` per batch.
+    pub fn new(connect: Duration, request: Duration) -> Self {
+        Self { connect, request }
+    }
 }
 
 impl Default for Timeouts {

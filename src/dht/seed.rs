@@ -21,6 +21,7 @@ use crate::template::Catalog;
 
 /// What [`push`] did.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PushReport {
     /// Templates of the catalog.
     pub templates: usize,
@@ -32,6 +33,7 @@ pub struct PushReport {
 
 /// What [`verify`] found on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NodeCheck {
     /// The node's name.
     pub name: String,
@@ -53,6 +55,7 @@ pub struct NodeCheck {
 
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Per node, in membership order.
     pub nodes: Vec<NodeCheck>,

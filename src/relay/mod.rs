@@ -134,6 +134,7 @@ impl Timeouts {
 
 /// What one end of a link reports once its migration is over.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Report {
     /// The codec's counters: QEMU bytes, dedup stream bytes, pages by kind.
     pub stats: Stats,

@@ -31,6 +31,7 @@ pub enum Threshold {
 
 /// What one input contributed, as [`CatalogBuilder::add`] found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InputStats {
     /// How the input was read.
     pub kind: InputKind,
