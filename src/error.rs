@@ -144,6 +144,7 @@ pub enum Error {
         reason: String,
     },
     /// The link's TLS handshake failed, or the peer's certificate was refused.
+    #[cfg(feature = "relay")]
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
     /// Every slot of a kind is taken (migrations, or connections in their handshake).
@@ -218,6 +219,7 @@ impl Error {
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::PeerClosed { .. } => ErrorKind::PeerClosed,
             Self::Remote { .. } => ErrorKind::Remote,
+            #[cfg(feature = "relay")]
             Self::Tls(_) => ErrorKind::Tls,
             Self::Busy { .. } => ErrorKind::Busy,
             Self::Config { .. } => ErrorKind::Config,

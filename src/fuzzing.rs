@@ -142,6 +142,7 @@ pub fn catalog_load(data: &[u8]) {
     }
 }
 
+#[cfg(feature = "dht")]
 /// DHT manifests, which come from store nodes: arbitrary bytes parsed as the
 /// manifest of the catalog they name; whatever is accepted names that catalog and
 /// encodes back to exactly the bytes it was parsed from.
@@ -432,6 +433,7 @@ mod tests {
         replay("catalog_load", super::catalog_load);
     }
 
+    #[cfg(feature = "dht")]
     #[test]
     fn dht_manifest_corpus_replays() {
         replay("dht_manifest", super::dht_manifest);

@@ -36,24 +36,34 @@
 //!
 //! # Features
 //!
-//! - `redis` (default): the DHT ring's Redis node (`dht::RedisNode`,
+//! - `relay` (default): the two ends of a dedup link and the proxies (`relay`), with
+//!   tokio's runtime and networking and mutual TLS (rustls with the ring provider).
+//! - `dht` (default): TMDHT, templates on a ring of store nodes (`dht`), over any
+//!   `dht::Node`.
+//! - `redis` (default, implies `dht`): the ring's Redis node (`dht::RedisNode`,
 //!   `dht::DhtTemplates::connect`) through the `redis` crate, most of the
-//!   dependency tree. Without it the ring still runs over any [`dht::Node`].
+//!   dependency tree.
 //! - `zstd`: zstd compression of dedup batches ([`dedup::Compression`]), smaller
 //!   than LZ4 and slower, for slow links.
+//!
+//! With `default-features = false` the codecs ([`qemu`], [`dedup`]), resolvers,
+//! catalogs and XBZRLE build on tokio's I/O traits alone.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cursor;
 pub mod dedup;
+#[cfg(feature = "dht")]
 pub mod dht;
 mod error;
+#[cfg(feature = "relay")]
 #[doc = include_str!("../docs/library.md")]
 pub mod guide {}
 #[cfg(any(fuzzing, test))]
 pub mod fuzzing;
 pub mod page;
 pub mod qemu;
+#[cfg(feature = "relay")]
 pub mod relay;
 pub mod resolve;
 pub mod template;

@@ -41,7 +41,7 @@ impl Encoder<End> for DedupEncoder {
 /// A `FramedRead` of dedup frames yields the verified QEMU bytes. It cannot fetch:
 /// with a resolver that waits for pages (a DHT store), a frame that needs a fetch
 /// fails with [`Error::Config`]; drive such a decoder with
-/// [`relay::decode_stream`](crate::relay::decode_stream) or by hand
+/// `relay::decode_stream` (feature `relay`) or by hand
 /// ([`Decoded::Fetch`]).
 impl Decoder for DedupDecoder {
     type Item = Bytes;

@@ -2,6 +2,7 @@
 //! any read size, and compare record lists independent of opaque chunking.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "relay")]
 pub mod pki;
 pub mod proxy;
 
