@@ -33,6 +33,7 @@ mod support;
 use clap::Parser;
 use out::outln;
 use support::{READ, read_into};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// Inspect QEMU migration stream files and multifd channel files.
 #[derive(Parser)]
@@ -154,6 +155,44 @@ impl SentPages {
 }
 
 fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Error>> {
+    let mut report = Report::default();
+    let mut sent = SentPages::default();
+    let mut section_names: HashMap<u32, String> = HashMap::new();
+    let walked = walk(
+        path,
+        roundtrip,
+        QemuDecoder::new(),
+        QemuEncoder::new(),
+        |record| report.count(record, &mut sent, &mut section_names),
+    )?;
+    (report.bytes, report.records) = (walked.bytes, walked.records);
+    (report.roundtrip_ok, report.seconds) = (walked.roundtrip_ok, walked.seconds);
+    Ok(report)
+}
+
+/// What reading a file through a codec gave: its bytes and records, and with
+/// `--roundtrip` whether re-encoding gave the file back.
+struct Walked {
+    bytes: u64,
+    records: u64,
+    roundtrip_ok: Option<bool>,
+    seconds: f64,
+}
+
+/// Reads `path` through `dec` in [`READ`]-byte pieces (memory stays bounded),
+/// hands every record to `count`, and with `roundtrip` re-encodes each with `enc`
+/// and compares the output with the file, read again in step.
+fn walk<R, D, E>(
+    path: &str,
+    roundtrip: bool,
+    mut dec: D,
+    mut enc: E,
+    mut count: impl FnMut(&R),
+) -> Result<Walked, Box<dyn std::error::Error>>
+where
+    D: Decoder<Item = R, Error = migstream::Error>,
+    E: for<'a> Encoder<&'a R, Error = migstream::Error>,
+{
     let started = Instant::now();
     let mut input = File::open(path)?;
     // the same file again, read in step with the output to compare without holding either
@@ -161,12 +200,14 @@ fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Er
         true => Some(File::open(path)?),
         false => None,
     };
-    let (mut dec, mut enc) = (QemuDecoder::new(), QemuEncoder::new());
     let (mut buf, mut out) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
     let mut expected = vec![0; READ];
-    let mut report = Report::default();
-    let mut sent = SentPages::default();
-    let mut section_names: HashMap<u32, String> = HashMap::new();
+    let mut walked = Walked {
+        bytes: 0,
+        records: 0,
+        roundtrip_ok: None,
+        seconds: 0.0,
+    };
     let mut at_end = false;
     loop {
         let record = match at_end {
@@ -180,28 +221,28 @@ fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Er
             buf.reserve(READ);
             let n = read_into(&mut input, &mut buf)?;
             at_end = n == 0;
-            report.bytes += n as u64;
+            walked.bytes += n as u64;
             continue;
         };
-        report.records += 1;
-        report.count(&record, &mut sent, &mut section_names);
+        walked.records += 1;
+        count(&record);
         if let Some(original) = original.as_mut() {
             enc.encode(&record, &mut out)?;
             if out.len() >= READ {
-                compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
+                compare(original, &mut out, &mut expected, &mut walked.roundtrip_ok)?;
             }
         }
     }
     if let Some(original) = original.as_mut() {
-        compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
+        compare(original, &mut out, &mut expected, &mut walked.roundtrip_ok)?;
         let mut rest = [0u8; 1];
-        if report.roundtrip_ok != Some(false) && original.read(&mut rest)? > 0 {
-            report.roundtrip_ok = Some(false);
+        if walked.roundtrip_ok != Some(false) && original.read(&mut rest)? > 0 {
+            walked.roundtrip_ok = Some(false);
         }
-        report.roundtrip_ok.get_or_insert(true);
+        walked.roundtrip_ok.get_or_insert(true);
     }
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    walked.seconds = started.elapsed().as_secs_f64();
+    Ok(walked)
 }
 
 /// Compares the encoded output so far with the same span of the original file.
@@ -420,50 +461,16 @@ fn inspect_channel(
     path: &str,
     roundtrip: bool,
 ) -> Result<ChannelReport, Box<dyn std::error::Error>> {
-    let started = Instant::now();
-    let mut input = File::open(path)?;
-    let mut original = match roundtrip {
-        true => Some(File::open(path)?),
-        false => None,
-    };
-    let (mut dec, mut enc) = (MultifdDecoder::new(), MultifdEncoder::new());
-    let (mut buf, mut out) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
-    let mut expected = vec![0; READ];
     let mut report = ChannelReport::default();
-    let mut at_end = false;
-    loop {
-        let record = match at_end {
-            true => dec.decode_eof(&mut buf)?,
-            false => dec.decode(&mut buf)?,
-        };
-        let Some(record) = record else {
-            if at_end {
-                break;
-            }
-            buf.reserve(READ);
-            let n = read_into(&mut input, &mut buf)?;
-            at_end = n == 0;
-            report.bytes += n as u64;
-            continue;
-        };
-        report.records += 1;
-        report.count(&record);
-        if let Some(original) = original.as_mut() {
-            enc.encode(&record, &mut out)?;
-            if out.len() >= READ {
-                compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
-            }
-        }
-    }
-    if let Some(original) = original.as_mut() {
-        compare(original, &mut out, &mut expected, &mut report.roundtrip_ok)?;
-        let mut rest = [0u8; 1];
-        if report.roundtrip_ok != Some(false) && original.read(&mut rest)? > 0 {
-            report.roundtrip_ok = Some(false);
-        }
-        report.roundtrip_ok.get_or_insert(true);
-    }
-    report.seconds = started.elapsed().as_secs_f64();
+    let walked = walk(
+        path,
+        roundtrip,
+        MultifdDecoder::new(),
+        MultifdEncoder::new(),
+        |record| report.count(record),
+    )?;
+    (report.bytes, report.records) = (walked.bytes, walked.records);
+    (report.roundtrip_ok, report.seconds) = (walked.roundtrip_ok, walked.seconds);
     Ok(report)
 }
 
