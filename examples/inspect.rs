@@ -59,57 +59,42 @@ fn main() -> ExitCode {
     } = Cli::parse();
     let mut ok = true;
     for path in &files {
-        match is_channel_file(path) {
-            Ok(true) => {
-                match inspect_channel(path, roundtrip) {
-                    Ok(report) => {
-                        let printed = match json_out {
-                            true => outln!("{}", report.to_json(path)),
-                            false => report.print(path),
-                        };
-                        if let Err(e) = printed {
-                            eprintln!("inspect: stdout: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                        ok &= report.roundtrip_ok.unwrap_or(true);
-                    }
-                    Err(e) => {
-                        eprintln!("{path}: {e}");
-                        ok = false;
-                    }
-                }
-                continue;
-            }
-            Ok(false) => {}
+        let inspected = match is_channel_file(path) {
+            Ok(true) => inspect_channel(path, roundtrip).map(|r| Box::new(r) as Box<dyn Shown>),
+            Ok(false) => inspect(path, roundtrip).map(|r| Box::new(r) as Box<dyn Shown>),
+            Err(e) => Err(e.into()),
+        };
+        let report = match inspected {
+            Ok(report) => report,
             Err(e) => {
                 eprintln!("{path}: {e}");
                 ok = false;
                 continue;
             }
+        };
+        let printed = match json_out {
+            true => outln!("{}", report.to_json(path)),
+            false => report.print(path),
+        };
+        if let Err(e) = printed {
+            eprintln!("inspect: stdout: {e}");
+            return ExitCode::FAILURE;
         }
-        match inspect(path, roundtrip) {
-            Ok(report) => {
-                let printed = match json_out {
-                    true => outln!("{}", report.to_json(path)),
-                    false => report.print(path),
-                };
-                if let Err(e) = printed {
-                    eprintln!("inspect: stdout: {e}");
-                    return ExitCode::FAILURE;
-                }
-                ok &= report.roundtrip_ok.unwrap_or(true);
-            }
-            Err(e) => {
-                eprintln!("{path}: {e}");
-                ok = false;
-            }
-        }
+        ok &= report.roundtrip_ok().unwrap_or(true);
     }
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// What `inspect` prints of a file, whichever kind it is.
+trait Shown {
+    fn print(&self, path: &str) -> io::Result<()>;
+    fn to_json(&self, path: &str) -> Value;
+    /// With `--roundtrip`, whether re-encoding gave the file back.
+    fn roundtrip_ok(&self) -> Option<bool>;
 }
 
 #[derive(Default)]
@@ -316,6 +301,12 @@ impl Report {
             _ => {}
         }
     }
+}
+
+impl Shown for Report {
+    fn roundtrip_ok(&self) -> Option<bool> {
+        self.roundtrip_ok
+    }
 
     fn print(&self, path: &str) -> io::Result<()> {
         outln!("{path}: {} bytes, {} records", self.bytes, self.records)?;
@@ -498,6 +489,12 @@ impl ChannelReport {
             }
             _ => {}
         }
+    }
+}
+
+impl Shown for ChannelReport {
+    fn roundtrip_ok(&self) -> Option<bool> {
+        self.roundtrip_ok
     }
 
     fn print(&self, path: &str) -> io::Result<()> {
