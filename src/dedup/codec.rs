@@ -1,6 +1,7 @@
 //! tokio-util [`Decoder`]/[`Encoder`] over the sans-IO dedup codecs: a
-//! `FramedWrite` of [`DedupEncoder`] takes QEMU records and then [`End`], a
-//! `FramedRead` of [`DedupDecoder`] yields the verified QEMU bytes.
+//! `FramedWrite` of [`DedupEncoder`] takes QEMU records (of the main channel or of a
+//! multifd channel) and then [`End`], a `FramedRead` of [`DedupDecoder`] yields the
+//! verified QEMU bytes.
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -8,17 +9,37 @@ use tokio_util::codec::{Decoder, Encoder};
 use super::{Decoded, DedupDecoder, DedupEncoder};
 use crate::error::{Error, Result};
 use crate::qemu::Record;
+use crate::qemu::multifd::ChannelRecord;
 
 /// The end of the QEMU stream, for a `FramedWrite` of dedup frames: sending it
 /// writes what is still batched and the END frame ([`DedupEncoder::finish`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct End;
 
-impl Encoder<&Record> for DedupEncoder {
+/// What a [`DedupEncoder`] takes in: the records of QEMU's main channel
+/// ([`Record`]) or of one of its multifd channels ([`ChannelRecord`]).
+pub trait EncoderInput {
+    /// Hands the record to the encoder's method for its kind.
+    fn encode_into(&self, encoder: &mut DedupEncoder, dst: &mut BytesMut) -> Result<()>;
+}
+
+impl EncoderInput for Record {
+    fn encode_into(&self, encoder: &mut DedupEncoder, dst: &mut BytesMut) -> Result<()> {
+        encoder.encode(self, dst)
+    }
+}
+
+impl EncoderInput for ChannelRecord {
+    fn encode_into(&self, encoder: &mut DedupEncoder, dst: &mut BytesMut) -> Result<()> {
+        encoder.encode_channel(self, dst)
+    }
+}
+
+impl<T: EncoderInput> Encoder<&T> for DedupEncoder {
     type Error = Error;
 
-    fn encode(&mut self, record: &Record, dst: &mut BytesMut) -> Result<()> {
-        DedupEncoder::encode(self, record, dst)
+    fn encode(&mut self, record: &T, dst: &mut BytesMut) -> Result<()> {
+        record.encode_into(self, dst)
     }
 }
 
@@ -27,6 +48,14 @@ impl Encoder<Record> for DedupEncoder {
 
     fn encode(&mut self, record: Record, dst: &mut BytesMut) -> Result<()> {
         DedupEncoder::encode(self, &record, dst)
+    }
+}
+
+impl Encoder<ChannelRecord> for DedupEncoder {
+    type Error = Error;
+
+    fn encode(&mut self, record: ChannelRecord, dst: &mut BytesMut) -> Result<()> {
+        DedupEncoder::encode_channel(self, &record, dst)
     }
 }
 

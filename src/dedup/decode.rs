@@ -49,6 +49,9 @@ pub struct DedupDecoder {
     stats: Stats,
 }
 
+/// The highest HELLO channel: QEMU numbers multifd channels with a byte.
+const MAX_CHANNEL: u16 = 256;
+
 /// Reads the entries of a batch.
 struct EntryReader<'a> {
     rest: Cursor<'a>,
@@ -343,12 +346,12 @@ impl DedupDecoder {
         let hello = Hello::parse(p, self.frame_at + wire::FRAME_HEADER as u64)?;
         // the HELLO is covered by every frame digest: the running hash starts with it
         self.hasher.write(p);
-        if hello.channel != 0 {
-            return Err(Error::Unsupported {
-                offset: self.frame_at + 5 + 60,
-                field: "hello channel",
-                reason: "multifd channels are not carried yet",
-            });
+        if hello.channel > MAX_CHANNEL {
+            return Err(self.malformed(
+                5 + 60,
+                "hello channel",
+                "beyond QEMU's 255 multifd channels",
+            ));
         }
         if let Some(wanted) = hello.catalog.filter(|id| Some(*id) != self.catalog) {
             return Err(Error::CatalogMismatch {
@@ -357,6 +360,12 @@ impl DedupDecoder {
             });
         }
         self.page_size = hello.page_size as usize;
+        if hello.channel > 0 {
+            self.limits = self.limits.for_multifd_channel();
+            self.restores
+                .iter_mut()
+                .for_each(|r| r.on_multifd_channel());
+        }
         self.hello = Some(hello);
         Ok(())
     }
@@ -412,8 +421,12 @@ impl DedupDecoder {
                             .map_err(|e| e.in_frame(self.frame_at))?;
                     }
                     // the record header: be64 word, and a block name of up to 255 bytes
-                    let name = if continued { 0 } else { 1 + 255 };
-                    qemu_bytes += 8 + name + self.page_size;
+                    let header = match (self.is_channel(), continued) {
+                        (true, _) => 0,
+                        (false, true) => 8,
+                        (false, false) => 8 + 1 + 255,
+                    };
+                    qemu_bytes += header + self.page_size;
                 }
                 Ok(Some(Entry::Qemu(bytes))) => qemu_bytes += bytes.len(),
                 // restore_staged reports it, at its place among the pages
@@ -512,10 +525,15 @@ impl DedupDecoder {
             let offset = page
                 .checked_mul(self.page_size as u64)
                 .ok_or_else(|| bad("page number too large"))?;
-            // the source's QEMU encoder checked CONTINUE against every record; here it
-            // may refer to a ZERO record that travelled as verbatim bytes
             let header = out.len();
-            put_page_header(&mut out, offset, ram_flag::PAGE, continued, &block);
+            match self.is_channel() {
+                // a multifd packet's pages follow its header and offsets, data alone
+                true if continued => return Err(bad("CONTINUE on a multifd channel")),
+                true => {}
+                // the source's QEMU encoder checked CONTINUE against every record; here
+                // it may refer to a ZERO record that travelled as verbatim bytes
+                false => put_page_header(&mut out, offset, ram_flag::PAGE, continued, &block),
+            }
             let at = PageAt {
                 block: &block,
                 offset,
@@ -550,6 +568,11 @@ impl DedupDecoder {
         let bytes = out.split();
         self.out = out;
         Ok(bytes)
+    }
+
+    /// Whether the stream carries a multifd channel rather than the main channel.
+    fn is_channel(&self) -> bool {
+        self.hello.is_some_and(|hello| hello.channel > 0)
     }
 
     fn on_end(&mut self, p: &[u8]) -> Result<()> {

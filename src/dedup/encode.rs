@@ -6,7 +6,8 @@ use twox_hash::XxHash3_128;
 use super::Stats;
 use super::compress::{Compression, Compressor};
 use super::wire::{self, Hello, codec, frame};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::qemu::multifd::{ChannelRecord, MultifdEncoder, Payload};
 use crate::qemu::{
     ConfigSubsection, Configuration, DEFAULT_PAGE_SIZE, QemuEncoder, RamRecord, Record,
 };
@@ -14,17 +15,24 @@ use crate::resolve::{Claim, Page, PageAt, tag};
 use crate::template::CatalogId;
 use crate::varint;
 
-/// Turns QEMU [`Record`]s into the dedup stream.
+/// Turns QEMU [`Record`]s (the main channel) or [`ChannelRecord`]s (a multifd
+/// channel) into the dedup stream.
 ///
 /// Every byte of the QEMU stream is accounted for: page payloads travel as resolver
 /// entries (or raw), everything else as verbatim QEMU bytes, all batched into DATA
 /// frames compressed with LZ4. Each DATA frame carries the running digest of the QEMU
 /// bytes so far, and [`finish`](Self::finish) writes the END frame with the total.
+/// One encoder carries one QEMU connection: its first record says which
+/// ([`encode`](Self::encode) or [`encode_channel`](Self::encode_channel)).
 pub struct DedupEncoder {
     page_size: usize,
     catalog: Option<CatalogId>,
     session: [u8; 16],
+    /// The HELLO's channel once the first record said which: 0 the main channel,
+    /// `n` the multifd channel `n - 1`.
+    channel: Option<u16>,
     qemu: QemuEncoder,
+    multifd: MultifdEncoder,
     claims: Vec<Box<dyn Claim>>,
     /// Raw entries of the batch being built.
     batch: Vec<u8>,
@@ -62,6 +70,11 @@ impl std::fmt::Debug for DedupEncoder {
 /// 16 MiB on top, a frame's output stays within the decoder's default `max_output`.
 pub const MAX_FRAME_QEMU_BYTES: usize = 16 << 20;
 
+/// The same for a multifd channel: its frames stay small (a packet is 512 KiB of
+/// pages), so that a destination's channels hold little each
+/// ([`Limits::for_multifd_channel`](super::Limits::for_multifd_channel)).
+pub const MAX_CHANNEL_FRAME_QEMU_BYTES: usize = 4 << 20;
+
 /// Default size at which a batch is compressed and sent.
 pub const DEFAULT_BATCH: usize = 256 * 1024;
 
@@ -75,7 +88,9 @@ impl DedupEncoder {
             page_size: DEFAULT_PAGE_SIZE,
             catalog: None,
             session: [0; 16],
+            channel: None,
             qemu: QemuEncoder::new(),
+            multifd: MultifdEncoder::new(),
             claims,
             batch: Vec::new(),
             verbatim: BytesMut::new(),
@@ -98,6 +113,20 @@ impl DedupEncoder {
     /// migration gives each the same.
     pub fn with_session(mut self, session: [u8; 16]) -> Self {
         self.session = session;
+        self
+    }
+
+    /// Sets the target page size of a multifd channel's pages (default 4 KiB). A
+    /// main channel's comes from its configuration section instead; a multifd
+    /// channel's is the main channel's (see
+    /// [`MultifdDecoder::with_page_size`](crate::qemu::multifd::MultifdDecoder::with_page_size)).
+    ///
+    /// # Panics
+    ///
+    /// If `page_size` is not a power of two from 1 KiB to 64 KiB.
+    pub fn with_page_size(mut self, page_size: usize) -> Self {
+        self.multifd = MultifdEncoder::new().with_page_size(page_size);
+        self.page_size = page_size;
         self
     }
 
@@ -131,8 +160,21 @@ impl DedupEncoder {
         wire::digest_bytes(&self.hasher)
     }
 
-    /// Takes in one QEMU record; appends any frames that became ready to `dst`.
+    /// The target page size: the default or given one, or what the main channel's
+    /// configuration said.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Takes in one record of QEMU's main channel; appends any frames that became
+    /// ready to `dst`.
     pub fn encode(&mut self, record: &Record, dst: &mut BytesMut) -> Result<()> {
+        if *self.channel.get_or_insert(0) != 0 {
+            return Err(Error::InvalidRecord {
+                field: "main channel record",
+                reason: "on a multifd channel's stream",
+            });
+        }
         match record {
             Record::Ram(RamRecord::Page { addr, data }) => {
                 self.start(dst);
@@ -156,9 +198,64 @@ impl DedupEncoder {
                 self.qemu.encode(other, &mut self.verbatim)?;
             }
         }
-        // pages claimed in a few bytes make small batches of much QEMU output: bound both
+        self.flush_when_due(dst)
+    }
+
+    /// Takes in one record of a QEMU multifd channel, the greeting first; appends any
+    /// frames that became ready to `dst`. The greeting, packet headers and offset
+    /// slots travel as QEMU bytes and each page of a packet as a page entry, which
+    /// the destination rebuilds as the page's bytes alone (see
+    /// `docs/wire-format.md`). Packets QEMU compressed itself (`multifd-compression`)
+    /// and device state travel as QEMU bytes, unchanged
+    /// ([`Stats::opaque_bytes`](super::Stats::opaque_bytes)). The HELLO names the
+    /// greeting's channel; resolvers keep a channel's share of their memory
+    /// ([`Claim::on_multifd_channel`](crate::resolve::Claim::on_multifd_channel)).
+    pub fn encode_channel(&mut self, record: &ChannelRecord, dst: &mut BytesMut) -> Result<()> {
+        match record {
+            ChannelRecord::Greeting(greeting) => {
+                if self.channel.is_some() {
+                    return Err(Error::InvalidRecord {
+                        field: "channel greeting",
+                        reason: "not the first record of the stream",
+                    });
+                }
+                self.multifd.encode(record, &mut self.verbatim)?;
+                self.channel = Some(u16::from(greeting.channel_id) + 1);
+            }
+            ChannelRecord::Packet(packet) if matches!(packet.payload, Payload::Pages(_)) => {
+                self.multifd
+                    .encode_packet_header(packet, &mut self.verbatim)?;
+                self.start(dst);
+                self.put_verbatim();
+                for (offset, data) in packet.pages() {
+                    let at = PageAt {
+                        block: &packet.block,
+                        offset,
+                    };
+                    self.put_page(Page::new(at, data), false);
+                }
+            }
+            other => {
+                let before = self.verbatim.len();
+                self.multifd.encode(other, &mut self.verbatim)?;
+                self.stats.opaque_bytes += match other {
+                    ChannelRecord::Packet(packet) => packet.payload.len() as u64,
+                    _ => (self.verbatim.len() - before) as u64,
+                };
+            }
+        }
+        self.flush_when_due(dst)
+    }
+
+    /// Sends the batch once it is large enough, or stands for enough QEMU bytes:
+    /// pages claimed in a few bytes make small batches of much QEMU output.
+    fn flush_when_due(&mut self, dst: &mut BytesMut) -> Result<()> {
+        let max_qemu = match self.channel {
+            Some(0) | None => MAX_FRAME_QEMU_BYTES,
+            Some(_) => MAX_CHANNEL_FRAME_QEMU_BYTES,
+        };
         if self.batch.len() + self.verbatim.len() >= self.batch_target
-            || self.batch_qemu + self.verbatim.len() >= MAX_FRAME_QEMU_BYTES
+            || self.batch_qemu + self.verbatim.len() >= max_qemu
         {
             self.flush(dst)?;
         }
@@ -166,7 +263,11 @@ impl DedupEncoder {
     }
 
     /// Sends what is pending as a DATA frame (e.g. when the QEMU side goes quiet).
+    /// Nothing before the first record: the HELLO says what the records are.
     pub fn flush(&mut self, dst: &mut BytesMut) -> Result<()> {
+        if self.channel.is_none() {
+            return Ok(());
+        }
         self.start(dst);
         self.put_verbatim();
         if self.batch.is_empty() {
@@ -226,7 +327,12 @@ impl DedupEncoder {
             return;
         }
         self.started = true;
-        let hello = Hello::new(self.page_size as u32, self.catalog).in_session(self.session, 0);
+        let channel = self.channel.unwrap_or(0);
+        if channel > 0 {
+            self.claims.iter_mut().for_each(|c| c.on_multifd_channel());
+        }
+        let hello =
+            Hello::new(self.page_size as u32, self.catalog).in_session(self.session, channel);
         let at = dst.len();
         hello.put(dst);
         // every frame digest covers the HELLO too

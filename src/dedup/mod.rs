@@ -42,10 +42,10 @@ mod stream;
 #[doc(hidden)]
 pub mod wire;
 
-pub use codec::End;
+pub use codec::{EncoderInput, End};
 pub use compress::Compression;
 pub use decode::{Decoded, DedupDecoder};
-pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_FRAME_QEMU_BYTES};
+pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_CHANNEL_FRAME_QEMU_BYTES, MAX_FRAME_QEMU_BYTES};
 pub use reply::{MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
 pub use resolvers::{Resolvers, default_restores};
 pub use stats::Stats;
@@ -81,6 +81,27 @@ impl Default for Limits {
             max_batch: 32 << 20,
             max_held: 64 << 20,
             max_output: 64 << 20,
+        }
+    }
+}
+
+/// What a multifd channel's frame can make the decoder hold, at most: a source
+/// sends frames of [`MAX_CHANNEL_FRAME_QEMU_BYTES`] plus one record (a packet of
+/// 512 KiB of pages, or up to 16 MiB of device state).
+const CHANNEL_FRAME_CAP: usize = 24 << 20;
+
+impl Limits {
+    /// These limits, capped for a stream that carries a multifd channel: its frames
+    /// are small and nothing is held (QEMU's EOF is on the main channel), so that a
+    /// migration of many channels holds little more per channel than the
+    /// resolvers' share ([`MULTIFD_CHANNEL_SHARE`](crate::resolve::MULTIFD_CHANNEL_SHARE)).
+    /// The decoder applies them itself once the HELLO names a channel.
+    pub fn for_multifd_channel(&self) -> Self {
+        Self {
+            max_frame: self.max_frame.min(CHANNEL_FRAME_CAP),
+            max_batch: self.max_batch.min(CHANNEL_FRAME_CAP),
+            max_held: 0,
+            max_output: self.max_output.min(CHANNEL_FRAME_CAP),
         }
     }
 }

@@ -10,6 +10,10 @@ pub struct Stats {
     pub qemu_bytes: u64,
     /// Dedup stream bytes given out (encoder) or taken in (decoder).
     pub wire_bytes: u64,
+    /// QEMU bytes the encoder carried as they were because QEMU had compressed them
+    /// itself (`multifd-compression`) or they are device state on a multifd channel:
+    /// nothing in them was deduplicated. Counted by the encoder only.
+    pub opaque_bytes: u64,
     /// Pages by entry tag.
     pages: [u64; 256],
 }
@@ -19,6 +23,7 @@ impl Default for Stats {
         Self {
             qemu_bytes: 0,
             wire_bytes: 0,
+            opaque_bytes: 0,
             pages: [0; 256],
         }
     }

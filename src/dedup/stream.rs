@@ -14,11 +14,11 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 
-use super::{DedupEncoder, Stats};
+use super::{DedupEncoder, EncoderInput, Stats};
 use crate::error::Result;
-use crate::qemu::Record;
 
-/// Dedup stream chunks from a stream of QEMU records; see the module docs.
+/// Dedup stream chunks from a stream of QEMU records, of the main channel or of a
+/// multifd channel ([`EncoderInput`]); see the module docs.
 #[derive(Debug)]
 pub struct DedupFrames<S> {
     records: S,
@@ -50,9 +50,18 @@ impl<S> DedupFrames<S> {
     pub fn stats(&self) -> &Stats {
         self.encoder.stats()
     }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &DedupEncoder {
+        &self.encoder
+    }
 }
 
-impl<S: Stream<Item = Result<Record>> + Unpin> Stream for DedupFrames<S> {
+impl<S, T> Stream for DedupFrames<S>
+where
+    S: Stream<Item = Result<T>> + Unpin,
+    T: EncoderInput,
+{
     type Item = Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
@@ -65,7 +74,9 @@ impl<S: Stream<Item = Result<Record>> + Unpin> Stream for DedupFrames<S> {
                 return Poll::Ready((!this.out.is_empty()).then(|| Ok(this.out.split().freeze())));
             }
             let step = match Pin::new(&mut this.records).poll_next(cx) {
-                Poll::Ready(Some(Ok(record))) => this.encoder.encode(&record, &mut this.out),
+                Poll::Ready(Some(Ok(record))) => {
+                    record.encode_into(&mut this.encoder, &mut this.out)
+                }
                 Poll::Ready(Some(Err(e))) => Err(e),
                 Poll::Ready(None) => {
                     this.finished = true;

@@ -55,6 +55,12 @@ use std::pin::Pin;
 use crate::error::Result;
 use crate::page;
 
+/// The share of a main channel's memory a resolver keeps on a multifd channel
+/// ([`Claim::on_multifd_channel`]): QEMU spreads a migration's pages over its
+/// channels, so four channels with a quarter each span about the pages one main
+/// channel would, and a migration of many channels stays bounded.
+pub const MULTIFD_CHANNEL_SHARE: usize = 4;
+
 /// Tags free for resolvers outside this crate.
 pub const CUSTOM_TAGS: RangeInclusive<u8> = 0x80..=0xFF;
 
@@ -168,6 +174,12 @@ pub trait Claim: Send {
 
     /// Called for every page delivered, whoever claimed it, in stream order.
     fn delivered(&mut self, _page: &Page<'_>) {}
+
+    /// Called once, before the first page, when the stream carries one of QEMU's
+    /// multifd channels rather than its main channel: a resolver that keeps pages of
+    /// its stream keeps 1 / [`MULTIFD_CHANNEL_SHARE`] of what it keeps on a main
+    /// channel. Its [`Restore`] half must do the same.
+    fn on_multifd_channel(&mut self) {}
 }
 
 /// The destination half of a resolver: rebuilds pages from bodies.
@@ -192,6 +204,9 @@ pub trait Restore: Send {
 
     /// Called with every page delivered, whoever restored it, in stream order.
     fn delivered(&mut self, _page: &Page<'_>) {}
+
+    /// The counterpart of [`Claim::on_multifd_channel`], called on the same streams.
+    fn on_multifd_channel(&mut self) {}
 }
 
 /// The asynchronous half of a resolver that fetches pages from elsewhere: what its

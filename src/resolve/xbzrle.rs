@@ -46,6 +46,16 @@ impl Cache {
         }
     }
 
+    /// Keeps a multifd channel's share of the cache (before the first page: the
+    /// geometry is fixed then).
+    fn share_for_channel(&mut self) {
+        debug_assert!(
+            self.keys.is_empty(),
+            "the geometry is fixed at the first page"
+        );
+        self.cache_bytes /= crate::resolve::MULTIFD_CHANNEL_SHARE;
+    }
+
     /// The number of `block`, `None` beyond [`MAX_BLOCKS`].
     fn block_number(&mut self, block: &[u8]) -> Option<u32> {
         // pages come block by block: look from the most recent name back
@@ -147,6 +157,10 @@ impl Claim for XbzrleDelta {
     fn delivered(&mut self, page: &Page<'_>) {
         self.cache.put(page);
     }
+
+    fn on_multifd_channel(&mut self) {
+        self.cache.share_for_channel();
+    }
 }
 
 /// The destination half: applies deltas to the cached version of the page.
@@ -183,6 +197,10 @@ impl Restore for XbzrleRestore {
 
     fn delivered(&mut self, page: &Page<'_>) {
         self.cache.put(page);
+    }
+
+    fn on_multifd_channel(&mut self) {
+        self.cache.share_for_channel();
     }
 }
 

@@ -72,13 +72,32 @@ impl MultifdEncoder {
                 dst.put_slice(&greeting.reserved);
                 self.greeted = true;
             }
-            ChannelRecord::Packet(packet) => self.packet(packet, dst)?,
+            ChannelRecord::Packet(packet) => {
+                self.packet_header(packet, dst)?;
+                match &packet.payload {
+                    Payload::Pages(pages) => pages.iter().for_each(|page| dst.put_slice(page)),
+                    Payload::Compressed(data) => dst.put_slice(data),
+                }
+            }
             ChannelRecord::DeviceState(packet) => device_state(packet, dst)?,
         }
         Ok(())
     }
 
-    fn packet(&self, p: &Packet, dst: &mut BytesMut) -> Result<()> {
+    /// Appends the header and offset slots of a RAM packet without its page data,
+    /// after the same checks as [`encode`](Self::encode) (payload included): for a
+    /// writer that sends the pages its own way and appends them after, in slot order,
+    /// as the dedup encoder does.
+    pub fn encode_packet_header(&mut self, packet: &Packet, dst: &mut BytesMut) -> Result<()> {
+        if !self.greeted {
+            return Err(invalid("channel greeting", "a packet before the greeting"));
+        }
+        self.packet_header(packet, dst)
+    }
+
+    /// Checks a RAM packet and appends its header and offset slots; room is reserved
+    /// for its payload too.
+    fn packet_header(&self, p: &Packet, dst: &mut BytesMut) -> Result<()> {
         check_flags(p.flags)?;
         if p.flags & flag::DEVICE_STATE != 0 {
             return Err(invalid("packet flags", "DEVICE_STATE on a RAM packet"));
@@ -149,10 +168,6 @@ impl MultifdEncoder {
         put_name(dst, &p.block);
         for &offset in &p.offsets {
             dst.put_u64(offset);
-        }
-        match &p.payload {
-            Payload::Pages(pages) => pages.iter().for_each(|page| dst.put_slice(page)),
-            Payload::Compressed(data) => dst.put_slice(data),
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::fill::fill_byte;
-use super::{Claim, Page, PageAt, PageOut, Restore, tag};
+use super::{Claim, MULTIFD_CHANNEL_SHARE, Page, PageAt, PageOut, Restore, tag};
 use crate::error::{Error, Result};
 use crate::page::{FINGERPRINT_LEN, Fingerprint};
 use crate::varint;
@@ -110,6 +110,14 @@ impl Claim for SeenBefore {
         varint::put(body, self.next_id - 1 - id);
         body.extend_from_slice(&fingerprint.0);
         true
+    }
+
+    fn on_multifd_channel(&mut self) {
+        debug_assert_eq!(self.window, 0, "the window is fixed at the first page");
+        self.window_bytes /= MULTIFD_CHANNEL_SHARE;
+        if let Some(kept) = &mut self.kept {
+            kept.share_for_channel();
+        }
     }
 
     fn delivered(&mut self, page: &Page<'_>) {
@@ -216,6 +224,10 @@ impl Restore for SeenBeforeRestore {
             self.ring.keep(self.next_id, page.data);
             self.next_id += 1;
         }
+    }
+
+    fn on_multifd_channel(&mut self) {
+        self.ring.share_for_channel();
     }
 }
 

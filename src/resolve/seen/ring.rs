@@ -29,6 +29,13 @@ impl Ring {
         }
     }
 
+    /// Keeps a multifd channel's share of the window (before the first page: the
+    /// window is fixed then).
+    pub(super) fn share_for_channel(&mut self) {
+        debug_assert_eq!(self.window, 0, "the window is fixed at the first page");
+        self.window_bytes /= crate::resolve::MULTIFD_CHANNEL_SHARE;
+    }
+
     /// How many pages it keeps at most (0 before the first page).
     pub(super) fn window(&self) -> u64 {
         self.window
