@@ -23,8 +23,8 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -87,9 +87,13 @@ struct Common {
     /// Template catalog file.
     #[arg(long, value_name = "FILE")]
     catalog: Option<String>,
-    /// Migrations at once; more are refused [default: source 4, destination 1].
-    #[arg(long, value_name = "N")]
-    max_migrations: Option<usize>,
+    /// Migrations at once; more are refused [default: 1]. A source proxy with more
+    /// cannot tell whose multifd channels are whose while several run: it refuses them.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    max_migrations: usize,
+    /// Multifd channels per migration (QEMU's multifd-channels); more are refused.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    max_channels: usize,
     /// Links in their handshake at once (destination); more are closed at once.
     #[arg(long, value_name = "N", default_value_t = 16)]
     max_handshakes: usize,
@@ -181,7 +185,7 @@ struct Proxy {
     role: Role,
     json: bool,
     quiet: bool,
-    /// Migrations so far: connections that got past the handshake.
+    /// Migrations so far: main channels that got past the handshake.
     migrations: AtomicU64,
 }
 
@@ -269,10 +273,11 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     }
 }
 
-fn limits(common: &Common, default_migrations: usize) -> ProxyLimits {
+fn limits(common: &Common) -> ProxyLimits {
     ProxyLimits::default()
-        .with_max_migrations(common.max_migrations.unwrap_or(default_migrations))
+        .with_max_migrations(common.max_migrations)
         .with_max_handshakes(common.max_handshakes)
+        .with_max_channels(common.max_channels)
 }
 
 fn source_proxy(
@@ -327,7 +332,7 @@ fn source_proxy(
         .with_resolvers(resolvers)
         .with_compression(compression)
         .with_timeouts(timeouts);
-    Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common, 4)))
+    Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common)))
 }
 
 async fn destination_proxy(
@@ -346,7 +351,7 @@ async fn destination_proxy(
     }
     let qemu: Endpoint = a.common.to.parse()?;
     Ok(DestinationProxy::new(config, qemu, tls)
-        .with_limits(limits(&a.common, 1))
+        .with_limits(limits(&a.common))
         .with_template_cooldown(Duration::from_secs_f64(a.template_cooldown)))
 }
 
@@ -364,18 +369,16 @@ impl Proxy {
     /// Runs the migration of one connection and reports it: `Some(true)` if it
     /// succeeded, `None` if the connection was refused before it became a migration
     /// (a port scan, a peer without the right certificate, a stalled handshake):
-    /// that is logged, not counted.
+    /// that is logged, not counted. A multifd channel is reported with its
+    /// migration, by the main channel's connection.
     async fn serve(self: Arc<Self>, conn: Conn, peer: String) -> Option<bool> {
         let started = Instant::now();
         let progress = Arc::new(Progress::default());
-        let (id, outcome) = match &self.role {
+        let id = Arc::new(OnceLock::new());
+        let outcome = match &self.role {
             Role::Source(proxy) => {
-                let id = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
-                (
-                    id,
-                    self.ticking(id, &progress, proxy.serve(conn, &progress))
-                        .await,
-                )
+                self.ticking(&id, &progress, proxy.serve(conn, &progress))
+                    .await
             }
             Role::Destination(proxy) => {
                 let incoming = match proxy.handshake(conn).await {
@@ -385,28 +388,40 @@ impl Proxy {
                         return None;
                     }
                 };
-                let id = self.migrations.fetch_add(1, Ordering::Relaxed) + 1;
-                (
-                    id,
-                    self.ticking(id, &progress, incoming.restore(&progress))
-                        .await,
-                )
+                self.ticking(&id, &progress, incoming.restore(&progress))
+                    .await
             }
         };
-        let outcome = outcome.map_err(|e| e.to_string());
+        if let Some(channel) = progress.channel() {
+            match outcome {
+                Ok(_) => tracing::debug!("multifd channel {channel} ended"),
+                Err(e) => tracing::warn!("multifd channel {channel} failed: {e}"),
+            }
+            return None;
+        }
+        let outcome = outcome
+            .map(|served| served.report().expect("a main channel's connection"))
+            .map_err(|e| e.to_string());
+        let id = *id.get_or_init(|| self.next_id());
         self.report(id, &outcome, &progress.snapshot(), started.elapsed());
         Some(outcome.is_ok())
+    }
+
+    /// The next migration's number.
+    fn next_id(&self) -> u64 {
+        self.migrations.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Runs `work` with a progress line for migration `id` every second, unless
     /// `--quiet`.
     async fn ticking<T>(
         self: &Arc<Self>,
-        id: u64,
+        id: &Arc<OnceLock<u64>>,
         progress: &Arc<Progress>,
         work: impl Future<Output = T>,
     ) -> T {
-        let ticker = (!self.quiet).then(|| tokio::spawn(self.clone().tick(id, progress.clone())));
+        let ticker =
+            (!self.quiet).then(|| tokio::spawn(self.clone().tick(id.clone(), progress.clone())));
         let outcome = work.await;
         if let Some(ticker) = ticker {
             ticker.abort();
@@ -414,14 +429,19 @@ impl Proxy {
         outcome
     }
 
-    /// Prints the progress of migration `id` every second until aborted: in place on
-    /// a terminal, as lines otherwise.
-    async fn tick(self: Arc<Self>, id: u64, progress: Arc<Progress>) {
+    /// Prints the progress of migration `id` (numbered at the first line) every
+    /// second until aborted: in place on a terminal, as lines otherwise. A multifd
+    /// channel's progress is in its main channel's line.
+    async fn tick(self: Arc<Self>, id: Arc<OnceLock<u64>>, progress: Arc<Progress>) {
         let (started, terminal) = (Instant::now(), std::io::stderr().is_terminal());
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.tick().await;
         loop {
             every.tick().await;
+            if progress.channel().is_some() {
+                return;
+            }
+            let id = *id.get_or_init(|| self.next_id());
             let stats = progress.snapshot();
             let rate = stats.qemu_bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
             let line = format!(
@@ -446,20 +466,33 @@ impl Proxy {
         match outcome {
             Ok(report) => eprintln!(
                 "\rwire {} bytes qemu {} bytes ratio {:.4} (migration {id}, {role}, {secs:.2} s, \
-                 templates {}) {}",
+                 templates {}{}) {}",
                 stats.wire_bytes,
                 stats.qemu_bytes,
                 stats.ratio(),
                 if report.templates { "on" } else { "off" },
+                match report.channels.len() {
+                    0 => String::new(),
+                    n => format!(", {n} multifd channels"),
+                },
                 pages(stats),
             ),
             Err(e) => eprintln!("\rmigration failed: {e} (migration {id}, {role}, {secs:.2} s)"),
         }
         if self.json {
-            let pages: serde_json::Map<String, serde_json::Value> = stats
-                .named_pages()
-                .map(|(name, n)| (name.to_string(), n.into()))
-                .collect();
+            let channels: Vec<serde_json::Value> = outcome.as_ref().map_or(vec![], |report| {
+                let channel = |(id, stats): &(u8, Stats)| {
+                    serde_json::json!({
+                        "channel": id,
+                        "qemu_bytes": stats.qemu_bytes,
+                        "wire_bytes": stats.wire_bytes,
+                        "ratio": stats.ratio(),
+                        "opaque_bytes": stats.opaque_bytes,
+                        "pages": pages_json(stats),
+                    })
+                };
+                report.channels.iter().map(channel).collect()
+            });
             let line = serde_json::json!({
                 "migration": id,
                 "role": role,
@@ -470,12 +503,21 @@ impl Proxy {
                 "ratio": stats.ratio(),
                 "seconds": secs,
                 "templates": outcome.as_ref().is_ok_and(|r| r.templates),
-                "pages": pages,
+                "pages": pages_json(stats),
+                "opaque_bytes": stats.opaque_bytes,
+                "channels": channels,
             });
             // a closed stdout (`| head`) must not take the proxy down
             let _ = writeln!(std::io::stdout(), "{line}");
         }
     }
+}
+
+fn pages_json(stats: &Stats) -> serde_json::Map<String, serde_json::Value> {
+    let named = stats.named_pages();
+    named
+        .map(|(name, n)| (name.to_string(), n.into()))
+        .collect()
 }
 
 fn pages(stats: &Stats) -> String {

@@ -133,7 +133,8 @@ async fn source_end(
     let (qemu, _) = listener.accept().await?;
     let tls = TlsClient::new(&CERTS.source, "dest.demo")?;
     let proxy = SourceProxy::new(config, to.to_string(), Some(tls));
-    Ok(proxy.serve(Conn::Tcp(qemu), &Progress::default()).await?)
+    let served = proxy.serve(Conn::Tcp(qemu), &Progress::default()).await?;
+    served.report().ok_or_else(not_a_migration)
 }
 
 /// The destination proxy: takes the link, checks the source's certificate and
@@ -147,7 +148,13 @@ async fn destination_end(
     let tls = TlsServer::new(&CERTS.destination, &["source.demo".to_string()])?;
     let proxy = DestinationProxy::new(config, Endpoint::Tcp(to.to_string()), Some(tls));
     let incoming = proxy.handshake(Conn::Tcp(link)).await?;
-    Ok(incoming.restore(&Progress::default()).await?)
+    let served = incoming.restore(&Progress::default()).await?;
+    served.report().ok_or_else(not_a_migration)
+}
+
+/// The demo's QEMU connects one main channel (no multifd).
+fn not_a_migration() -> Error {
+    "a multifd channel where the demo expects its migration".into()
 }
 
 /// Both proxies' certificates, made once per run.

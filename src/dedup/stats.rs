@@ -50,6 +50,16 @@ impl Stats {
         }
     }
 
+    /// Adds `other`'s counters to these: a migration's, over its connections.
+    pub fn add(&mut self, other: &Stats) {
+        self.qemu_bytes += other.qemu_bytes;
+        self.wire_bytes += other.wire_bytes;
+        self.opaque_bytes += other.opaque_bytes;
+        for (mine, theirs) in self.pages.iter_mut().zip(&other.pages) {
+            *mine += theirs;
+        }
+    }
+
     /// Counts one page of `tag`.
     pub(crate) fn count_page(&mut self, tag: u8) {
         self.pages[usize::from(tag)] += 1;

@@ -261,10 +261,10 @@ where
                 });
             }
         }
-        Ok(Report {
-            stats: decoder.stats().clone(),
-            templates: hello.catalog.is_some(),
-        })
+        Ok(Report::new(
+            decoder.stats().clone(),
+            hello.catalog.is_some(),
+        ))
     }
 }
 

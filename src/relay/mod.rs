@@ -68,6 +68,7 @@
 
 mod activity;
 mod destination;
+mod group;
 pub mod net;
 mod proxy;
 mod pump;
@@ -79,7 +80,8 @@ pub use proxy::{DEFAULT_TEMPLATE_COOLDOWN, DestinationProxy, Incoming, ProxyLimi
 pub use pump::{decode_stream, encode_stream};
 pub use source::{SourceConfig, source};
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::dedup::Stats;
@@ -136,36 +138,105 @@ impl Timeouts {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Report {
-    /// The codec's counters: QEMU bytes, dedup stream bytes, pages by kind.
+    /// The codec's counters: QEMU bytes, dedup stream bytes, pages by kind; for a
+    /// multifd migration, summed over the main channel and every multifd channel.
     pub stats: Stats,
     /// Whether template references were in use (both ends held the same catalog).
     pub templates: bool,
+    /// A multifd migration's channels by id, with their own counters (included in
+    /// `stats`); empty without multifd.
+    pub channels: Vec<(u8, Stats)>,
 }
 
+impl Report {
+    fn new(stats: Stats, templates: bool) -> Self {
+        Self {
+            stats,
+            templates,
+            channels: Vec::new(),
+        }
+    }
+}
+
+/// What a proxy did with one QEMU connection or link.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Served {
+    /// A migration's main channel, which ended with the migration: its report
+    /// covers the multifd channels that joined it.
+    Migration(Box<Report>),
+    /// A multifd channel, which joined the migration of a main channel: it is in
+    /// that migration's report.
+    Channel(u8),
+}
+
+impl Served {
+    /// The migration's report; `None` for a multifd channel (its counters are in its
+    /// migration's).
+    pub fn report(self) -> Option<Report> {
+        match self {
+            Self::Migration(report) => Some(*report),
+            Self::Channel(_) => None,
+        }
+    }
+}
+
+/// The live counters of a migration's multifd channels, shared by them and by the
+/// main channel's [`Progress`].
+type ChannelProgress = Arc<Mutex<Vec<Arc<Progress>>>>;
+
 /// Counters of a link in progress, for a live progress line; shared with the task
-/// running the link.
+/// running the link. A multifd migration's main channel counts its channels too.
 #[derive(Debug, Default)]
 pub struct Progress {
     stats: Mutex<Option<Stats>>,
+    /// The channels of the migration, when this is its main channel's.
+    channels: Mutex<Option<ChannelProgress>>,
+    /// The multifd channel this is, once known (ids 0-255 as 1-256; 0: not one).
+    channel: AtomicU16,
 }
 
 impl Progress {
-    /// The counters so far.
+    /// The counters so far (with the multifd channels', for a main channel).
     pub fn snapshot(&self) -> Stats {
-        self.lock().clone().unwrap_or_default()
+        let mut stats = lock(&self.stats).clone().unwrap_or_default();
+        if let Some(channels) = &*lock(&self.channels) {
+            for channel in lock(channels).iter() {
+                stats.add(&channel.snapshot());
+            }
+        }
+        stats
+    }
+
+    /// The multifd channel this connection turned out to be: its counters are in
+    /// its main channel's.
+    pub fn channel(&self) -> Option<u8> {
+        match self.channel.load(Ordering::Relaxed) {
+            0 => None,
+            n => u8::try_from(n - 1).ok(),
+        }
     }
 
     fn set(&self, stats: &Stats) {
-        match &mut *self.lock() {
+        match &mut *lock(&self.stats) {
             Some(s) => s.clone_from(stats),
             slot => *slot = Some(stats.clone()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Stats>> {
-        // counters stay meaningful even if a reader panicked
-        self.stats
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn follow(&self, channels: ChannelProgress) {
+        *lock(&self.channels) = Some(channels);
     }
+
+    fn set_channel(&self, channel: u8) {
+        self.channel
+            .store(u16::from(channel) + 1, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // counters stay meaningful even if a reader panicked
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

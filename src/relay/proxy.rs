@@ -3,17 +3,22 @@
 //! connections share: the TLS settings, the caps on what a peer can make it hold,
 //! and (at the destination) whether templates are trusted right now.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::group::{Group, Member, Registry};
 use super::net::{self, Conn, Endpoint};
+use super::source::{Carried, carry, new_session};
 use super::tls::{TlsClient, TlsServer};
-use super::{DestinationConfig, Handshake, Progress, Report, SourceConfig, accept, source};
+use super::{DestinationConfig, Handshake, Progress, Report, Served, SourceConfig, accept, lock};
 use crate::error::{Error, Result};
+use crate::qemu::multifd::{self, ChannelRecord, MultifdDecoder};
+use crate::qemu::wire::FILE_MAGIC;
 
 /// What the connections to one proxy can make it hold at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,14 +31,18 @@ pub struct ProxyLimits {
     /// closed at once, so a flood of connections cannot starve real migrations of
     /// file descriptors or memory. Each is also bounded by the handshake timeout.
     pub max_handshakes: usize,
+    /// Multifd channels one migration may have besides its main channel (QEMU's
+    /// `multifd-channels`); a destination holds up to 152 MiB for each.
+    pub max_channels: usize,
 }
 
 impl Default for ProxyLimits {
-    /// One migration, 16 handshakes.
+    /// One migration, 16 handshakes, 8 multifd channels.
     fn default() -> Self {
         Self {
             max_migrations: 1,
             max_handshakes: 16,
+            max_channels: 8,
         }
     }
 }
@@ -42,6 +51,12 @@ impl ProxyLimits {
     /// With at most `n` migrations at once (at least 1).
     pub fn with_max_migrations(mut self, n: usize) -> Self {
         self.max_migrations = n.max(1);
+        self
+    }
+
+    /// With at most `n` multifd channels per migration (0: multifd refused).
+    pub fn with_max_channels(mut self, n: usize) -> Self {
+        self.max_channels = n;
         self
     }
 
@@ -60,8 +75,17 @@ fn slot(slots: &Arc<Semaphore>, what: &'static str, limit: usize) -> Result<Owne
         .map_err(|_| Error::Busy { what, limit })
 }
 
-/// The source proxy: takes the source QEMU's connection and carries its migration
-/// over a link it opens to the destination proxy.
+/// The source proxy: takes the source QEMU's connections and carries each migration
+/// over links it opens to the destination proxy, one link connection per QEMU
+/// connection.
+///
+/// A multifd migration's connections all reach the proxy's one address; QEMU's
+/// greeting names a channel but not its migration (its VM UUID is all zeros unless
+/// QEMU runs with `-uuid`). So a multifd channel joins the one migration in progress,
+/// and is refused while there is none or several: run one source proxy (or one
+/// listening address) per VM that migrates at once. A channel id seen twice in a
+/// migration, or another VM UUID, is refused too, which fails that migration
+/// cleanly rather than mixing two VMs' memory.
 #[derive(Debug)]
 pub struct SourceProxy {
     config: SourceConfig,
@@ -69,6 +93,8 @@ pub struct SourceProxy {
     tls: Option<TlsClient>,
     limits: ProxyLimits,
     migrations: Arc<Semaphore>,
+    /// The migrations in progress, for their multifd channels to join.
+    in_progress: Registry,
 }
 
 impl SourceProxy {
@@ -82,6 +108,7 @@ impl SourceProxy {
             link: link.into(),
             tls,
             limits,
+            in_progress: Registry::default(),
         }
     }
 
@@ -92,10 +119,102 @@ impl SourceProxy {
         self
     }
 
-    /// Carries the migration the source QEMU sends on `qemu`.
-    pub async fn serve(&self, qemu: Conn, progress: &Progress) -> Result<Report> {
-        let _slot = slot(&self.migrations, "migrations", self.limits.max_migrations)?;
+    /// Carries what the source QEMU sends on `qemu`: a migration's main channel
+    /// (until the migration, multifd channels included, ends) or one of its multifd
+    /// channels, told apart by their first bytes.
+    pub async fn serve(&self, qemu: Conn, progress: &Progress) -> Result<Served> {
         net::tune_source_qemu(&qemu)?;
+        let handshake = self.config.timeouts.handshake;
+        let (mut from_qemu, to_qemu) = tokio::io::split(qemu);
+        let mut first = [0; multifd::wire::GREETING_LEN];
+        read_within(handshake, &mut from_qemu, &mut first[..4]).await?;
+        if first[..4] == FILE_MAGIC.to_be_bytes() {
+            let from_qemu = std::io::Cursor::new(first[..4].to_vec()).chain(from_qemu);
+            let report = self.serve_main((from_qemu, to_qemu), progress).await?;
+            return Ok(Served::Migration(Box::new(report)));
+        }
+        if multifd::wire::is_channel_start(&first) != Some(true) {
+            return Err(Error::Malformed {
+                offset: 0,
+                field: "QEMU connection",
+                reason: "neither a migration stream (QEVM) nor a multifd channel",
+            });
+        }
+        read_within(handshake, &mut from_qemu, &mut first[4..]).await?;
+        let Some(ChannelRecord::Greeting(greeting)) =
+            MultifdDecoder::new().decode(&mut BytesMut::from(&first[..]))?
+        else {
+            unreachable!("a whole greeting decodes to a greeting or an error");
+        };
+        progress.set_channel(greeting.channel_id);
+        let from_qemu = std::io::Cursor::new(first.to_vec()).chain(from_qemu);
+        self.serve_channel((from_qemu, to_qemu), greeting.channel_id, greeting.uuid)
+            .await?;
+        Ok(Served::Channel(greeting.channel_id))
+    }
+
+    async fn serve_main<QR, QW>(&self, qemu: (QR, QW), progress: &Progress) -> Result<Report>
+    where
+        QR: AsyncRead + Unpin,
+        QW: AsyncWrite + Unpin,
+    {
+        let _slot = slot(&self.migrations, "migrations", self.limits.max_migrations)?;
+        let group = self.in_progress.start(new_session())?;
+        group.follow_channels(progress);
+        let carried = group
+            .run(async {
+                let link = self.connect().await?;
+                let main = Carried::Main {
+                    page_size: Some(group.ready_sender()),
+                };
+                let session = group.session();
+                carry(qemu, link, &self.config, progress, session, main).await
+            })
+            .await;
+        let report = group.finish(carried).await;
+        self.in_progress.end(&group);
+        report
+    }
+
+    async fn serve_channel<QR, QW>(&self, qemu: (QR, QW), id: u8, uuid: [u8; 16]) -> Result<()>
+    where
+        QR: AsyncRead + Unpin,
+        QW: AsyncWrite + Unpin,
+    {
+        // QEMU connects its main channel first, but its channels may speak first
+        let group = self
+            .in_progress
+            .find(self.config.timeouts.handshake, |groups| {
+                let mut open = groups.iter().filter(|g| g.is_open());
+                match (open.next(), open.next()) {
+                    (Some(group), None) => Some(Ok(group.clone())),
+                    (None, _) => None,
+                    (Some(_), Some(_)) => Some(Err(Error::Config {
+                        what: "multifd channel",
+                        reason: "several migrations in progress: which one is this \
+                                 channel's? Run one source proxy per VM that migrates \
+                                 at once"
+                            .into(),
+                    })),
+                }
+            })
+            .await?;
+        let member = group.join(id, Some(uuid), self.limits.max_channels)?;
+        let outcome = group
+            .run(async {
+                let page_size = group.ready(self.config.timeouts.idle).await?;
+                let link = self.connect().await?;
+                let channel = Carried::Channel { page_size };
+                let (session, progress) = (group.session(), member.progress());
+                carry(qemu, link, &self.config, progress, session, channel).await
+            })
+            .await;
+        member.end(&outcome);
+        outcome.map(drop)
+    }
+
+    /// Opens a link connection to the destination proxy.
+    async fn connect(&self) -> Result<(ReadHalf<Box<dyn Link>>, WriteHalf<Box<dyn Link>>)> {
         let timeouts = &self.config.timeouts;
         let link = Endpoint::Tcp(self.link.clone())
             .connect(timeouts.connect)
@@ -103,18 +222,36 @@ impl SourceProxy {
         if let Some(tcp) = link.as_tcp() {
             net::tune_link(tcp, timeouts.idle, true)?;
         }
-        let qemu = tokio::io::split(qemu);
-        match &self.tls {
-            Some(tls) => {
-                let link = tokio::time::timeout(timeouts.handshake, tls.connect(link))
+        let link: Box<dyn Link> = match &self.tls {
+            Some(tls) => Box::new(
+                tokio::time::timeout(timeouts.handshake, tls.connect(link))
                     .await
                     .map_err(|_| Error::Timeout {
                         what: "the TLS handshake",
-                    })??;
-                source(qemu, tokio::io::split(link), &self.config, progress).await
-            }
-            None => source(qemu, tokio::io::split(link), &self.config, progress).await,
-        }
+                    })??,
+            ),
+            None => Box::new(link),
+        };
+        Ok(tokio::io::split(link))
+    }
+}
+
+/// Fills `buf` from `from` within `timeout`: the first bytes of a QEMU connection.
+async fn read_within<R: AsyncRead + Unpin>(
+    timeout: Duration,
+    from: &mut R,
+    buf: &mut [u8],
+) -> Result<()> {
+    match tokio::time::timeout(timeout, from.read_exact(buf)).await {
+        Ok(read) => read.map(drop).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::PeerClosed {
+                what: "its first bytes",
+            },
+            _ => e.into(),
+        }),
+        Err(_) => Err(Error::Timeout {
+            what: "the first bytes of a QEMU connection",
+        }),
     }
 }
 
@@ -131,6 +268,8 @@ pub struct DestinationProxy {
     template_cooldown: Duration,
     /// Until when the template store is not offered, after it failed a migration.
     templates_off_until: Mutex<Option<Instant>>,
+    /// The migrations in progress, for their multifd channels to join by session.
+    in_progress: Registry,
 }
 
 /// How long a destination offers no catalog after its template store failed to
@@ -152,6 +291,7 @@ impl DestinationProxy {
             limits,
             template_cooldown: DEFAULT_TEMPLATE_COOLDOWN,
             templates_off_until: Mutex::new(None),
+            in_progress: Registry::default(),
         }
     }
 
@@ -174,11 +314,7 @@ impl DestinationProxy {
     /// Whether the template store is offered to sources now.
     pub fn templates_offered(&self) -> bool {
         self.config.templates.is_some()
-            && self
-                .templates_off_until
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_none_or(|until| Instant::now() >= until)
+            && lock(&self.templates_off_until).is_none_or(|until| Instant::now() >= until)
     }
 
     /// Takes one connection from the link's port up to the point where it is known
@@ -209,23 +345,61 @@ impl DestinationProxy {
             config.templates = None;
         }
         let handshake = accept(tokio::io::split(link), &config).await?;
-        drop(handshake_slot);
+        let hello = *handshake.hello();
         tracing::info!(
-            templates = handshake.hello().catalog.is_some(),
-            page_size = handshake.hello().page_size,
+            templates = hello.catalog.is_some(),
+            page_size = hello.page_size,
+            channel = hello.channel,
             "a source authenticated and sent its HELLO"
         );
-        match slot(&self.migrations, "migrations", self.limits.max_migrations) {
-            Ok(slot) => Ok(Incoming {
-                proxy: self,
-                offered: offered && handshake.hello().catalog.is_some(),
-                handshake,
-                _slot: slot,
-            }),
-            Err(busy) => {
-                let _ = handshake.refuse(&busy).await;
-                Err(busy)
+        let part = match hello.channel {
+            0 => self.start_migration(hello.session),
+            n => {
+                // a channel's link may come before its main channel's: wait for it,
+                // in the handshake slot and time
+                let id = u8::try_from(n - 1).expect("the decoder refuses channels beyond 256");
+                let session = |g: &&Arc<Group>| g.session() == hello.session;
+                self.in_progress
+                    .find(timeouts.handshake, |groups| {
+                        groups.iter().find(session).cloned().map(Ok)
+                    })
+                    .await
+                    .and_then(|group| group.join(id, None, self.limits.max_channels))
+                    .map(Part::Channel)
             }
+        };
+        drop(handshake_slot);
+        match part {
+            Ok(part) => Ok(Incoming {
+                proxy: self,
+                offered: offered && hello.catalog.is_some(),
+                handshake,
+                part,
+            }),
+            Err(refused) => {
+                let _ = handshake.refuse(&refused).await;
+                Err(refused)
+            }
+        }
+    }
+
+    /// A migration slot and a group for the main channel of migration `session`.
+    fn start_migration(&self, session: [u8; 16]) -> Result<Part> {
+        let slot = slot(&self.migrations, "migrations", self.limits.max_migrations)?;
+        let group = self.in_progress.start(session)?;
+        Ok(Part::Main { group, _slot: slot })
+    }
+
+    /// After the template store failed to restore a page of a migration it was
+    /// offered for, offers no catalog for the cool-down.
+    fn note_template_failure(&self, restored: &Result<Report>, offered: bool) {
+        if let (Err(e @ Error::Unresolved { .. }), true) = (restored, offered) {
+            *lock(&self.templates_off_until) = Some(Instant::now() + self.template_cooldown);
+            tracing::error!(
+                error = %e,
+                cooldown = ?self.template_cooldown,
+                "the template store failed a migration: no catalog offered until the cool-down ends"
+            );
         }
     }
 }
@@ -238,14 +412,26 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Link for T {}
 /// The handshake of a link of either kind.
 type LinkHandshake = Handshake<ReadHalf<Box<dyn Link>>, WriteHalf<Box<dyn Link>>>;
 
-/// A migration a [`DestinationProxy`] accepted: an authenticated source, a valid
-/// HELLO, a slot. [`restore`](Self::restore) connects to the destination QEMU.
+/// A migration, or one of its multifd channels, a [`DestinationProxy`] accepted: an
+/// authenticated source, a valid HELLO, a slot. [`restore`](Self::restore) connects
+/// to the destination QEMU.
 pub struct Incoming<'a> {
     proxy: &'a DestinationProxy,
     handshake: LinkHandshake,
     /// Whether the source refers to the proxy's template store.
     offered: bool,
-    _slot: OwnedSemaphorePermit,
+    part: Part,
+}
+
+/// Which part of its migration an accepted link carries.
+enum Part {
+    /// The main channel, in a migration slot.
+    Main {
+        group: Arc<Group>,
+        _slot: OwnedSemaphorePermit,
+    },
+    /// A multifd channel of the migration of a main channel.
+    Channel(Member),
 }
 
 impl std::fmt::Debug for Incoming<'_> {
@@ -258,35 +444,67 @@ impl std::fmt::Debug for Incoming<'_> {
 
 impl Incoming<'_> {
     /// Connects to the destination QEMU and restores the migration into it (see
-    /// [`Handshake::restore`]). If the template store fails to restore a page, the
-    /// proxy offers no catalog for its cool-down, so QEMU's retry goes through.
-    pub async fn restore(self, progress: &Progress) -> Result<Report> {
+    /// [`Handshake::restore`]): a main channel until the migration, multifd channels
+    /// included, ends; a multifd channel once its main channel's QEMU connection is
+    /// open (QEMU takes its main channel first). If the template store fails to
+    /// restore a page, the proxy offers no catalog for its cool-down, so QEMU's retry
+    /// goes through.
+    pub async fn restore(self, progress: &Progress) -> Result<Served> {
         let Incoming {
             proxy,
             handshake,
             offered,
-            _slot,
+            part,
         } = self;
-        let qemu = match proxy.qemu.connect(proxy.config.timeouts.connect).await {
-            Ok(qemu) => qemu,
+        let timeouts = &proxy.config.timeouts;
+        match part {
+            Part::Main { group, _slot } => {
+                group.follow_channels(progress);
+                let restored = group
+                    .run(async {
+                        let qemu = proxy.connect_qemu(handshake).await?;
+                        group.set_ready(1);
+                        let (handshake, qemu) = qemu;
+                        handshake.restore(qemu, progress).await
+                    })
+                    .await;
+                proxy.note_template_failure(&restored, offered);
+                let report = group.finish(restored).await;
+                proxy.in_progress.end(&group);
+                report.map(|report| Served::Migration(Box::new(report)))
+            }
+            Part::Channel(member) => {
+                let id = member.channel();
+                progress.set_channel(id);
+                let group = member.group();
+                let restored = group
+                    .run(async {
+                        group.ready(timeouts.handshake + timeouts.connect).await?;
+                        let (handshake, qemu) = proxy.connect_qemu(handshake).await?;
+                        handshake.restore(qemu, member.progress()).await
+                    })
+                    .await;
+                proxy.note_template_failure(&restored, offered);
+                member.end(&restored);
+                restored.map(|_| Served::Channel(id))
+            }
+        }
+    }
+}
+
+impl DestinationProxy {
+    /// Connects to the destination QEMU for `handshake`'s link; tells the source if
+    /// that fails.
+    async fn connect_qemu(
+        &self,
+        handshake: LinkHandshake,
+    ) -> Result<(LinkHandshake, (ReadHalf<Conn>, WriteHalf<Conn>))> {
+        match self.qemu.connect(self.config.timeouts.connect).await {
+            Ok(qemu) => Ok((handshake, tokio::io::split(qemu))),
             Err(e) => {
                 let _ = handshake.refuse(&e).await;
-                return Err(e);
+                Err(e)
             }
-        };
-        let restored = handshake.restore(tokio::io::split(qemu), progress).await;
-        if let (Err(e @ Error::Unresolved { .. }), true) = (&restored, offered) {
-            *proxy
-                .templates_off_until
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) =
-                Some(Instant::now() + proxy.template_cooldown);
-            tracing::error!(
-                error = %e,
-                cooldown = ?proxy.template_cooldown,
-                "the template store failed a migration: no catalog offered until the cool-down ends"
-            );
         }
-        restored
     }
 }

@@ -3,11 +3,12 @@
 use bytes::BytesMut;
 use futures_core::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
 
 use super::Progress;
 use super::activity::Activity;
-use crate::dedup::{Decoded, DedupDecoder, DedupEncoder, DedupFrames, Stats, wire};
+use crate::dedup::{Decoded, DedupDecoder, DedupEncoder, DedupFrames, EncoderInput, Stats, wire};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
 use crate::resolve::Fetch;
@@ -36,29 +37,39 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let encoded = encode(qemu, wan, encoder, progress, &Activity::new()).await?;
+    let records = FramedRead::new(qemu, QemuDecoder::new());
+    let frames = DedupFrames::new(records, encoder, CHUNK);
+    let encoded = encode(frames, wan, progress, &Activity::new(), None).await?;
     Ok(encoded.stats)
 }
 
-pub(super) async fn encode<R, W>(
-    qemu: R,
+/// Writes the chunks of `frames` to `wan` and shuts it down after the END frame;
+/// sends the page size to `page_size` once the HELLO went out.
+pub(super) async fn encode<S, T, W>(
+    mut frames: DedupFrames<S>,
     mut wan: W,
-    encoder: DedupEncoder,
     progress: &Progress,
     activity: &Activity,
+    page_size: Option<&watch::Sender<Option<usize>>>,
 ) -> Result<Encoded>
 where
-    R: AsyncRead + Unpin,
+    S: Stream<Item = Result<T>> + Unpin,
+    T: EncoderInput,
     W: AsyncWrite + Unpin,
 {
-    let records = FramedRead::new(qemu, QemuDecoder::new());
-    let mut frames = DedupFrames::new(records, encoder, CHUNK);
     while let Some(chunk) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut frames).poll_next(cx)).await
     {
         wan.write_all(&chunk?).await?;
         activity.touch();
         progress.set(frames.stats());
+        if let Some(page_size) = page_size {
+            // the first chunk starts with the HELLO, written once the size is known
+            page_size.send_if_modified(|known| {
+                let size = frames.encoder().page_size();
+                known.replace(size) != Some(size)
+            });
+        }
     }
     wan.shutdown().await?;
     Ok(Encoded {

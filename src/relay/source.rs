@@ -2,11 +2,15 @@
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_util::codec::FramedRead;
 
 use super::activity::Activity;
 use super::{Progress, Report, Timeouts, pump};
-use crate::dedup::{Compression, DedupEncoder, Reply, ReplyDecoder, Resolvers};
+use crate::dedup::{Compression, DedupEncoder, DedupFrames, Reply, ReplyDecoder, Resolvers};
 use crate::error::{Error, Result};
+use crate::qemu::QemuDecoder;
+use crate::qemu::multifd::MultifdDecoder;
 
 /// How the source end deduplicates.
 #[derive(Debug, Clone)]
@@ -71,6 +75,37 @@ where
     LR: AsyncRead + Unpin,
     LW: AsyncWrite + Unpin,
 {
+    let main = Carried::Main { page_size: None };
+    carry(qemu, link, config, progress, new_session(), main).await
+}
+
+/// Which of a migration's QEMU connections a source end carries.
+#[derive(Debug)]
+pub(super) enum Carried<'a> {
+    /// The main channel; its page size is sent to `page_size` once known, for the
+    /// migration's multifd channels.
+    Main {
+        page_size: Option<&'a watch::Sender<Option<usize>>>,
+    },
+    /// A multifd channel of a migration with pages of `page_size`.
+    Channel { page_size: usize },
+}
+
+/// [`source`] for any of the connections of migration `session`.
+pub(super) async fn carry<QR, QW, LR, LW>(
+    qemu: (QR, QW),
+    link: (LR, LW),
+    config: &SourceConfig,
+    progress: &Progress,
+    session: [u8; 16],
+    carried: Carried<'_>,
+) -> Result<Report>
+where
+    QR: AsyncRead + Unpin,
+    QW: AsyncWrite + Unpin,
+    LR: AsyncRead + Unpin,
+    LW: AsyncWrite + Unpin,
+{
     let ((from_qemu, mut to_qemu), (from_link, mut to_link)) = (qemu, link);
     let activity = Activity::new();
     let mut replies = Replies::new(from_link, &activity);
@@ -90,9 +125,22 @@ where
     tracing::debug!(templates, "greeted by the destination");
     let encoder = DedupEncoder::with_resolvers(&resolvers)?
         .with_compression(config.compression)
-        .with_session(new_session());
+        .with_session(session);
     let forward = async {
-        let encoded = pump::encode(from_qemu, &mut to_link, encoder, progress, &activity).await;
+        let encoded = match carried {
+            Carried::Main { page_size } => {
+                let records = FramedRead::new(from_qemu, QemuDecoder::new());
+                let frames = DedupFrames::new(records, encoder, pump::CHUNK);
+                pump::encode(frames, &mut to_link, progress, &activity, page_size).await
+            }
+            Carried::Channel { page_size } => {
+                let channel = MultifdDecoder::new().with_page_size(page_size);
+                let records = FramedRead::new(from_qemu, channel);
+                let encoder = encoder.with_page_size(page_size);
+                let frames = DedupFrames::new(records, encoder, pump::CHUNK);
+                pump::encode(frames, &mut to_link, progress, &activity, None).await
+            }
+        };
         if encoded.is_err() {
             // the destination sees the stream end short, and says so
             let _ = to_link.shutdown().await;
@@ -143,15 +191,12 @@ where
             tracing::debug!("return path idle after the confirmation");
         }
     }
-    Ok(Report {
-        stats: encoded.stats,
-        templates,
-    })
+    Ok(Report::new(encoded.stats, templates))
 }
 
 /// A migration's random name: 128 bits from the process's random hasher keys and a
 /// counter, so two migrations through one destination never share one.
-fn new_session() -> [u8; 16] {
+pub(super) fn new_session() -> [u8; 16] {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNT: AtomicU64 = AtomicU64::new(0);
     let n = COUNT.fetch_add(1, Ordering::Relaxed);
