@@ -30,6 +30,14 @@
 //! authenticated and sent a valid HELLO, and every resource a peer can hold capped
 //! ([`ProxyLimits`]).
 //!
+//! The proxies also carry multifd migrations: every QEMU connection of one (the
+//! main channel, then `multifd-channels` more) is served by its own call, on its own
+//! task, with a link connection of its own; the proxies group them by migration
+//! (the HELLO's session), connect the destination QEMU's main channel first, fail
+//! them together, and report the migration from its main channel's call
+//! ([`Served::Migration`], with [`Report::channels`]); a channel's call returns
+//! [`Served::Channel`].
+//!
 //! ```
 //! use migstream::relay::{self, DestinationConfig, Progress, SourceConfig};
 //!
