@@ -546,3 +546,48 @@ fn an_encoder_carries_one_kind_of_connection() {
     let refused = chan.encode(&records[0], &mut wire).unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::InvalidRecord, "{refused}");
 }
+
+/// Every channel QEMU wrote in the captured multifd migrations
+/// (`harness/capture-multifd.py`, `$MIGSTREAM_STREAMS/multifd`) comes back byte for
+/// byte through the dedup stream; prints each capture's ratio, channels against the
+/// main channel.
+#[test]
+#[ignore = "needs the multifd captures: $MIGSTREAM_STREAMS/multifd (the README's test command)"]
+fn captured_multifd_channels_round_trip_through_the_dedup_stream() {
+    let streams = std::env::var_os("MIGSTREAM_STREAMS").expect("MIGSTREAM_STREAMS");
+    let dir = std::path::Path::new(&streams).join("multifd");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "mfd"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 10,
+        "{} channel files in {}",
+        files.len(),
+        dir.display()
+    );
+    for path in files {
+        let channel = std::fs::read(&path).unwrap();
+        let mut enc = DedupEncoder::with_default_resolvers();
+        let wire = encode_channel_with(&mut enc, &channel, 1 << 16);
+        let (out, err) = decode_with(DedupDecoder::with_default_resolvers(), &wire, 1 << 16);
+        assert!(err.is_none(), "{}: {err:?}", path.display());
+        assert!(out == channel, "{} differs", path.display());
+        let pages: Vec<String> = enc
+            .stats()
+            .named_pages()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        eprintln!(
+            "{}: {} -> {} bytes, ratio {:.3}, opaque {} ({})",
+            path.file_name().unwrap().to_string_lossy(),
+            channel.len(),
+            wire.len(),
+            enc.stats().ratio(),
+            enc.stats().opaque_bytes,
+            pages.join(" ")
+        );
+    }
+}
