@@ -4,9 +4,9 @@ use bytes::{Bytes, BytesMut};
 use twox_hash::XxHash3_128;
 
 use super::compress::Decompressor;
-use super::wire::{self, Hello, frame};
+use super::entry::{Entry, EntryReader};
+use super::wire::{self, DataHeader, End, Hello, frame};
 use super::{Limits, Stats};
-use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::qemu::wire::ram_flag;
 use crate::qemu::{DEFAULT_PAGE_SIZE, put_page_header};
@@ -52,63 +52,6 @@ pub struct DedupDecoder {
 /// The highest HELLO channel: QEMU numbers multifd channels with a byte.
 const MAX_CHANNEL: u16 = 256;
 
-/// Reads the entries of a batch.
-struct EntryReader<'a> {
-    rest: Cursor<'a>,
-}
-
-impl<'a> EntryReader<'a> {
-    fn new(batch: &'a [u8]) -> Self {
-        Self {
-            rest: Cursor::new(batch),
-        }
-    }
-
-    /// The next entry of the batch, `Ok(None)` at its end.
-    fn entry(&mut self) -> std::result::Result<Option<Entry<'a>>, &'static str> {
-        let r = &mut self.rest;
-        let Some(tag) = r.u8() else {
-            return Ok(None);
-        };
-        if tag == wire::ENTRY_QEMU {
-            let bytes = r.counted().ok_or("verbatim bytes beyond the batch")?;
-            return Ok(Some(Entry::Qemu(bytes)));
-        }
-        let page = r.varint().ok_or("bad page number")?;
-        let flags = r.u8().ok_or("page address beyond the batch")?;
-        if flags & !(wire::PAGE_CONTINUE | wire::PAGE_SAME_BLOCK) != 0 {
-            return Err("unknown page address flags");
-        }
-        let block = match flags & wire::PAGE_SAME_BLOCK {
-            0 => Some(r.cstr8().ok_or("block name beyond the batch")?),
-            _ => None,
-        };
-        let body = r.counted().ok_or("page body beyond the batch")?;
-        Ok(Some(Entry::Page {
-            tag,
-            page,
-            continued: flags & wire::PAGE_CONTINUE != 0,
-            block,
-            body,
-        }))
-    }
-}
-
-/// One entry of a batch (`docs/wire-format.md`).
-enum Entry<'a> {
-    /// QEMU bytes carried verbatim.
-    Qemu(&'a [u8]),
-    /// A page: its resolver's tag, address and body.
-    Page {
-        tag: u8,
-        page: u64,
-        continued: bool,
-        /// The block name, unless it is the previous page entry's.
-        block: Option<&'a [u8]>,
-        body: &'a [u8],
-    },
-}
-
 /// Where a [`DedupDecoder`] is in its stream.
 enum Phase {
     /// Before the HELLO.
@@ -117,8 +60,8 @@ enum Phase {
     Frames,
     /// A DATA frame decompressed into `DedupDecoder::raw` whose pages are not
     /// restored yet: its resolvers may wait for pages to be fetched. Holds the
-    /// frame's payload.
-    Restoring(Bytes),
+    /// frame's header and stored batch, which its digest covers.
+    Restoring { header: DataHeader, stored: Bytes },
     /// After the END frame verified the stream.
     Done,
     /// After an error: every call fails.
@@ -257,9 +200,9 @@ impl DedupDecoder {
                         reason: "bytes after the END frame",
                     });
                 }
-                Phase::Restoring(_) => match self.restore_staged()? {
+                Phase::Restoring { .. } => match self.restore_staged()? {
                     Some(bytes) => return Ok(Decoded::Qemu(bytes)),
-                    None if matches!(self.phase, Phase::Restoring(_)) => {
+                    None if matches!(self.phase, Phase::Restoring { .. }) => {
                         return Ok(Decoded::Fetch);
                     }
                     None => continue,
@@ -373,21 +316,22 @@ impl DedupDecoder {
     /// Checks a DATA frame's header and decompresses its batch into `self.raw`; the
     /// pages are restored by [`restore_staged`](Self::restore_staged).
     fn on_data(&mut self, payload: Bytes) -> Result<()> {
-        let Some(header) = payload.get(..wire::DATA_HEADER) else {
+        let Some(header) = DataHeader::parse(&payload) else {
             return Err(self.malformed(5, "data frame", "shorter than its header"));
         };
-        let flags = header[1];
-        if flags & !wire::FLAG_HOLD != 0 || (self.hold_started && flags & wire::FLAG_HOLD == 0) {
+        let hold = header.flags & wire::FLAG_HOLD != 0;
+        if header.flags & !wire::FLAG_HOLD != 0 || (self.hold_started && !hold) {
             return Err(self.malformed(6, "data frame flags", "unknown, or HOLD cleared once set"));
         }
-        let raw_len = Cursor::new(&header[2..]).be32().expect("a DATA header") as usize;
+        let raw_len = header.raw_len as usize;
         if raw_len > self.limits.max_batch {
             return Err(self.limit(7, "batch length", raw_len, self.limits.max_batch));
         }
         self.raw.resize(raw_len, 0);
+        let stored = payload.slice(wire::DATA_HEADER..);
         if !self
             .decompressor
-            .decompress(header[0], &payload[wire::DATA_HEADER..], &mut self.raw)?
+            .decompress(header.codec, &stored, &mut self.raw)?
         {
             return Err(self.malformed(
                 5 + wire::DATA_HEADER,
@@ -395,7 +339,7 @@ impl DedupDecoder {
                 "batch does not decompress to its length",
             ));
         }
-        self.phase = Phase::Restoring(payload);
+        self.phase = Phase::Restoring { header, stored };
         Ok(())
     }
 
@@ -442,15 +386,14 @@ impl DedupDecoder {
         let Some(qemu_bytes) = self.prepare()? else {
             return Ok(None);
         };
-        let Phase::Restoring(payload) = std::mem::replace(&mut self.phase, Phase::Frames) else {
+        let Phase::Restoring { header, stored } = std::mem::replace(&mut self.phase, Phase::Frames)
+        else {
             unreachable!("restore_staged runs on a staged frame");
         };
-        let header = &payload[..wire::DATA_HEADER];
-        let flags = header[1];
         let out = self.entries(qemu_bytes)?;
-        self.hasher.write(&header[..6]);
-        self.hasher.write(&payload[wire::DATA_HEADER..]);
-        if wire::digest_bytes(&self.hasher)[..] != header[6..] {
+        self.hasher.write(&header.covered());
+        self.hasher.write(&stored);
+        if wire::digest_bytes(&self.hasher) != header.digest {
             return Err(self.malformed(
                 11,
                 "data frame digest",
@@ -458,7 +401,7 @@ impl DedupDecoder {
             ));
         }
         self.stats.qemu_bytes += out.len() as u64;
-        if flags & wire::FLAG_HOLD != 0 {
+        if header.flags & wire::FLAG_HOLD != 0 {
             if self.held.len() + out.len() > self.limits.max_held {
                 return Err(self.limit(
                     5,
@@ -576,11 +519,11 @@ impl DedupDecoder {
     }
 
     fn on_end(&mut self, p: &[u8]) -> Result<()> {
-        if p.len() != wire::END_LEN {
+        let Some(end) = End::parse(p) else {
             return Err(self.malformed(5, "end frame", "wrong length"));
-        }
-        let total = Cursor::new(p).be64().expect("an END payload");
-        if total != self.stats.qemu_bytes || p[8..] != wire::digest_bytes(&self.hasher)[..] {
+        };
+        if end.qemu_bytes != self.stats.qemu_bytes || end.digest != wire::digest_bytes(&self.hasher)
+        {
             return Err(self.malformed(
                 5,
                 "end frame",

@@ -5,7 +5,8 @@ use twox_hash::XxHash3_128;
 
 use super::Stats;
 use super::compress::{Compression, Compressor};
-use super::wire::{self, Hello, codec, frame};
+use super::entry::Entry;
+use super::wire::{self, DataHeader, End, Hello, codec};
 use crate::error::{Error, Result};
 use crate::qemu::multifd::{ChannelRecord, MultifdEncoder, Payload};
 use crate::qemu::{
@@ -13,7 +14,6 @@ use crate::qemu::{
 };
 use crate::resolve::{Claim, Page, PageAt, tag};
 use crate::template::CatalogId;
-use crate::varint;
 
 /// Turns QEMU [`Record`]s (the main channel) or [`ChannelRecord`]s (a multifd
 /// channel) into the dedup stream.
@@ -281,17 +281,16 @@ impl DedupEncoder {
             false => (codec::STORED, &self.batch[..]),
         };
         let before = dst.len();
-        let raw_len = (self.batch.len() as u32).to_be_bytes();
-        let flags = if self.hold { wire::FLAG_HOLD } else { 0 };
-        // the digest covers the frame's own bytes too: no flip on the wire goes unseen
-        self.hasher.write(&[codec, flags]);
-        self.hasher.write(&raw_len);
+        let mut header = DataHeader {
+            codec,
+            flags: if self.hold { wire::FLAG_HOLD } else { 0 },
+            raw_len: u32::try_from(self.batch.len()).expect("batches are a few MiB"),
+            digest: [0; wire::FRAME_DIGEST],
+        };
+        self.hasher.write(&header.covered());
         self.hasher.write(body);
-        wire::put_frame_header(dst, frame::DATA, wire::DATA_HEADER + body.len());
-        dst.put_u8(codec);
-        dst.put_u8(flags);
-        dst.put_slice(&raw_len);
-        dst.put_slice(&wire::digest_bytes(&self.hasher));
+        header.digest = wire::digest_bytes(&self.hasher);
+        header.put(dst, body.len());
         dst.put_slice(body);
         self.stats.wire_bytes += (dst.len() - before) as u64;
         self.batch.clear();
@@ -303,9 +302,11 @@ impl DedupEncoder {
     pub fn finish(&mut self, dst: &mut BytesMut) -> Result<()> {
         self.start(dst);
         self.flush(dst)?;
-        wire::put_frame_header(dst, frame::END, wire::END_LEN);
-        dst.put_u64(self.stats.qemu_bytes);
-        dst.put_slice(&wire::digest_bytes(&self.hasher));
+        let end = End {
+            qemu_bytes: self.stats.qemu_bytes,
+            digest: wire::digest_bytes(&self.hasher),
+        };
+        end.put(dst);
         self.stats.wire_bytes += (wire::FRAME_HEADER + wire::END_LEN) as u64;
         Ok(())
     }
@@ -348,9 +349,7 @@ impl DedupEncoder {
         self.hasher.write(&self.verbatim);
         self.stats.qemu_bytes += self.verbatim.len() as u64;
         self.batch_qemu += self.verbatim.len();
-        self.batch.push(wire::ENTRY_QEMU);
-        varint::put(&mut self.batch, self.verbatim.len() as u64);
-        self.batch.extend_from_slice(&self.verbatim);
+        Entry::Qemu(&self.verbatim).put(&mut self.batch);
         self.verbatim.clear();
     }
 
@@ -368,23 +367,18 @@ impl DedupEncoder {
             Some(tag) => (tag, &self.body[..]),
             None => (tag::RAW, page.data),
         };
-        self.batch.push(tag);
-        varint::put(&mut self.batch, page.at.offset / self.page_size as u64);
         let same_block = self.last_block.as_deref() == Some(page.at.block);
-        let flags = match continued {
-            true => wire::PAGE_CONTINUE,
-            false => 0,
+        let entry = Entry::Page {
+            tag,
+            page: page.at.offset / self.page_size as u64,
+            continued,
+            block: (!same_block).then_some(page.at.block),
+            body,
         };
-        if same_block {
-            self.batch.push(flags | wire::PAGE_SAME_BLOCK);
-        } else {
-            self.batch.push(flags);
-            self.batch.push(page.at.block.len() as u8);
-            self.batch.extend_from_slice(page.at.block);
+        entry.put(&mut self.batch);
+        if !same_block {
             self.last_block = Some(page.at.block.to_vec());
         }
-        varint::put(&mut self.batch, body.len() as u64);
-        self.batch.extend_from_slice(body);
         self.stats.count_page(tag);
         let page = page.delivered_as(tag);
         for c in &mut self.claims {

@@ -32,6 +32,7 @@ mod codec;
 mod compress;
 mod decode;
 mod encode;
+mod entry;
 pub(crate) mod lz4;
 mod reply;
 mod resolvers;

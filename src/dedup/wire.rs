@@ -158,6 +158,74 @@ impl Hello {
     }
 }
 
+/// A DATA frame's header: how its batch is stored, and the running digest after the
+/// frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DataHeader {
+    /// How the batch is stored ([`codec`]).
+    pub(crate) codec: u8,
+    /// [`FLAG_HOLD`] or 0.
+    pub(crate) flags: u8,
+    /// The batch's length once decompressed.
+    pub(crate) raw_len: u32,
+    /// The running digest after this frame.
+    pub(crate) digest: [u8; FRAME_DIGEST],
+}
+
+impl DataHeader {
+    /// The header's bytes the running digest covers, before the stored batch: all
+    /// but the digest itself, so that no flip on the wire goes unseen.
+    pub(crate) fn covered(&self) -> [u8; 6] {
+        let [a, b, c, d] = self.raw_len.to_be_bytes();
+        [self.codec, self.flags, a, b, c, d]
+    }
+
+    /// Writes the frame header and this header, for a stored batch of `body_len`
+    /// bytes, which the caller appends.
+    pub(crate) fn put(&self, dst: &mut BytesMut, body_len: usize) {
+        put_frame_header(dst, frame::DATA, DATA_HEADER + body_len);
+        dst.put_slice(&self.covered());
+        dst.put_slice(&self.digest);
+    }
+
+    /// The header at the start of a DATA payload, if it is that long.
+    pub(crate) fn parse(payload: &[u8]) -> Option<Self> {
+        let mut c = Cursor::new(payload);
+        Some(Self {
+            codec: c.u8()?,
+            flags: c.u8()?,
+            raw_len: c.be32()?,
+            digest: c.array()?,
+        })
+    }
+}
+
+/// The END frame: the stream's total QEMU bytes and its final running digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct End {
+    pub(crate) qemu_bytes: u64,
+    pub(crate) digest: [u8; FRAME_DIGEST],
+}
+
+impl End {
+    /// Writes the whole frame.
+    pub(crate) fn put(&self, dst: &mut BytesMut) {
+        put_frame_header(dst, frame::END, END_LEN);
+        dst.put_u64(self.qemu_bytes);
+        dst.put_slice(&self.digest);
+    }
+
+    /// An END payload, if it has exactly the length of one.
+    pub(crate) fn parse(payload: &[u8]) -> Option<Self> {
+        let mut c = Cursor::new(payload);
+        let end = Self {
+            qemu_bytes: c.be64()?,
+            digest: c.array()?,
+        };
+        (payload.len() == END_LEN).then_some(end)
+    }
+}
+
 /// The running digest's current value as it travels: XXH3-128, big-endian.
 ///
 /// It is a checksum against corrupted, lost or reordered bytes and against bugs in
