@@ -28,12 +28,14 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use clap::{Args, Parser, Subcommand};
-use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, Stats};
+use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, EncoderInput, Stats};
 use migstream::qemu::QemuDecoder;
+use migstream::qemu::multifd::{self, MultifdDecoder};
 use migstream::relay::{self, Progress};
 use migstream::resolve::TemplateStore;
 use migstream::template::TemplateIndex;
 use tokio::io::BufWriter;
+use tokio_util::codec::Decoder;
 
 #[path = "support/out.rs"]
 mod out;
@@ -163,24 +165,33 @@ fn encode(
     let started = Instant::now();
     let mut file = File::open(input).map_err(|e| format!("{input}: {e}"))?;
     let (partial, mut out) = Output::create(output).map_err(|e| format!("{output}: {e}"))?;
-    let mut records = QemuDecoder::new();
-    let (mut buf, mut wire) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
-    let mut at_end = false;
-    loop {
-        let record = match at_end {
-            true => records.decode_eof(&mut buf)?,
-            false => records.decode(&mut buf)?,
-        };
-        match record {
-            Some(record) => enc.encode(&record, &mut wire)?,
-            None if at_end => break,
-            None => at_end = read_into(&mut file, &mut buf)? == 0,
+    let mut buf = BytesMut::with_capacity(2 * READ);
+    let mut at_end = read_into(&mut file, &mut buf)? == 0;
+    // a main channel (QEVM) or a multifd channel file (harness/capture-multifd.py)
+    let mut wire = match multifd::wire::is_channel_start(&buf) {
+        Some(true) => {
+            let records = MultifdDecoder::new();
+            encode_records(
+                records,
+                &mut file,
+                &mut buf,
+                &mut at_end,
+                &mut enc,
+                &mut out,
+            )?
         }
-        if wire.len() >= READ {
-            out.write_all(&wire)?;
-            wire.clear();
+        _ => {
+            let records = QemuDecoder::new();
+            encode_records(
+                records,
+                &mut file,
+                &mut buf,
+                &mut at_end,
+                &mut enc,
+                &mut out,
+            )?
         }
-    }
+    };
     enc.finish(&mut wire)?;
     out.write_all(&wire)?;
     drop(out);
@@ -192,6 +203,38 @@ fn encode(
         started,
     )?;
     Ok(())
+}
+
+/// Reads the records of `file` (`buf` holds what was read so far) into `enc`,
+/// writing its frames to `out` as they come; returns what is left to write.
+fn encode_records<D, T>(
+    mut records: D,
+    file: &mut File,
+    buf: &mut BytesMut,
+    at_end: &mut bool,
+    enc: &mut DedupEncoder,
+    out: &mut impl Write,
+) -> Result<BytesMut, Box<dyn std::error::Error>>
+where
+    D: Decoder<Item = T, Error = migstream::Error>,
+    T: EncoderInput,
+{
+    let mut wire = BytesMut::new();
+    loop {
+        let record = match *at_end {
+            true => records.decode_eof(buf)?,
+            false => records.decode(buf)?,
+        };
+        match record {
+            Some(record) => record.encode_into(enc, &mut wire)?,
+            None if *at_end => return Ok(wire),
+            None => *at_end = read_into(file, buf)? == 0,
+        }
+        if wire.len() >= READ {
+            out.write_all(&wire)?;
+            wire.clear();
+        }
+    }
 }
 
 /// Decodes through the same pump as the destination proxy, so that a store which

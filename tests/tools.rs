@@ -469,6 +469,22 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
     assert_eq!(dir.files(), ["in.mz", "out.mig"]);
 }
 
+/// `dedup encode` takes a multifd channel file as well as a main channel, and the
+/// decode gives it back whole.
+#[test]
+fn dedup_round_trip_of_a_multifd_channel_file() {
+    let dir = Scratch::new("dedup-channel");
+    let (mz, mfd) = (dir.path("ch.mz"), dir.path("ch.mfd"));
+    let channel = "testdata/multifd/real-qemu-10.0-q35.mfd";
+    assert_ok(&run("dedup", &["encode", channel, &mz]));
+    assert_ok(&run("dedup", &["decode", &mz, &mfd]));
+    let original = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(channel)).unwrap();
+    assert!(
+        std::fs::read(&mfd).unwrap() == original,
+        "decode(encode(channel)) != channel"
+    );
+}
+
 #[test]
 fn catalog_build_info_and_an_empty_catalog() {
     let dir = Scratch::new("catalog");
