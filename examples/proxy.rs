@@ -144,6 +144,10 @@ struct SourceArgs {
     /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
     #[arg(long, value_name = "N")]
     lz4_acceleration: Option<u32>,
+    /// MiB of QEMU stream taken in beyond what the destination acknowledged: QEMU
+    /// then sees the link's pace when it decides to stop the VM.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    credit_window: u64,
 }
 
 #[derive(Args)]
@@ -331,7 +335,8 @@ fn source_proxy(
     let config = SourceConfig::default()
         .with_resolvers(resolvers)
         .with_compression(compression)
-        .with_timeouts(timeouts);
+        .with_timeouts(timeouts)
+        .with_credit_window(a.credit_window << 20);
     Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common)))
 }
 

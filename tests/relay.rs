@@ -593,3 +593,77 @@ async fn a_silent_return_path_after_the_confirmation_fails_nothing() {
     received.expect("a confirmed migration is not failed by a silent return path");
     assert!(delivered == qemu);
 }
+
+/// A QEMU stream of `pages` pages of 4 KiB, each filled with one byte value (fill
+/// pages: frames that stand for 16 MiB of QEMU bytes each, the most a frame does).
+fn fill_pages_stream(pages: u64) -> Vec<u8> {
+    let ram = 2;
+    let mut records = vec![
+        Record::Header,
+        Record::Configuration(migstream::qemu::Configuration {
+            machine: bytes::Bytes::from_static(b"pc-i440fx-10.0"),
+            subsections: vec![],
+        }),
+        Record::SectionStart(support::section(ram, "ram", 0, 4)),
+        support::mem_size(&[("pc.ram", pages * 4096)]),
+        Record::Ram(RamRecord::Eos),
+        Record::Footer { section_id: ram },
+        Record::SectionPart { section_id: ram },
+    ];
+    records.extend((0..pages).map(|i| support::page("pc.ram", i, i > 0, (i % 250) as u8 + 1)));
+    records.push(Record::Ram(RamRecord::Eos));
+    records.push(Record::Footer { section_id: ram });
+    records.push(Record::Eof);
+    support::encode(&records)
+}
+
+/// The source takes in at most its credit window (plus one frame) of QEMU bytes
+/// beyond what the destination acknowledged: against a destination that reads
+/// everything and acknowledges nothing, it stops reading QEMU (and gives up at the
+/// idle timeout); against a real destination, a window much smaller than the stream
+/// delivers it whole.
+#[tokio::test]
+async fn the_source_takes_in_no_more_than_its_credit_window() {
+    const WINDOW: u64 = 4 << 20;
+    let qemu = fill_pages_stream(16 << 10); // 64 MiB
+    let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(1));
+    let source = SourceConfig::default()
+        .with_credit_window(WINDOW)
+        .with_timeouts(quick.clone());
+
+    let (src_link, dst_link) = tokio::io::duplex(1 << 20);
+    let deaf = async move {
+        let (mut from_source, mut to_source) = tokio::io::split(dst_link);
+        let mut greeting = BytesMut::new();
+        Reply::Greeting { catalog: None }.encode(&mut greeting);
+        to_source.write_all(&greeting).await.unwrap();
+        let read = tokio::io::copy(&mut from_source, &mut tokio::io::sink()).await;
+        drop(to_source);
+        read
+    };
+    let progress = Progress::default();
+    let sent = relay::source(
+        (&qemu[..], tokio::io::sink()),
+        tokio::io::split(src_link),
+        &source,
+        &progress,
+    );
+    let ends = async { tokio::join!(sent, deaf) };
+    let (sent, _) = tokio::time::timeout(std::time::Duration::from_secs(30), ends)
+        .await
+        .expect("the source gives up at its idle timeout");
+    let e = sent.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    let taken = progress.snapshot().qemu_bytes;
+    let most = WINDOW + migstream::dedup::MAX_FRAME_QEMU_BYTES as u64 + 4096;
+    assert!(
+        (WINDOW..=most).contains(&taken),
+        "took in {taken} bytes, window {WINDOW}"
+    );
+
+    let destination = DestinationConfig::default().with_timeouts(quick);
+    let run = migrate(&qemu, source, destination, wire).await;
+    run.source.unwrap();
+    run.destination.unwrap();
+    assert!(run.delivered == qemu, "delivered whole");
+}

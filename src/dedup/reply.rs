@@ -17,6 +17,8 @@ const GREETING_MAGIC: [u8; 4] = *b"MGSR";
 const GREETING_LEN: usize = 4 + 2 + 2 + 32;
 /// Payload length of a DONE message.
 const DONE_LEN: usize = 8 + FRAME_DIGEST;
+/// Payload length of an ACK message.
+const ACK_LEN: usize = 8;
 /// Longest reason a FAILED message carries; longer ones are cut.
 pub const MAX_REASON: usize = 1024;
 /// Most return-path bytes in one message: QEMU's return path carries small
@@ -30,6 +32,7 @@ mod kind {
     pub(super) const QEMU: u8 = 0x12;
     pub(super) const DONE: u8 = 0x13;
     pub(super) const FAILED: u8 = 0x14;
+    pub(super) const ACK: u8 = 0x15;
 }
 
 /// What the destination end sends the source end.
@@ -57,6 +60,15 @@ pub enum Reply {
         /// The destination's error, at most [`MAX_REASON`] bytes.
         reason: String,
     },
+    /// How far the destination got: a source keeps at most its credit window of
+    /// QEMU bytes beyond this, so that its QEMU sees the pace of the link and of the
+    /// destination rather than of a proxy next to it (QEMU decides when to stop the
+    /// VM from the pace it sees). Sent before the verdict only.
+    Ack {
+        /// QEMU bytes of the stream verified so far (and written to the destination
+        /// QEMU, but for those held until END).
+        qemu_bytes: u64,
+    },
 }
 
 impl Reply {
@@ -81,6 +93,10 @@ impl Reply {
                 dst.put_u64(*qemu_bytes);
                 dst.put_slice(digest);
             }
+            Reply::Ack { qemu_bytes } => {
+                put_frame_header(dst, kind::ACK, ACK_LEN);
+                dst.put_u64(*qemu_bytes);
+            }
             Reply::Failed { reason } => {
                 let mut end = reason.len().min(MAX_REASON);
                 while !reason.is_char_boundary(end) {
@@ -94,9 +110,9 @@ impl Reply {
 }
 
 /// Reads the return direction: [`Reply`] messages in the order a destination may
-/// send them (the greeting first and once; then return-path bytes, one DONE or one
-/// FAILED; return-path bytes may follow DONE, nothing follows FAILED). Sans-IO, also
-/// a tokio-util `Decoder`.
+/// send them (the greeting first and once; then return-path bytes and ACKs, one DONE
+/// or one FAILED; return-path bytes may follow DONE, nothing follows FAILED).
+/// Sans-IO, also a tokio-util `Decoder`.
 #[derive(Debug, Default)]
 pub struct ReplyDecoder {
     /// Stream offset of the first byte not consumed yet.
@@ -146,6 +162,8 @@ impl ReplyDecoder {
             }
             kind::DONE => (DONE_LEN, DONE_LEN),
             kind::FAILED => (len, MAX_REASON),
+            kind::ACK if self.done => return Err(malformed("reply", "an ACK after the verdict")),
+            kind::ACK => (ACK_LEN, ACK_LEN),
             _ => return Err(malformed("reply type", "unknown")),
         };
         if len > max {
@@ -176,6 +194,9 @@ impl ReplyDecoder {
                 parse_greeting(&payload, body_at)?
             }
             kind::QEMU => Reply::Qemu(payload),
+            kind::ACK => Reply::Ack {
+                qemu_bytes: Cursor::new(&payload).be64().expect("an ACK has its length"),
+            },
             kind::DONE => {
                 self.done = true;
                 let mut c = Cursor::new(&payload);
@@ -231,7 +252,7 @@ fn parse_greeting(p: &[u8], at: u64) -> Result<Reply> {
         return Err(Error::Unsupported {
             offset: at + 4,
             field: "greeting version",
-            reason: "not version 3 of the dedup stream",
+            reason: "not version 4 of the dedup stream",
         });
     }
     if flags != 0 {
@@ -284,6 +305,9 @@ mod tests {
                 catalog: Some(CatalogId([7; 32])),
             },
             Reply::Qemu(Bytes::from_static(b"return path")),
+            Reply::Ack {
+                qemu_bytes: 1 << 40,
+            },
             Reply::Done {
                 qemu_bytes: 123_456,
                 digest: [9; 16],
@@ -327,8 +351,10 @@ mod tests {
         let mut empty = bytes_of(std::slice::from_ref(&greeting));
         empty.extend_from_slice(&[kind::QEMU, 0, 0, 0, 0]);
         assert_eq!(decode_all(empty).unwrap_err().offset(), Some(46));
-        let cases: [(Vec<Reply>, u64); 4] = [
+        let ack = Reply::Ack { qemu_bytes: 7 };
+        let cases: [(Vec<Reply>, u64); 5] = [
             (vec![done.clone()], 0),
+            (vec![greeting.clone(), done.clone(), ack], 74),
             (vec![greeting.clone(), greeting.clone()], 45),
             (vec![greeting.clone(), done.clone(), done.clone()], 74),
             (

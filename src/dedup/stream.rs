@@ -25,8 +25,15 @@ pub struct DedupFrames<S> {
     encoder: DedupEncoder,
     out: BytesMut,
     chunk: usize,
+    /// The encoder's QEMU bytes when the last chunk was handed out.
+    handed_out_at: u64,
     finished: bool,
 }
+
+/// QEMU bytes after which a chunk is handed out however small: pages claimed in a
+/// few bytes (fill, templates) make frames of little output for much input, and a
+/// writer that paces its input by QEMU bytes (a credit window) must see them go.
+const HAND_OUT_QEMU_BYTES: u64 = 4 << 20;
 
 impl<S> DedupFrames<S> {
     /// Encodes `records` with `encoder`, handing out chunks of about `chunk` bytes
@@ -37,6 +44,7 @@ impl<S> DedupFrames<S> {
             encoder,
             out: BytesMut::new(),
             chunk: chunk.max(1),
+            handed_out_at: 0,
             finished: false,
         }
     }
@@ -49,6 +57,20 @@ impl<S> DedupFrames<S> {
     /// The encoder's counters so far.
     pub fn stats(&self) -> &Stats {
         self.encoder.stats()
+    }
+
+    /// The frames made so far, as a chunk.
+    fn hand_out(&mut self) -> Bytes {
+        self.handed_out_at = self.encoder.stats().qemu_bytes;
+        self.out.split().freeze()
+    }
+
+    /// What the encoder has batched, as a chunk now rather than when the batch
+    /// fills or the input pauses: for a writer about to wait (for the destination's
+    /// credit), which must send everything it took in first.
+    pub fn flush(&mut self) -> Result<Option<Bytes>> {
+        self.encoder.flush(&mut self.out)?;
+        Ok((!self.out.is_empty()).then(|| self.hand_out()))
     }
 
     /// The encoder.
@@ -67,11 +89,14 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
         let this = &mut *self;
         loop {
-            if this.out.len() >= this.chunk {
-                return Poll::Ready(Some(Ok(this.out.split().freeze())));
+            let taken = this.encoder.stats().qemu_bytes - this.handed_out_at;
+            if this.out.len() >= this.chunk
+                || (!this.out.is_empty() && taken >= HAND_OUT_QEMU_BYTES)
+            {
+                return Poll::Ready(Some(Ok(this.hand_out())));
             }
             if this.finished {
-                return Poll::Ready((!this.out.is_empty()).then(|| Ok(this.out.split().freeze())));
+                return Poll::Ready((!this.out.is_empty()).then(|| Ok(this.hand_out())));
             }
             let step = match Pin::new(&mut this.records).poll_next(cx) {
                 Poll::Ready(Some(Ok(record))) => {
@@ -88,7 +113,7 @@ where
                     }
                     return match this.out.is_empty() {
                         true => Poll::Pending,
-                        false => Poll::Ready(Some(Ok(this.out.split().freeze()))),
+                        false => Poll::Ready(Some(Ok(this.hand_out()))),
                     };
                 }
             };

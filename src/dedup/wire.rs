@@ -8,7 +8,7 @@ use crate::template::CatalogId;
 /// First bytes of a HELLO payload.
 pub const MAGIC: [u8; 4] = *b"MGSD";
 /// Version of the dedup stream format, and of the link's return direction.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Frame header: type byte and be32 payload length.
 pub const FRAME_HEADER: usize = 5;
 /// Bytes of the running digest (XXH3-128) each DATA frame and the END frame carry.
@@ -133,7 +133,7 @@ impl Hello {
             return Err(crate::Error::Unsupported {
                 offset: at + 4,
                 field: "dedup stream version",
-                reason: "not version 3",
+                reason: "not version 4",
             });
         }
         if flags != 0 {

@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::activity::Activity;
-use super::{Progress, Report, Timeouts, pump};
+use super::pump::{self, Signals};
+use super::source::ACK_EVERY;
+use super::{Progress, Report, Timeouts};
 use crate::dedup::{DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply, default_restores};
 use crate::dedup::{FRAME_DIGEST, Hello};
 use crate::error::{Error, Result};
@@ -221,17 +223,13 @@ where
         } = self;
         let (from_qemu, to_qemu) = qemu;
         let (verdict, verdict_rx) = oneshot::channel();
+        let (verified, verified_rx) = watch::channel(0);
         let forward = async {
-            let restored = pump::decode(
-                from_link,
-                input,
-                to_qemu,
-                &mut decoder,
-                fetch.as_deref_mut(),
-                progress,
-                &activity,
-            )
-            .await;
+            let mut signals = Signals::new(progress, &activity);
+            signals.verified = Some(&verified);
+            let fetch = fetch.as_deref_mut();
+            let restored =
+                pump::decode(from_link, input, to_qemu, &mut decoder, fetch, &signals).await;
             let _ = verdict.send(match &restored {
                 Ok(()) => Ok((decoder.stats().qemu_bytes, decoder.digest())),
                 Err(e) => Err(e.to_string()),
@@ -239,7 +237,8 @@ where
             restored
         };
         let confirmed = AtomicBool::new(false);
-        let back = pass_return_path(from_qemu, to_link, verdict_rx, &activity, &confirmed);
+        let verdicts = (verified_rx, verdict_rx);
+        let back = pass_return_path(from_qemu, to_link, verdicts, &activity, &confirmed);
         let ends = async { tokio::join!(forward, back) };
         let ended = tokio::select! {
             ends = ends => Some(ends),
@@ -268,15 +267,23 @@ where
     }
 }
 
-/// Passes the destination QEMU's return path to the link until the forward
-/// direction's verdict, sends the verdict (noting in `confirmed` that DONE went
-/// out), then (after DONE) the rest of the return path until QEMU closes it. QEMU
-/// may close or reset its side at any time (a QEMU without a return path does): the
-/// forward direction's outcome decides the migration, not that.
+/// The forward direction's word to the return direction: QEMU bytes verified so
+/// far, then the verdict (END's total and digest, or the error).
+type Verdicts = (
+    watch::Receiver<u64>,
+    oneshot::Receiver<std::result::Result<(u64, [u8; FRAME_DIGEST]), String>>,
+);
+
+/// Passes the destination QEMU's return path to the link, and acknowledges the QEMU
+/// bytes verified every [`ACK_EVERY`] of them, until the forward direction's
+/// verdict; sends the verdict (noting in `confirmed` that DONE went out), then
+/// (after DONE) the rest of the return path until QEMU closes it. QEMU may close or
+/// reset its side at any time (a QEMU without a return path does): the forward
+/// direction's outcome decides the migration, not that.
 async fn pass_return_path<QR, LW>(
     mut from_qemu: QR,
     mut to_link: LW,
-    mut verdict: oneshot::Receiver<std::result::Result<(u64, [u8; FRAME_DIGEST]), String>>,
+    (mut verified, mut verdict): Verdicts,
     activity: &Activity,
     confirmed: &AtomicBool,
 ) -> Result<()>
@@ -285,11 +292,22 @@ where
     LW: AsyncWrite + Unpin,
 {
     let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
-    let mut qemu_open = true;
+    let (mut qemu_open, mut verifying, mut acked) = (true, true, 0);
     let outcome = loop {
         buf.reserve(MAX_RETURN_CHUNK);
         tokio::select! {
             outcome = &mut verdict => break outcome,
+            changed = verified.changed(), if verifying => {
+                verifying = changed.is_ok();
+                let qemu_bytes = *verified.borrow_and_update();
+                if qemu_bytes >= acked + ACK_EVERY {
+                    Reply::Ack { qemu_bytes }.encode(&mut out);
+                    to_link.write_all(&out).await?;
+                    to_link.flush().await?;
+                    out.clear();
+                    acked = qemu_bytes;
+                }
+            }
             read = from_qemu.read_buf(&mut buf), if qemu_open => {
                 qemu_open = matches!(read, Ok(n) if n > 0);
                 Reply::Qemu(buf.split().freeze()).encode(&mut out);

@@ -86,7 +86,7 @@ pub mod tls;
 pub use destination::{DestinationConfig, Handshake, accept, destination};
 pub use proxy::{DEFAULT_TEMPLATE_COOLDOWN, DestinationProxy, Incoming, ProxyLimits, SourceProxy};
 pub use pump::{decode_stream, encode_stream};
-pub use source::{SourceConfig, source};
+pub use source::{DEFAULT_CREDIT_WINDOW, SourceConfig, source};
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};

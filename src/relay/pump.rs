@@ -16,6 +16,38 @@ use crate::resolve::Fetch;
 /// Bytes of dedup stream handed to the transport at a time.
 pub(super) const CHUNK: usize = 256 * 1024;
 
+/// Where a pump tells how it goes.
+pub(super) struct Signals<'a> {
+    /// The live counters.
+    pub(super) progress: &'a Progress,
+    /// The idle watchdog, touched at every step.
+    pub(super) activity: &'a Activity,
+    /// Source: where the page size goes once the HELLO is out (for the migration's
+    /// multifd channels).
+    pub(super) page_size: Option<&'a watch::Sender<Option<usize>>>,
+    /// Destination: the QEMU bytes verified so far, which its return direction
+    /// acknowledges ([`Reply::Ack`](crate::dedup::Reply::Ack)).
+    pub(super) verified: Option<&'a watch::Sender<u64>>,
+}
+
+impl<'a> Signals<'a> {
+    pub(super) fn new(progress: &'a Progress, activity: &'a Activity) -> Self {
+        Self {
+            progress,
+            activity,
+            page_size: None,
+            verified: None,
+        }
+    }
+}
+
+/// A source's credit: it takes no more QEMU bytes in while `window` of them are not
+/// acknowledged by the destination.
+pub(super) struct Credit {
+    pub(super) acked: watch::Receiver<u64>,
+    pub(super) window: u64,
+}
+
 /// What an encoding direction reports at its end.
 #[derive(Debug)]
 pub(super) struct Encoded {
@@ -39,31 +71,48 @@ where
 {
     let records = FramedRead::new(qemu, QemuDecoder::new());
     let frames = DedupFrames::new(records, encoder, CHUNK);
-    let encoded = encode(frames, wan, progress, &Activity::new(), None).await?;
+    let activity = Activity::new();
+    let encoded = encode(frames, wan, &Signals::new(progress, &activity), None).await?;
     Ok(encoded.stats)
 }
 
 /// Writes the chunks of `frames` to `wan` and shuts it down after the END frame;
-/// sends the page size to `page_size` once the HELLO went out.
+/// with `credit`, takes no more QEMU input while a window of it is unacknowledged.
 pub(super) async fn encode<S, T, W>(
     mut frames: DedupFrames<S>,
     mut wan: W,
-    progress: &Progress,
-    activity: &Activity,
-    page_size: Option<&watch::Sender<Option<usize>>>,
+    signals: &Signals<'_>,
+    mut credit: Option<Credit>,
 ) -> Result<Encoded>
 where
     S: Stream<Item = Result<T>> + Unpin,
     T: EncoderInput,
     W: AsyncWrite + Unpin,
 {
-    while let Some(chunk) =
-        std::future::poll_fn(|cx| std::pin::Pin::new(&mut frames).poll_next(cx)).await
-    {
+    loop {
+        if let Some(credit) = &mut credit {
+            while frames.stats().qemu_bytes > *credit.acked.borrow() + credit.window {
+                // everything taken in goes out before waiting for the destination
+                if let Some(chunk) = frames.flush()? {
+                    wan.write_all(&chunk).await?;
+                }
+                wan.flush().await?;
+                signals.activity.touch();
+                if credit.acked.changed().await.is_err() {
+                    // the return direction ended: its verdict decides, not the credit
+                    break;
+                }
+            }
+        }
+        let Some(chunk) =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut frames).poll_next(cx)).await
+        else {
+            break;
+        };
         wan.write_all(&chunk?).await?;
-        activity.touch();
-        progress.set(frames.stats());
-        if let Some(page_size) = page_size {
+        signals.activity.touch();
+        signals.progress.set(frames.stats());
+        if let Some(page_size) = signals.page_size {
             // the first chunk starts with the HELLO, written once the size is known
             page_size.send_if_modified(|known| {
                 let size = frames.encoder().page_size();
@@ -93,7 +142,16 @@ where
     W: AsyncWrite + Unpin,
 {
     let input = BytesMut::with_capacity(CHUNK);
-    decode(wan, input, qemu, decoder, fetch, progress, &Activity::new()).await
+    let activity = Activity::new();
+    decode(
+        wan,
+        input,
+        qemu,
+        decoder,
+        fetch,
+        &Signals::new(progress, &activity),
+    )
+    .await
 }
 
 /// [`decode_stream`] starting with the bytes already read into `input`.
@@ -103,19 +161,24 @@ pub(super) async fn decode<R, W>(
     mut qemu: W,
     decoder: &mut DedupDecoder,
     mut fetch: Option<&mut (dyn Fetch + '_)>,
-    progress: &Progress,
-    activity: &Activity,
+    signals: &Signals<'_>,
 ) -> Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (progress, activity) = (signals.progress, signals.activity);
     let mut eof = false;
     loop {
         let decoded = match eof {
             false => decoder.decode(&mut input)?,
             true => decoder.decode_eof(&mut input)?,
         };
+        if let Some(verified) = signals.verified {
+            // written to QEMU below, or held until END
+            let now = decoder.stats().qemu_bytes;
+            verified.send_if_modified(|v| std::mem::replace(v, now) != now);
+        }
         match decoded {
             Decoded::Qemu(bytes) => {
                 qemu.write_all(&bytes).await?;

@@ -6,7 +6,8 @@ use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
 
 use super::activity::Activity;
-use super::{Progress, Report, Timeouts, pump};
+use super::pump::{self, Credit, Signals};
+use super::{Progress, Report, Timeouts};
 use crate::dedup::{Compression, DedupEncoder, DedupFrames, Reply, ReplyDecoder, Resolvers};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
@@ -23,7 +24,20 @@ pub struct SourceConfig {
     pub compression: Compression,
     /// How long to wait for the greeting, and for progress.
     pub timeouts: Timeouts,
+    /// QEMU bytes taken in from QEMU that the destination has not acknowledged yet,
+    /// at most (plus one frame): beyond it the source reads no more, so that QEMU
+    /// sees the pace of the link and of the destination, and its decision when to
+    /// stop the VM for the last round (the downtime) rests on that, not on a proxy
+    /// next to it swallowing its stream.
+    pub credit_window: u64,
 }
+
+/// The default [`SourceConfig::credit_window`]: 16 MiB of QEMU bytes, more than a
+/// 1 Gbit/s link with 10 ms of round trip carries in one, at any ratio.
+pub const DEFAULT_CREDIT_WINDOW: u64 = 16 << 20;
+
+/// A destination acknowledges at least every this many QEMU bytes.
+pub(super) const ACK_EVERY: u64 = 1 << 20;
 
 impl Default for SourceConfig {
     fn default() -> Self {
@@ -31,6 +45,7 @@ impl Default for SourceConfig {
             resolvers: Resolvers::default(),
             compression: Compression::Lz4,
             timeouts: Timeouts::default(),
+            credit_window: DEFAULT_CREDIT_WINDOW,
         }
     }
 }
@@ -51,6 +66,13 @@ impl SourceConfig {
     /// With these timeouts.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// With this credit window in QEMU bytes (at least 2 MiB: a destination
+    /// acknowledges every MiB).
+    pub fn with_credit_window(mut self, bytes: u64) -> Self {
+        self.credit_window = bytes.max(2 * ACK_EVERY);
         self
     }
 }
@@ -126,19 +148,26 @@ where
     let encoder = DedupEncoder::with_resolvers(&resolvers)?
         .with_compression(config.compression)
         .with_session(session);
+    let (acked, acks) = watch::channel(0);
+    let credit = Credit {
+        acked: acks,
+        window: config.credit_window,
+    };
     let forward = async {
+        let mut signals = Signals::new(progress, &activity);
         let encoded = match carried {
             Carried::Main { page_size } => {
+                signals.page_size = page_size;
                 let records = FramedRead::new(from_qemu, QemuDecoder::new());
                 let frames = DedupFrames::new(records, encoder, pump::CHUNK);
-                pump::encode(frames, &mut to_link, progress, &activity, page_size).await
+                pump::encode(frames, &mut to_link, &signals, Some(credit)).await
             }
             Carried::Channel { page_size } => {
                 let channel = MultifdDecoder::new().with_page_size(page_size);
                 let records = FramedRead::new(from_qemu, channel);
                 let encoder = encoder.with_page_size(page_size);
                 let frames = DedupFrames::new(records, encoder, pump::CHUNK);
-                pump::encode(frames, &mut to_link, progress, &activity, None).await
+                pump::encode(frames, &mut to_link, &signals, Some(credit)).await
             }
         };
         if encoded.is_err() {
@@ -152,6 +181,14 @@ where
             match replies.next("confirming the migration").await? {
                 Reply::Qemu(bytes) => {
                     to_qemu.write_all(&bytes).await?;
+                    activity.touch();
+                }
+                Reply::Ack { qemu_bytes } => {
+                    acked.send_if_modified(|a| {
+                        let more = qemu_bytes > *a;
+                        *a = (*a).max(qemu_bytes);
+                        more
+                    });
                     activity.touch();
                 }
                 Reply::Done { qemu_bytes, digest } => return Ok((qemu_bytes, digest)),

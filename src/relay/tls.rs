@@ -52,7 +52,7 @@ use crate::{Error, Result};
 
 /// The ALPN protocol both ends offer and require: a TLS peer of another protocol
 /// (or of another version of this link) fails the handshake.
-pub const ALPN: &[u8] = b"migstream/3";
+pub const ALPN: &[u8] = b"migstream/4";
 
 /// This end's certificate chain and private key, and the CA bundle the peer's
 /// certificate must chain to.
