@@ -47,7 +47,7 @@ pub use codec::{EncoderInput, End};
 pub use compress::Compression;
 pub use decode::{Decoded, DedupDecoder};
 pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_CHANNEL_FRAME_QEMU_BYTES, MAX_FRAME_QEMU_BYTES};
-pub use reply::{MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
+pub use reply::{ACK_EVERY, MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
 pub use resolvers::{Resolvers, default_restores};
 pub use stats::Stats;
 pub use stream::DedupFrames;

@@ -21,6 +21,9 @@ const DONE_LEN: usize = 8 + FRAME_DIGEST;
 const ACK_LEN: usize = 8;
 /// Longest reason a FAILED message carries; longer ones are cut.
 pub const MAX_REASON: usize = 1024;
+/// A destination acknowledges ([`Reply::Ack`]) whenever the QEMU bytes it verified
+/// grew by this much: a source's credit window is at least twice that.
+pub const ACK_EVERY: u64 = 1 << 20;
 /// Most return-path bytes in one message: QEMU's return path carries small
 /// messages, and a reader never buffers more than this for one.
 pub const MAX_RETURN_CHUNK: usize = 64 << 10;

@@ -12,9 +12,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::activity::Activity;
 use super::pump::{self, Signals};
-use super::source::ACK_EVERY;
 use super::{Progress, Report, Timeouts};
-use crate::dedup::{DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply, default_restores};
+use crate::dedup::{ACK_EVERY, DedupDecoder, Limits, MAX_RETURN_CHUNK, Reply, default_restores};
 use crate::dedup::{FRAME_DIGEST, Hello};
 use crate::error::{Error, Result};
 use crate::resolve::{Fetch, Restore, TemplateStore};

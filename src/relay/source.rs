@@ -8,7 +8,9 @@ use tokio_util::codec::FramedRead;
 use super::activity::Activity;
 use super::pump::{self, Credit, Signals};
 use super::{Progress, Report, Timeouts};
-use crate::dedup::{Compression, DedupEncoder, DedupFrames, Reply, ReplyDecoder, Resolvers};
+use crate::dedup::{
+    ACK_EVERY, Compression, DedupEncoder, DedupFrames, Reply, ReplyDecoder, Resolvers,
+};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
 use crate::qemu::multifd::MultifdDecoder;
@@ -35,9 +37,6 @@ pub struct SourceConfig {
 /// The default [`SourceConfig::credit_window`]: 16 MiB of QEMU bytes, more than a
 /// 1 Gbit/s link with 10 ms of round trip carries in one, at any ratio.
 pub const DEFAULT_CREDIT_WINDOW: u64 = 16 << 20;
-
-/// A destination acknowledges at least every this many QEMU bytes.
-pub(super) const ACK_EVERY: u64 = 1 << 20;
 
 impl Default for SourceConfig {
     fn default() -> Self {
