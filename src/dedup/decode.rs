@@ -551,3 +551,116 @@ impl DedupDecoder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BufMut;
+
+    use super::*;
+    use crate::resolve::tag;
+
+    /// A dedup stream of channel `channel`: HELLO, one DATA frame of `entries` with
+    /// `flags` (its digest right for what the entries produce on a channel), no END.
+    fn channel_stream(channel: u16, flags: u8, entries: &[Entry<'_>]) -> BytesMut {
+        let mut out = BytesMut::new();
+        Hello::new(4096, None)
+            .in_session([1; 16], channel)
+            .put(&mut out);
+        let mut hasher = XxHash3_128::new();
+        hasher.write(&out[wire::FRAME_HEADER..]);
+        let mut batch = Vec::new();
+        for entry in entries {
+            entry.put(&mut batch);
+            match *entry {
+                Entry::Qemu(bytes) => hasher.write(bytes),
+                Entry::Page { body, .. } => hasher.write(body),
+            }
+        }
+        let mut header = DataHeader {
+            codec: wire::codec::STORED,
+            flags,
+            raw_len: batch.len() as u32,
+            digest: [0; 16],
+        };
+        hasher.write(&header.covered());
+        hasher.write(&batch);
+        header.digest = wire::digest_bytes(&hasher);
+        header.put(&mut out, batch.len());
+        out.put_slice(&batch);
+        out
+    }
+
+    fn first_error(mut stream: BytesMut) -> Error {
+        let mut dec = DedupDecoder::new(crate::dedup::default_restores(None)).unwrap();
+        loop {
+            match dec.decode(&mut stream) {
+                Ok(Decoded::NeedInput) => panic!("no error: {:?}", dec.stats()),
+                Ok(_) => continue,
+                Err(e) => return e,
+            }
+        }
+    }
+
+    const PAGE: [u8; 4096] = [7; 4096];
+
+    fn raw_page(continued: bool) -> Entry<'static> {
+        Entry::Page {
+            tag: tag::RAW,
+            page: 3,
+            continued,
+            block: Some(b"pc.ram"),
+            body: &PAGE,
+        }
+    }
+
+    /// What a channel's stream may not do: hold bytes (QEMU's EOF is on the main
+    /// channel), carry CONTINUE, name a channel QEMU cannot have, send big frames.
+    #[test]
+    fn a_channel_stream_is_held_to_its_own_rules() {
+        let ok = channel_stream(2, 0, &[Entry::Qemu(b"packet header"), raw_page(false)]);
+        let mut dec = DedupDecoder::new(crate::dedup::default_restores(None)).unwrap();
+        let mut input = ok.clone();
+        let Decoded::Qemu(out) = dec.decode(&mut input).unwrap() else {
+            panic!("a frame's bytes")
+        };
+        // the page alone after the verbatim bytes: no record header on a channel
+        assert_eq!(out.len(), 13 + 4096);
+
+        let held = first_error(channel_stream(2, wire::FLAG_HOLD, &[raw_page(false)]));
+        assert!(
+            matches!(
+                held,
+                Error::LimitExceeded {
+                    field: "held bytes after EOF",
+                    limit: 0,
+                    ..
+                }
+            ),
+            "{held}"
+        );
+
+        let continued = first_error(channel_stream(1, 0, &[raw_page(true)]));
+        assert!(
+            continued
+                .to_string()
+                .contains("CONTINUE on a multifd channel"),
+            "{continued}"
+        );
+
+        let beyond = first_error(channel_stream(257, 0, &[]));
+        assert!(
+            beyond.to_string().contains("255 multifd channels"),
+            "{beyond}"
+        );
+
+        let mut big = channel_stream(1, 0, &[]);
+        let data = big.len() - (wire::FRAME_HEADER + wire::DATA_HEADER);
+        big.truncate(data);
+        wire::put_frame_header(&mut big, frame::DATA, 25 << 20);
+        let big = first_error(big);
+        assert!(
+            matches!(big, Error::LimitExceeded { field: "frame length", limit, .. } if limit == 24 << 20),
+            "{big}"
+        );
+    }
+}
