@@ -331,20 +331,26 @@ class Relay:
     (`capture`, if not None).
 
     For `migrate --fault corrupt` (between the two proxies): `corrupt_at` flips
-    the byte at that source->destination offset of the first connection only
-    (later connections, the retry, pass untouched), and `abort_on_error` resets
-    both sides of a connection when either direction fails, as a dying TCP peer
-    would, instead of only half-closing. `dst_port` may be changed between
-    connections (the retry goes to a new destination)."""
+    the byte at that source->destination offset of connection number
+    `corrupt_conn` only (0: the first accepted; a multifd migration's proxies open
+    one link connection per QEMU connection, the main channel's first; later
+    connections, the retry's included, pass untouched), and `abort_on_error`
+    resets both sides of a connection when either direction fails, as a dying TCP
+    peer would, instead of only half-closing. `dst_port` may be changed between
+    connections (the retry goes to a new destination). `errors` are strings;
+    `error_conns` names the connection of each (for a failed connect, the index
+    the connection would have had)."""
 
-    def __init__(self, dst_port, capture, corrupt_at=None, abort_on_error=False):
+    def __init__(self, dst_port, capture, corrupt_at=None, abort_on_error=False, corrupt_conn=0):
         self.dst_port, self.capture = dst_port, capture
         self.corrupt_at, self.abort_on_error = corrupt_at, abort_on_error
-        self.corrupted = None           # {"offset", "byte", "at_s"} once flipped
+        self.corrupt_conn = corrupt_conn
+        self.corrupted = None           # {"offset", "connection", "byte", "at_s"} once flipped
         self.conns = []                 # one dict per accepted connection
         self.threads = []
         self.socks = []
         self.errors = []
+        self.error_conns = []           # the connection index of each error, in order
         self.lock = threading.Lock()
         self.ls = socket.socket()
         self.ls.bind(("127.0.0.1", 0))
@@ -371,7 +377,8 @@ class Relay:
             try:
                 d = socket.create_connection(("127.0.0.1", self.dst_port), timeout=10)
             except OSError as e:
-                self.errors.append("connect to destination: %s" % e)
+                with self.lock:
+                    self._error(len(self.conns), "connect to destination: %s" % e)
                 c.close()
                 continue
             c.settimeout(None)
@@ -406,13 +413,13 @@ class Relay:
                                 out = open(self.capture, "wb")
                 if out:
                     out.write(data)
-                if forward and self.corrupt_at is not None and info["index"] == 0:
+                if forward and self.corrupt_at is not None and info["index"] == self.corrupt_conn:
                     k = self.corrupt_at - info["src_to_dst"]
                     if 0 <= k < len(data):
                         data = bytearray(data)
                         data[k] ^= 0xFF
-                        self.corrupted = {"offset": self.corrupt_at, "byte": data[k] ^ 0xFF,
-                                          "at_s": round(time.monotonic() - self.t0, 3)}
+                        self.corrupted = {"offset": self.corrupt_at, "connection": info["index"],
+                                          "byte": data[k] ^ 0xFF, "at_s": round(time.monotonic() - self.t0, 3)}
                 b.sendall(data)
                 info["src_to_dst" if forward else "dst_to_src"] += len(data)
             if head:                    # a connection that closed within 4 bytes
@@ -423,7 +430,9 @@ class Relay:
                 info["closed_s"] = round(time.monotonic() - self.t0, 3)
         except OSError as e:
             if not self.stopping:
-                self.errors.append("connection %d %s: %s" % (info["index"], "src->dst" if forward else "dst->src", e))
+                with self.lock:
+                    self._error(info["index"], "connection %d %s: %s" % (
+                        info["index"], "src->dst" if forward else "dst->src", e))
             if self.abort_on_error:
                 info["aborted"] = True
                 for s in (a, b):
@@ -435,6 +444,16 @@ class Relay:
                 b.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def _error(self, index, msg):
+        """Records an error of connection `index` (the caller holds the lock)."""
+        self.errors.append(msg)
+        self.error_conns.append(index)
+
+    def errors_from(self, first):
+        """The errors of the connections numbered `first` and later."""
+        with self.lock:
+            return [e for e, i in zip(self.errors, self.error_conns) if i >= first]
 
     @staticmethod
     def _reset(s):
@@ -949,6 +968,26 @@ def guest_not_running(vm, timeout):
     return st != "running"
 
 
+def channel_checks(sres, dres, want, checks):
+    """The proxies' per-channel reports (JSON `channels`) against the migration:
+    `want` multifd channels (0 without multifd), ids 0..want-1 at both ends, each
+    having carried QEMU bytes, their sums within the totals (which add the main
+    channel), and both ends agreeing channel by channel, byte for byte."""
+    ends = {"src": sres.get("channels") or [], "dst": dres.get("channels") or []}
+    ids = {end: sorted(c.get("channel") for c in chans) for end, chans in ends.items()}
+    checks["proxy_channels_as_asked"] = ids["src"] == ids["dst"] == list(range(want or 0))
+    if not want:
+        return
+    every = ends["src"] + ends["dst"]
+    checks["proxy_channels_carried_bytes"] = all((c.get("qemu_bytes") or 0) > 0 and (c.get("wire_bytes") or 0) > 0
+                                                 for c in every)
+    checks["proxy_channels_within_totals"] = all(
+        sum(c.get(k) or 0 for c in ends[end]) <= (res.get(k) or 0)
+        for end, res in (("src", sres), ("dst", dres)) for k in ("qemu_bytes", "wire_bytes"))
+    bytes_of = lambda end: {c["channel"]: (c.get("qemu_bytes"), c.get("wire_bytes")) for c in ends[end]}  # noqa: E731
+    checks["proxies_agree_channels"] = bytes_of("src") == bytes_of("dst")
+
+
 def migrate_cmd(a, rundir, vms):
     """Source QEMU -> source proxy -> [fault relay] -> destination proxy ->
     destination QEMU; see harness/README.md."""
@@ -987,11 +1026,12 @@ def migrate_cmd(a, rundir, vms):
     dproxy = start_dst_proxy("dst-proxy", "127.0.0.1:0", dst_to)
     to = dproxy.port
     if fault == "corrupt":
-        relay = Relay(dproxy.port, None, corrupt_at=a.corrupt_offset, abort_on_error=True)
+        relay = Relay(dproxy.port, None, corrupt_at=a.corrupt_offset, abort_on_error=True,
+                      corrupt_conn=a.fault_connection)
         vms.append(relay)
         to = relay.port
-        log("corrupting relay 127.0.0.1:%d -> dst-proxy 127.0.0.1:%d, flips byte %d of the first connection"
-            % (relay.port, dproxy.port, a.corrupt_offset))
+        log("corrupting relay 127.0.0.1:%d -> dst-proxy 127.0.0.1:%d, flips byte %d of link connection %d"
+            % (relay.port, dproxy.port, a.corrupt_offset, a.fault_connection))
     # with a fault the source proxy stays up (no --once) and carries the retry too
     src_listen = "unix:%s/src.sock" % rundir if a.qemu_unix else "127.0.0.1:0"
     sproxy = Proxy("src-proxy", binary, "source", src_listen, "127.0.0.1:%d" % to, src_args, fault == "none",
@@ -1003,6 +1043,7 @@ def migrate_cmd(a, rundir, vms):
     eff = {"src": effective_params(src), "dst": effective_params(dst)}
     uri = sproxy.addr if a.qemu_unix else "tcp:127.0.0.1:%d" % sproxy.port
     info = after = sres = dres = None
+    retry_from = 0          # the relay's first connection of the retry
     COOLDOWN = r"no catalog offered until the cool-down ends"
 
     if fault != "none":
@@ -1090,6 +1131,7 @@ def migrate_cmd(a, rundir, vms):
                 dproxy = start_dst_proxy("dst2-proxy", listen, dst_to)
             if relay:
                 relay.dst_port = dproxy.port
+                retry_from = len(relay.conns)
             src.configure({}, {"max-bandwidth": params["max-bandwidth"]})
             info = None
 
@@ -1117,8 +1159,13 @@ def migrate_cmd(a, rundir, vms):
         for kind, want in kv_list(a.min_proxy_pages, "--min-proxy-pages").items():
             got = ((sres or {}).get("pages") or {}).get(kind, 0)
             checks["min_proxy_pages_" + kind] = got >= int(want)
+        if sres and dres:
+            channel_checks(sres, dres, (eff["src"] or {}).get("multifd-channels") if caps.get("multifd") else 0,
+                           checks)
         if relay:
-            checks["relay_retry_clean"] = not [e for e in relay.errors if not e.startswith("connection 0 ")]
+            # the first attempt's connections failed (the corrupted one, and the others
+            # its migration's proxies closed); the retry's must not
+            checks["relay_retry_clean"] = not relay.errors_from(retry_from)
 
     meta = base_meta(a, src, "", "migrate", caps, params, ready)
     del meta["file"]
@@ -1130,12 +1177,14 @@ def migrate_cmd(a, rundir, vms):
                 src_proxy_argv=sproxy.argv, dst_proxy_argv=dproxy.argv,
                 qemu_bytes=res.get("qemu_bytes"), wire_bytes=res.get("wire_bytes"), ratio=res.get("ratio"),
                 seconds=res.get("seconds"), pages=res.get("pages"), templates=res.get("templates"),
+                opaque_bytes=res.get("opaque_bytes"), channels=res.get("channels"),
                 proxies={"src": sres, "dst": dres},
                 proxy_stderr={"src": sproxy.stderr[-3:], "dst": dproxy.stderr[-3:]},
                 check_sum=after, dirty_sync_count=info.get("ram", {}).get("dirty-sync-count"),
                 migration=summary(info), checks=checks, attempts=attempts, effective_params=eff)
     if relay:
-        meta["relay"] = {"connections": relay.conns, "errors": relay.errors, "corrupted": relay.corrupted}
+        meta["relay"] = {"connections": relay.conns, "errors": relay.errors, "corrupted": relay.corrupted,
+                         "corrupt_connection": relay.corrupt_conn, "retry_from": retry_from}
     ok = report_failed(a, checks, info.get("error-desc", ""))
     return (os.path.abspath(a.out) if a.out else None), meta, ok
 
@@ -1197,6 +1246,9 @@ def main():
                            help="kill-dst-proxy: once the source QEMU has sent this much RAM (default 8 MiB)")
             p.add_argument("--corrupt-offset", type=int, default=1 << 20, metavar="BYTES",
                            help="corrupt: flip the byte at this offset of the dedup stream (default 1 MiB)")
+            p.add_argument("--fault-connection", type=int, default=0, metavar="N",
+                           help="corrupt: the link connection to corrupt, in the order the proxies open them "
+                                "(default 0, the first: the main channel's; with multifd 1.. are the channels')")
             p.add_argument("--fault-bandwidth", type=int, default=32 << 20, metavar="BYTES_PER_S",
                            help="max-bandwidth of the faulty first attempt (default 32 MiB/s)")
             p.add_argument("--min-proxy-pages", action="append", metavar="KIND=N",

@@ -685,3 +685,394 @@ fn qemu10_retry_without_templates_after_a_template_store_failure() {
     assert_eq!(pages(&r, "template"), 0, "pages {}", r["pages"]);
     assert_eq!(r["checks"]["sum_matches"], true);
 }
+
+// ------------------------------------------------------------------------ multifd
+//
+// QEMU's multifd migrations through the proxies: the main channel and every multifd
+// channel are QEMU connections of their own, each carried on a link connection of
+// its own (over mutual TLS, as above), grouped per migration at both proxies. Besides
+// lab.py's checks (the guest's checksum, both proxies ok, and `proxy_channels_*`:
+// both proxies report the channels asked for, ids 0.., each with bytes, agreeing
+// channel by channel), every case checks the channels in the report itself
+// (`multifd_channels`).
+
+/// Multifd with `n` channels (QEMU's own default for the rest).
+fn multifd(n: u32) -> Vec<String> {
+    ["--cap", "multifd=on", "--param"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("multifd-channels={n}")])
+        .collect()
+}
+
+/// The channel reports of a multifd migration's source proxy (JSON `channels`), with
+/// what holds for any multifd migration: `n` channels, ids 0..n, at both proxies;
+/// each carried QEMU bytes and link bytes; together no more than the totals (which
+/// add the main channel), and exactly the bytes QEMU says it sent on its multifd
+/// channels (query-migrate's `ram.multifd-bytes`; QEMU 7.2 leaves each channel's
+/// 64-byte greeting, `MultiFDInit_t`, out of it, 10.0 counts it). Returns the pages
+/// the channels carried, by kind, summed.
+fn multifd_channels(name: &str, r: &Value, n: usize) -> std::collections::BTreeMap<String, u64> {
+    let channels = r["channels"].as_array().expect("report: channels");
+    let ids: Vec<u64> = channels
+        .iter()
+        .map(|c| c["channel"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..n as u64).collect::<Vec<_>>(),
+        "{name}: channel ids"
+    );
+    let dst = r["proxies"]["dst"]["channels"]
+        .as_array()
+        .expect("dst channels");
+    assert_eq!(
+        dst.len(),
+        n,
+        "{name}: channels the destination proxy reports"
+    );
+    for check in [
+        "proxy_channels_as_asked",
+        "proxy_channels_carried_bytes",
+        "proxy_channels_within_totals",
+        "proxies_agree_channels",
+    ] {
+        assert_eq!(r["checks"][check], true, "{name}: check {check}");
+    }
+    let (mut qemu, mut wire) = (0, 0);
+    let mut pages = std::collections::BTreeMap::<String, u64>::new();
+    for c in channels {
+        let (q, w) = (bytes(c, "qemu_bytes"), bytes(c, "wire_bytes"));
+        assert!(q > 0 && w > 0, "{name}: channel {c}");
+        (qemu, wire) = (qemu + q, wire + w);
+        for (kind, count) in c["pages"].as_object().expect("channel pages") {
+            *pages.entry(kind.clone()).or_default() += count.as_u64().unwrap();
+        }
+    }
+    assert!(
+        qemu <= bytes(r, "qemu_bytes") && wire <= bytes(r, "wire_bytes"),
+        "{name}: channels {qemu}/{wire} bytes, totals {}/{}",
+        r["qemu_bytes"],
+        r["wire_bytes"]
+    );
+    for (kind, count) in &pages {
+        assert!(*count <= self::pages(r, kind), "{name}: {kind} pages");
+    }
+    let greetings = match r["qemu_version"].as_str().unwrap().starts_with("7.2.") {
+        true => 64 * n as u64,
+        false => 0,
+    };
+    assert_eq!(
+        Some(qemu),
+        r["migration"]["ram-multifd-bytes"]
+            .as_u64()
+            .map(|sent| sent + greetings),
+        "{name}: the channels' QEMU bytes against QEMU's ram.multifd-bytes (+ {greetings})"
+    );
+    eprintln!(
+        "{name}: {n} channels: qemu {qemu} bytes, wire {wire} bytes, pages {pages:?}; \
+         main channel qemu {} bytes",
+        bytes(r, "qemu_bytes") - qemu
+    );
+    pages
+}
+
+/// A QEMU 10.0 multifd case: `q35`, 4 channels, zero pages found by QEMU's multifd
+/// threads (`zero`: `multifd`, the default) or by its migration thread and sent on
+/// the main channel (`legacy`). Returns the report and the channels' pages.
+fn qemu10_multifd(
+    name: &str,
+    workload: &str,
+    zero: &str,
+    extra: &[&str],
+) -> (Value, std::collections::BTreeMap<String, u64>) {
+    let (channels, zero_param) = (multifd(4), format!("zero-page-detection={zero}"));
+    let mut args: Vec<&str> = vec!["--machine", "q35", "--param", &zero_param];
+    args.extend(channels.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let r = qemu10(name, workload, &args);
+    assert_eq!(r["machine_type"], "pc-q35-10.0", "{name}: machine");
+    let effective = &r["effective_params"]["src"];
+    assert_eq!(
+        effective["zero-page-detection"], zero,
+        "{name}: {effective}"
+    );
+    assert_eq!(effective["multifd-channels"], 4, "{name}: {effective}");
+    let pages = multifd_channels(name, &r, 4);
+    (r, pages)
+}
+
+fn kind(pages: &std::collections::BTreeMap<String, u64>, kind: &str) -> u64 {
+    pages.get(kind).copied().unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_idle() {
+    let (_, pages) = qemu10_multifd("qemu10-multifd-idle", "idle", "multifd", &[]);
+    assert!(kind(&pages, "raw") > 0, "pages {pages:?}");
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_idle_legacy_zero_pages() {
+    let (_, pages) = qemu10_multifd("qemu10-multifd-idle-legacy", "idle", "legacy", &[]);
+    assert!(kind(&pages, "raw") > 0, "pages {pages:?}");
+}
+
+/// 64 MiB of random data cross as raw pages, every one on a multifd channel.
+fn assert_fill(name: &str, pages: &std::collections::BTreeMap<String, u64>) {
+    assert!(kind(pages, "raw") * 4096 >= 60 * MIB, "{name}: {pages:?}");
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_fill() {
+    let (_, pages) = qemu10_multifd("qemu10-multifd-fill", "fill", "multifd", &[]);
+    assert_fill("qemu10-multifd-fill", &pages);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_fill_legacy_zero_pages() {
+    let name = "qemu10-multifd-fill-legacy";
+    let (_, pages) = qemu10_multifd(name, "fill", "legacy", &[]);
+    assert_fill(name, &pages);
+}
+
+/// 64 MiB of copies of one 1 MiB seed: a channel refers only to pages it carried
+/// itself (only templates cross channels), so each channel sends the seed's pages
+/// once and its later copies as seen-before references.
+fn assert_dup(name: &str, r: &Value, pages: &std::collections::BTreeMap<String, u64>) {
+    assert!(kind(pages, "seen") * 4096 >= 48 * MIB, "{name}: {pages:?}");
+    assert!(
+        bytes(r, "wire_bytes") * 2 < bytes(r, "qemu_bytes"),
+        "{name}"
+    );
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_dup() {
+    let name = "qemu10-multifd-dup";
+    let (r, pages) = qemu10_multifd(name, "dup", "multifd", &[]);
+    assert_dup(name, &r, &pages);
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_dup_legacy_zero_pages() {
+    let name = "qemu10-multifd-dup-legacy";
+    let (r, pages) = qemu10_multifd(name, "dup", "legacy", &[]);
+    assert_dup(name, &r, &pages);
+}
+
+/// A dirtying guest behind 16 MiB/s (`SLOW`): pages re-sent on the same channel
+/// become the proxy's own XBZRLE deltas against the version that channel carried.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_dirty() {
+    let name = "qemu10-multifd-dirty";
+    let (_, pages) = qemu10_multifd(name, "dirty", "multifd", SLOW);
+    assert!(kind(&pages, "xbzrle") > 0, "{name}: {pages:?}");
+}
+
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_dirty_legacy_zero_pages() {
+    let name = "qemu10-multifd-dirty-legacy";
+    let (_, pages) = qemu10_multifd(name, "dirty", "legacy", SLOW);
+    assert!(kind(&pages, "xbzrle") > 0, "{name}: {pages:?}");
+}
+
+/// The template catalog of `qemu10_template_catalog` with 4 multifd channels: the
+/// templates are the one thing every channel shares, and they are found on them.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_template_catalog() {
+    let name = "qemu10-multifd-idle-catalog";
+    let arg = format!("--catalog {}", captured_catalog().display());
+    let (r, pages) = qemu10_multifd(
+        name,
+        "idle",
+        "multifd",
+        &[
+            "--src-proxy-arg",
+            &arg,
+            "--dst-proxy-arg",
+            &arg,
+            "--min-proxy-pages",
+            "template=1",
+        ],
+    );
+    assert_eq!(r["proxies"]["src"]["templates"], true, "{name}");
+    assert!(kind(&pages, "template") > 0, "{name}: {pages:?}");
+}
+
+/// The same with the destination's templates in a ring of three real Redis servers
+/// (two copies of each): every channel's destination end looks them up there.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh), redis-server and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_templates_from_a_redis_ring() {
+    use migstream::dht::{Cluster, DhtOptions, push};
+    use migstream::template::Catalog;
+    use redis_server::RedisServer;
+
+    let name = "qemu10-multifd-idle-dht";
+    let catalog = captured_catalog();
+    assert!(
+        redis_server::available("qemu10_multifd_templates_from_a_redis_ring"),
+        "redis-server is required (harness/setup.sh installs it)"
+    );
+    let servers = RedisServer::start_many(&out_dir().join("ring-multifd"), 3);
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = Arc::new(Cluster::redis(&urls, 2, DhtOptions::default()).unwrap());
+    let pushed = runtime.block_on(push(&cluster, &Catalog::load(catalog).unwrap()));
+    pushed.expect("catalog push to the ring");
+    let (src, dst) = (
+        format!("--catalog {}", catalog.display()),
+        format!("--dht {}", urls.join(",")),
+    );
+    let (r, pages) = qemu10_multifd(
+        name,
+        "idle",
+        "multifd",
+        &[
+            "--src-proxy-arg",
+            &src,
+            "--dst-proxy-arg",
+            &dst,
+            "--min-proxy-pages",
+            "template=1",
+        ],
+    );
+    assert_eq!(r["proxies"]["dst"]["templates"], true, "{name}");
+    assert!(kind(&pages, "template") > 0, "{name}: {pages:?}");
+}
+
+/// QEMU 7.2 on both ends, 2 multifd channels, a `fill` guest (`--ram-tail-kib 8`:
+/// see `qemu72_dirty_xbzrle`). 7.2 has no zero-page-detection parameter: its multifd
+/// channels carry every page.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu72_multifd_fill() {
+    let name = "qemu7.2-multifd-fill";
+    let channels = multifd(2);
+    let mut args = vec!["--qemu", "7.2", "-w", "fill", "--ram-tail-kib", "8"];
+    args.extend(channels.iter().map(String::as_str));
+    let r = migrate(name, &args);
+    assert!(r["qemu_version"].as_str().unwrap().starts_with("7.2."));
+    let pages = multifd_channels(name, &r, 2);
+    assert_fill(name, &pages);
+}
+
+/// A 7.2 source into a 10.0 destination with 7.2's machine type, 2 multifd channels:
+/// QEMU 10 takes 7.2's multifd packets for that machine type.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu72_to_qemu10_multifd_machine_72() {
+    let name = "qemu7.2to10-multifd-pc-i440fx-7.2-fill";
+    let channels = multifd(2);
+    let mut args = vec![
+        "--src-qemu",
+        "7.2",
+        "--dst-qemu",
+        "10",
+        "--machine",
+        "pc-i440fx-7.2",
+        "-w",
+        "fill",
+        "--ram-tail-kib",
+        "8",
+    ];
+    args.extend(channels.iter().map(String::as_str));
+    let r = migrate(name, &args);
+    assert_eq!(r["machine_type"], "pc-i440fx-7.2");
+    assert!(r["dst_qemu_version"].as_str().unwrap().starts_with("10."));
+    let pages = multifd_channels(name, &r, 2);
+    assert_fill(name, &pages);
+}
+
+/// QEMU compresses its multifd pages itself (`multifd-compression=zstd`): the
+/// channels' packets cross unchanged, counted as opaque bytes, not deduplicated.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn qemu10_multifd_zstd() {
+    let name = "qemu10-multifd-zstd-idle";
+    let (r, pages) = qemu10_multifd(
+        name,
+        "idle",
+        "multifd",
+        &["--param", "multifd-compression=zstd"],
+    );
+    assert_eq!(r["effective_params"]["src"]["multifd-compression"], "zstd");
+    let opaque = bytes(&r, "opaque_bytes");
+    assert!(
+        0 < opaque && opaque <= bytes(&r, "qemu_bytes"),
+        "{name}: opaque bytes {opaque}"
+    );
+    for c in r["channels"].as_array().unwrap() {
+        assert!(bytes(c, "opaque_bytes") > 0, "{name}: channel {c}");
+    }
+    // no page the proxies could see into
+    assert!(pages.values().all(|&n| n == 0), "{name}: {pages:?}");
+}
+
+/// The destination proxy dies mid-migration while 4 multifd channels run: every
+/// channel of the migration fails with it, the source QEMU reports the migration
+/// failed and its VM keeps running with its data; a new destination QEMU and proxy
+/// then receive it over all its channels.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn multifd_kill_destination_proxy_then_retry() {
+    let name = "qemu10-multifd-fill-kill-dst-proxy";
+    let (r, _) = qemu10_multifd(
+        name,
+        "fill",
+        "multifd",
+        &[FAULTY, &["--fault", "kill-dst-proxy"]].concat(),
+    );
+    let first = &r["attempts"][0];
+    assert_eq!(first["checks"]["fault_injected"], true);
+    assert_eq!(first["migration"]["status"], "failed");
+    assert_eq!(first["checks"]["src_running"], true);
+    assert_eq!(first["checks"]["src_sum_intact"], true);
+    assert_eq!(first["proxies"]["src"]["ok"], false);
+    assert_eq!(r["migration"]["status"], "completed");
+}
+
+/// One byte flipped on a multifd channel's link connection, 1 MiB into it
+/// (`--fault-connection 1`: the proxies open the main channel's link connection
+/// first, then one per channel). The link runs over mutual TLS, as in
+/// `corrupt_byte_between_proxies_then_retry`, so the destination's TLS layer refuses
+/// the record (`cannot decrypt peer's message`; over `--plaintext` it would be the
+/// dedup stream's digest). The whole migration fails, the destination does not run
+/// the guest, the source VM keeps running; the retry, untouched, succeeds.
+#[test]
+#[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
+fn multifd_corrupt_byte_on_a_channel_then_retry() {
+    let name = "qemu10-multifd-fill-corrupt-channel";
+    let (r, _) = qemu10_multifd(
+        name,
+        "fill",
+        "multifd",
+        &[FAULTY, &["--fault", "corrupt", "--fault-connection", "1"]].concat(),
+    );
+    let first = &r["attempts"][0];
+    assert_eq!(first["checks"]["fault_injected"], true);
+    assert_eq!(r["relay"]["corrupted"]["connection"], 1, "{}", r["relay"]);
+    assert_eq!(first["migration"]["status"], "failed");
+    assert_eq!(first["checks"]["dst_guest_not_running"], true);
+    assert_eq!(first["checks"]["src_running"], true);
+    assert_eq!(first["checks"]["src_sum_intact"], true);
+    assert_eq!(first["proxies"]["src"]["ok"], false);
+    assert_eq!(first["proxies"]["dst"]["ok"], false);
+    let error = first["proxies"]["dst"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("decrypt"),
+        "{name}: destination error: {error}"
+    );
+    assert_eq!(r["checks"]["relay_retry_clean"], true);
+    assert_eq!(r["migration"]["status"], "completed");
+}
