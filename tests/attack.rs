@@ -470,10 +470,14 @@ fn an_authenticated_peer_that_stalls_mid_stream_is_cut_at_the_idle_timeout() {
 }
 
 /// Frames of a hostile source, forged from `docs/wire-format.md`: a HELLO naming a
-/// page size, then DATA frames of RAW or FILL pages (one block) stored as they are,
-/// each with the running digest the destination checks.
+/// page size, a session and a channel, then DATA frames of RAW or FILL pages (one
+/// block) stored as they are, each with the running digest the destination checks.
+/// On a multifd channel (HELLO channel `n > 0`) a page entry
+/// stands for the page's bytes alone, and CONTINUE is never set.
 struct Forger {
     page_size: usize,
+    /// The HELLO's channel: 0 the main channel.
+    channel: u16,
     hasher: twox_hash::XxHash3_128,
     /// QEMU bytes the frames stand for so far, and of those not held.
     qemu_bytes: u64,
@@ -486,16 +490,26 @@ enum Forged<'a> {
     Fill(u8),
 }
 
+/// The session the forged main-channel streams name.
+const SESSION: [u8; 16] = [0x5e; 16];
+
 impl Forger {
+    /// The main channel of migration [`SESSION`]; its HELLO is appended to `hello`.
     fn new(page_size: usize, hello: &mut Vec<u8>) -> Self {
+        Self::in_session(page_size, SESSION, 0, hello)
+    }
+
+    /// HELLO channel `channel` (0 the main channel, `n` multifd channel `n - 1`) of
+    /// migration `session`; its HELLO is appended to `hello`.
+    fn in_session(page_size: usize, session: [u8; 16], channel: u16, hello: &mut Vec<u8>) -> Self {
         let mut payload = Vec::new();
         payload.extend_from_slice(b"MGSD");
-        payload.extend_from_slice(&3u16.to_be_bytes());
+        payload.extend_from_slice(&migstream::dedup::VERSION.to_be_bytes());
         payload.extend_from_slice(&0u16.to_be_bytes());
         payload.extend_from_slice(&(page_size as u32).to_be_bytes());
         payload.extend_from_slice(&[0; 32]); // no catalog
-        payload.extend_from_slice(&[0x5e; 16]); // session
-        payload.extend_from_slice(&0u16.to_be_bytes()); // the main channel
+        payload.extend_from_slice(&session);
+        payload.extend_from_slice(&channel.to_be_bytes());
         payload.extend_from_slice(&0u16.to_be_bytes()); // reserved
         hello.push(0x01);
         hello.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -504,6 +518,7 @@ impl Forger {
         hasher.write(&payload);
         Self {
             page_size,
+            channel,
             hasher,
             qemu_bytes: 0,
             released: 0,
@@ -511,39 +526,46 @@ impl Forger {
         }
     }
 
-    /// A DATA frame of these pages, at the next page numbers of block `ram0`.
-    fn data(&mut self, pages: &[Forged<'_>], hold: bool) -> Vec<u8> {
+    /// A DATA frame of these entries, pages at the next page numbers of block `ram0`.
+    fn data(&mut self, entries: &[Forged<'_>], hold: bool) -> Vec<u8> {
         const BLOCK: &[u8] = b"ram0";
-        let mut batch = Vec::with_capacity(pages.len() * (self.page_size + 16));
+        let mut batch = Vec::with_capacity(entries.len() * (self.page_size + 16));
         let mut qemu_bytes = 0;
-        for page in pages {
-            let first = self.pages == 0;
-            let (tag, body) = match page {
+        for entry in entries {
+            let (tag, body) = match entry {
                 Forged::Raw(data) => (0x01, *data),
                 Forged::Fill(b) => (0x02, std::slice::from_ref(b)),
             };
+            let first = self.pages == 0;
             batch.push(tag);
             put_varint(&mut batch, self.pages);
-            // CONTINUE and SAME_BLOCK after the first page
-            batch.push(if first { 0 } else { 0x03 });
+            // after the first page: SAME_BLOCK, and on the main channel CONTINUE
+            batch.push(match (first, self.channel) {
+                (true, _) => 0,
+                (false, 0) => 0x03,
+                (false, _) => 0x02,
+            });
             if first {
                 batch.push(BLOCK.len() as u8);
                 batch.extend_from_slice(BLOCK);
             }
             put_varint(&mut batch, body.len() as u64);
             batch.extend_from_slice(body);
-            // the QEMU record the destination rebuilds: header, then the page
+            // the QEMU bytes the destination rebuilds: on the main channel a PAGE
+            // record's header, then the page
             let offset = self.pages * self.page_size as u64;
             let mut header = Vec::new();
-            if first {
-                header.extend_from_slice(&(offset | 0x08).to_be_bytes());
-                header.push(BLOCK.len() as u8);
-                header.extend_from_slice(BLOCK);
-            } else {
-                header.extend_from_slice(&(offset | 0x08 | 0x20).to_be_bytes());
+            match (first, self.channel) {
+                (_, 1..) => {}
+                (true, 0) => {
+                    header.extend_from_slice(&(offset | 0x08).to_be_bytes());
+                    header.push(BLOCK.len() as u8);
+                    header.extend_from_slice(BLOCK);
+                }
+                (false, 0) => header.extend_from_slice(&(offset | 0x08 | 0x20).to_be_bytes()),
             }
             self.hasher.write(&header);
-            match page {
+            match entry {
                 Forged::Raw(data) => self.hasher.write(data),
                 Forged::Fill(b) => self.hasher.write(&vec![*b; self.page_size]),
             }
