@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use migstream::dedup::DedupEncoder;
+use migstream::dedup::{DedupEncoder, Reply, ReplyDecoder};
 use rustls::pki_types::ServerName;
 use support::pki::{Files, Leaf, PKI};
 use support::proxy::{Proxy, proxy_binary};
@@ -1156,4 +1156,256 @@ fn a_retry_after_a_template_store_failure_goes_through_without_templates() {
     let (second, _) = migrate_ok(&mut src, &mut dst, &qemu, &stream);
     assert_eq!(second["templates"], false, "{second}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One link connection of an authenticated hostile source (the test CA's
+/// `source-a` certificate) that sent a forged HELLO: its frames forged by `forger`,
+/// the destination's replies read as the link protocol frames them.
+struct HostileLink {
+    tls: Tls,
+    forger: Forger,
+    replies: BytesMut,
+    decoder: ReplyDecoder,
+}
+
+impl HostileLink {
+    /// Opens a link to `addr` and sends the HELLO of channel `channel` (0: the main
+    /// channel) of migration `session`.
+    fn open(addr: &str, page_size: usize, session: [u8; 16], channel: u16) -> Self {
+        let mut tls = tls_connect(addr, Some(&PKI.source_a)).unwrap();
+        let mut hello = Vec::new();
+        let forger = Forger::in_session(page_size, session, channel, &mut hello);
+        tls.write_all(&hello).unwrap();
+        tls.flush().unwrap();
+        Self {
+            tls,
+            forger,
+            replies: BytesMut::new(),
+            decoder: ReplyDecoder::new(),
+        }
+    }
+
+    /// Sends a forged frame.
+    fn send(&mut self, frame: &[u8]) {
+        let channel = self.forger.channel;
+        self.tls
+            .write_all(frame)
+            .and_then(|()| self.tls.flush())
+            .unwrap_or_else(|e| panic!("channel {channel}: the destination closed the link: {e}"));
+    }
+
+    /// The destination's next reply; `None` once it closed the link. Panics if
+    /// nothing comes within [`BOUND`].
+    fn reply(&mut self) -> Option<Reply> {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            if let Some(reply) = self.decoder.decode(&mut self.replies).unwrap() {
+                return Some(reply);
+            }
+            match self.tls.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.replies.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("channel {}: no reply within {BOUND:?}", self.forger.channel)
+                }
+                // closed without TLS's close_notify, or reset
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The FAILED reply's reason, after which the destination closes the link.
+    fn failed(&mut self) -> String {
+        let reason = loop {
+            match self.reply() {
+                Some(Reply::Failed { reason }) => break reason,
+                Some(Reply::Done { .. }) => panic!("DONE for a forged stream"),
+                None => panic!("the link closed without a verdict"),
+                Some(_) => {}
+            }
+        };
+        assert!(self.reply().is_none(), "nothing follows FAILED");
+        reason
+    }
+
+    /// Waits for the destination to close the link, within [`BOUND`]; returns its
+    /// FAILED reason if it sent one.
+    fn closed(&mut self) -> Option<String> {
+        let mut failed = None;
+        while let Some(reply) = self.reply() {
+            if let Reply::Failed { reason } = reply {
+                failed = Some(reason);
+            }
+        }
+        failed
+    }
+}
+
+/// (8) A multifd channel's link whose migration has no main channel at the
+/// destination (none in progress, or only another session's) waits for it in its
+/// handshake slot for the handshake timeout, then is refused with FAILED naming the
+/// main channel: the destination QEMU is never connected for it, and the other
+/// migration goes on.
+#[test]
+fn a_channel_without_its_main_channel_never_reaches_qemu() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-lone-channel");
+    let timeout = Duration::from_secs(2);
+    let mut dst = destination(&pki, &qemu, &["--handshake-timeout", "2"]);
+    let lone_session = [0xa1; 16];
+
+    // no migration in progress
+    let started = Instant::now();
+    let mut lone = HostileLink::open(&dst.addr(), 4096, lone_session, 1);
+    let reason = lone.failed();
+    let after = started.elapsed();
+    eprintln!("lone channel refused after {after:?}: {reason}");
+    assert!(reason.contains("main channel"), "{reason}");
+    assert!(after >= timeout && after < BOUND, "{after:?}");
+    let line = refusal(&dst);
+    assert!(line.contains("main channel"), "{line}");
+    qemu.assert_unconnected("for a lone channel");
+
+    // another migration's main channel is in progress
+    let mut main = HostileLink::open(&dst.addr(), 4096, [0xb2; 16], 0);
+    let mut main_qemu = qemu.accept();
+    let started = Instant::now();
+    let mut stranger = HostileLink::open(&dst.addr(), 4096, lone_session, 1);
+    let reason = stranger.failed();
+    let after = started.elapsed();
+    eprintln!("another session's channel refused after {after:?}: {reason}");
+    assert!(reason.contains("main channel"), "{reason}");
+    assert!(after >= timeout && after < BOUND, "{after:?}");
+    qemu.assert_unconnected("for another session's channel");
+
+    // the migration in progress is untouched: its next frame reaches its QEMU
+    let page = support::random_pages(1, 4096, 0x1a).remove(0);
+    let frame = main.forger.data(&[Forged::Raw(&page)], false);
+    main.send(&frame);
+    let mut got = vec![0u8; main.forger.released as usize];
+    main_qemu.read_exact(&mut got).unwrap();
+    assert!(
+        got.ends_with(&page),
+        "the page reached the main channel's QEMU"
+    );
+    assert!(dst.report_within(Duration::ZERO).is_none());
+    assert!(dst.running());
+}
+
+/// The main channel of migration `session` and multifd channels `1..=channels` at
+/// the destination at `dst`, each with its QEMU connection accepted (the main
+/// channel's first).
+fn hostile_migration(
+    dst: &Proxy,
+    qemu: &FakeQemu,
+    session: [u8; 16],
+    channels: u16,
+) -> Vec<(HostileLink, TcpStream)> {
+    let main = HostileLink::open(&dst.addr(), 4096, session, 0);
+    let mut parts = vec![(main, qemu.accept())];
+    for n in 1..=channels {
+        let channel = HostileLink::open(&dst.addr(), 4096, session, n);
+        parts.push((channel, qemu.accept()));
+    }
+    parts
+}
+
+/// (9) A migration takes at most `--max-channels` multifd channels: with 2, a third
+/// channel's link is refused with FAILED naming the limit, and the destination QEMU
+/// gets no connection for it.
+#[test]
+fn a_channel_beyond_max_channels_is_refused() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-max-channels");
+    let mut dst = destination(&pki, &qemu, &["--max-channels", "2"]);
+    let session = [0xc3; 16];
+    let mut parts = hostile_migration(&dst, &qemu, session, 2);
+
+    let mut third = HostileLink::open(&dst.addr(), 4096, session, 3);
+    let reason = third.failed();
+    eprintln!("a third channel: {reason}");
+    assert!(
+        reason.contains("multifd channels") && reason.contains(" 2 "),
+        "{reason}"
+    );
+    let line = refusal(&dst);
+    assert!(line.contains("multifd channels"), "{line}");
+    qemu.assert_unconnected("for a channel beyond --max-channels");
+
+    // the migration's own channels go on: a frame of channel 2 reaches its QEMU
+    let (channel, channel_qemu) = &mut parts[2];
+    let page = support::random_pages(1, 4096, 0x2b).remove(0);
+    let frame = channel.forger.data(&[Forged::Raw(&page)], false);
+    channel.send(&frame);
+    let mut got = vec![0u8; 4096];
+    channel_qemu.read_exact(&mut got).unwrap();
+    assert!(got == page, "channel 2's page, alone");
+
+    // the source goes away: the migration fails, every QEMU connection is closed
+    let (main, _) = parts.remove(0);
+    drop(main);
+    let report = dst.reports(1).remove(0);
+    assert_eq!(report["ok"], false, "{report}");
+    for (mut link, mut conn) in parts {
+        link.closed();
+        let (_, _) = read_all(&mut conn);
+    }
+    qemu.assert_unconnected("after the migration");
+    assert!(dst.running());
+}
+
+/// (10) A multifd channel id twice in one migration (the same HELLO channel on two
+/// links of one session): the second link is refused with FAILED naming the
+/// channel, and the destination QEMU gets no connection for it; its frames reach
+/// no QEMU connection.
+#[test]
+fn a_channel_id_repeated_in_one_migration_is_refused() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-repeated-channel");
+    let mut dst = destination(&pki, &qemu, &[]);
+    let session = [0xd4; 16];
+    let mut parts = hostile_migration(&dst, &qemu, session, 1);
+
+    let mut again = HostileLink::open(&dst.addr(), 4096, session, 1);
+    let page = support::random_pages(1, 4096, 0x3c).remove(0);
+    let frame = again.forger.data(&[Forged::Raw(&page)], false);
+    // the refusal may close the link before these bytes arrive
+    let _ = again.tls.write_all(&frame);
+    let reason = again.failed();
+    eprintln!("channel 1 again: {reason}");
+    assert!(
+        reason.contains("channel 0 joined this migration already"),
+        "{reason}"
+    );
+    let line = refusal(&dst);
+    assert!(line.contains("joined this migration already"), "{line}");
+    qemu.assert_unconnected("for a repeated channel id");
+
+    // what the first channel 0 link sends reaches its QEMU connection, and nothing else
+    let (channel, channel_qemu) = &mut parts[1];
+    let mine = support::random_pages(1, 4096, 0x4d).remove(0);
+    let frame = channel.forger.data(&[Forged::Raw(&mine)], false);
+    channel.send(&frame);
+    let mut got = vec![0u8; 4096];
+    channel_qemu.read_exact(&mut got).unwrap();
+    assert!(got == mine, "the first link's page");
+
+    // the source gives up: the migration fails, every QEMU connection closes with
+    // nothing more than it was sent
+    let (main, _) = parts.remove(0);
+    drop(main);
+    let report = dst.reports(1).remove(0);
+    assert_eq!(report["ok"], false, "{report}");
+    for (mut link, mut conn) in parts {
+        link.closed();
+        let (rest, _) = read_all(&mut conn);
+        assert!(rest.is_empty(), "{} more bytes", rest.len());
+    }
+    qemu.assert_unconnected("after the migration");
+    assert!(dst.running());
 }
