@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use migstream::dedup::DedupEncoder;
+use migstream::dedup::{DedupEncoder, Reply, ReplyDecoder};
 use rustls::pki_types::ServerName;
 use support::pki::{Files, Leaf, PKI};
 use support::proxy::{Proxy, proxy_binary};
@@ -30,6 +30,17 @@ const BOUND: Duration = Duration::from_secs(30);
 /// Between two looks at a state awaited (polling interval, not synchronisation).
 const POLL: Duration = Duration::from_millis(5);
 const MIB: u64 = 1 << 20;
+
+/// Held by the tests that fill a destination's memory: one at a time, each has the
+/// CPU its idle timeout assumes and the RSS it measures to itself.
+static MEMORY_ATTACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn memory_attack() -> std::sync::MutexGuard<'static, ()> {
+    // a test that failed holding it poisoned it; the next one runs all the same
+    MEMORY_ATTACK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn testdata(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -470,10 +481,14 @@ fn an_authenticated_peer_that_stalls_mid_stream_is_cut_at_the_idle_timeout() {
 }
 
 /// Frames of a hostile source, forged from `docs/wire-format.md`: a HELLO naming a
-/// page size, then DATA frames of RAW or FILL pages (one block) stored as they are,
-/// each with the running digest the destination checks.
+/// page size, a session and a channel, then DATA frames of RAW, FILL or unchanged
+/// XBZRLE pages (one block) stored as they are, each with the running digest the destination checks.
+/// On a multifd channel (HELLO channel `n > 0`) a page entry
+/// stands for the page's bytes alone, and CONTINUE is never set.
 struct Forger {
     page_size: usize,
+    /// The HELLO's channel: 0 the main channel.
+    channel: u16,
     hasher: twox_hash::XxHash3_128,
     /// QEMU bytes the frames stand for so far, and of those not held.
     qemu_bytes: u64,
@@ -484,18 +499,34 @@ struct Forger {
 enum Forged<'a> {
     Raw(&'a [u8]),
     Fill(u8),
+    /// Page `page` again, unchanged since its last version (`data`): an empty
+    /// XBZRLE delta, a page numbered in the seen-before window all the same.
+    Unchanged {
+        page: u64,
+        data: &'a [u8],
+    },
 }
 
+/// The session the forged main-channel streams name.
+const SESSION: [u8; 16] = [0x5e; 16];
+
 impl Forger {
+    /// The main channel of migration [`SESSION`]; its HELLO is appended to `hello`.
     fn new(page_size: usize, hello: &mut Vec<u8>) -> Self {
+        Self::in_session(page_size, SESSION, 0, hello)
+    }
+
+    /// HELLO channel `channel` (0 the main channel, `n` multifd channel `n - 1`) of
+    /// migration `session`; its HELLO is appended to `hello`.
+    fn in_session(page_size: usize, session: [u8; 16], channel: u16, hello: &mut Vec<u8>) -> Self {
         let mut payload = Vec::new();
         payload.extend_from_slice(b"MGSD");
-        payload.extend_from_slice(&3u16.to_be_bytes());
+        payload.extend_from_slice(&migstream::dedup::VERSION.to_be_bytes());
         payload.extend_from_slice(&0u16.to_be_bytes());
         payload.extend_from_slice(&(page_size as u32).to_be_bytes());
         payload.extend_from_slice(&[0; 32]); // no catalog
-        payload.extend_from_slice(&[0x5e; 16]); // session
-        payload.extend_from_slice(&0u16.to_be_bytes()); // the main channel
+        payload.extend_from_slice(&session);
+        payload.extend_from_slice(&channel.to_be_bytes());
         payload.extend_from_slice(&0u16.to_be_bytes()); // reserved
         hello.push(0x01);
         hello.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -504,6 +535,7 @@ impl Forger {
         hasher.write(&payload);
         Self {
             page_size,
+            channel,
             hasher,
             qemu_bytes: 0,
             released: 0,
@@ -511,40 +543,48 @@ impl Forger {
         }
     }
 
-    /// A DATA frame of these pages, at the next page numbers of block `ram0`.
-    fn data(&mut self, pages: &[Forged<'_>], hold: bool) -> Vec<u8> {
+    /// A DATA frame of these entries, pages at the next page numbers of block `ram0`.
+    fn data(&mut self, entries: &[Forged<'_>], hold: bool) -> Vec<u8> {
         const BLOCK: &[u8] = b"ram0";
-        let mut batch = Vec::with_capacity(pages.len() * (self.page_size + 16));
+        let mut batch = Vec::with_capacity(entries.len() * (self.page_size + 16));
         let mut qemu_bytes = 0;
-        for page in pages {
-            let first = self.pages == 0;
-            let (tag, body) = match page {
-                Forged::Raw(data) => (0x01, *data),
-                Forged::Fill(b) => (0x02, std::slice::from_ref(b)),
+        for entry in entries {
+            let (tag, body, number) = match entry {
+                Forged::Raw(data) => (0x01, *data, self.pages),
+                Forged::Fill(b) => (0x02, std::slice::from_ref(b), self.pages),
+                Forged::Unchanged { page, .. } => (0x05, &[][..], *page),
             };
+            let first = self.pages == 0;
             batch.push(tag);
-            put_varint(&mut batch, self.pages);
-            // CONTINUE and SAME_BLOCK after the first page
-            batch.push(if first { 0 } else { 0x03 });
+            put_varint(&mut batch, number);
+            // after the first page: SAME_BLOCK, and on the main channel CONTINUE
+            batch.push(match (first, self.channel) {
+                (true, _) => 0,
+                (false, 0) => 0x03,
+                (false, _) => 0x02,
+            });
             if first {
                 batch.push(BLOCK.len() as u8);
                 batch.extend_from_slice(BLOCK);
             }
             put_varint(&mut batch, body.len() as u64);
             batch.extend_from_slice(body);
-            // the QEMU record the destination rebuilds: header, then the page
-            let offset = self.pages * self.page_size as u64;
+            // the QEMU bytes the destination rebuilds: on the main channel a PAGE
+            // record's header, then the page
+            let offset = number * self.page_size as u64;
             let mut header = Vec::new();
-            if first {
-                header.extend_from_slice(&(offset | 0x08).to_be_bytes());
-                header.push(BLOCK.len() as u8);
-                header.extend_from_slice(BLOCK);
-            } else {
-                header.extend_from_slice(&(offset | 0x08 | 0x20).to_be_bytes());
+            match (first, self.channel) {
+                (_, 1..) => {}
+                (true, 0) => {
+                    header.extend_from_slice(&(offset | 0x08).to_be_bytes());
+                    header.push(BLOCK.len() as u8);
+                    header.extend_from_slice(BLOCK);
+                }
+                (false, 0) => header.extend_from_slice(&(offset | 0x08 | 0x20).to_be_bytes()),
             }
             self.hasher.write(&header);
-            match page {
-                Forged::Raw(data) => self.hasher.write(data),
+            match entry {
+                Forged::Raw(data) | Forged::Unchanged { data, .. } => self.hasher.write(data),
                 Forged::Fill(b) => self.hasher.write(&vec![*b; self.page_size]),
             }
             qemu_bytes += (header.len() + self.page_size) as u64;
@@ -591,6 +631,7 @@ fn put_varint(dst: &mut Vec<u8>, mut v: u64) {
 #[test]
 fn hostile_memory_is_bounded_and_given_back() {
     const PAGE: usize = 64 << 10;
+    let _alone = memory_attack();
     let qemu = FakeQemu::new();
     let pki = Files::write("attack-memory");
     // a debug build takes about a second per 32 MiB frame: the idle timeout leaves
@@ -1134,4 +1175,505 @@ fn a_retry_after_a_template_store_failure_goes_through_without_templates() {
     let (second, _) = migrate_ok(&mut src, &mut dst, &qemu, &stream);
     assert_eq!(second["templates"], false, "{second}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One link connection of an authenticated hostile source (the test CA's
+/// `source-a` certificate) that sent a forged HELLO: its frames forged by `forger`,
+/// the destination's replies read as the link protocol frames them.
+struct HostileLink {
+    tls: Tls,
+    forger: Forger,
+    replies: BytesMut,
+    decoder: ReplyDecoder,
+}
+
+impl HostileLink {
+    /// Opens a link to `addr` and sends the HELLO of channel `channel` (0: the main
+    /// channel) of migration `session`.
+    fn open(addr: &str, page_size: usize, session: [u8; 16], channel: u16) -> Self {
+        let mut tls = tls_connect(addr, Some(&PKI.source_a)).unwrap();
+        let mut hello = Vec::new();
+        let forger = Forger::in_session(page_size, session, channel, &mut hello);
+        tls.write_all(&hello).unwrap();
+        tls.flush().unwrap();
+        Self {
+            tls,
+            forger,
+            replies: BytesMut::new(),
+            decoder: ReplyDecoder::new(),
+        }
+    }
+
+    /// Sends a forged frame.
+    fn send(&mut self, frame: &[u8]) {
+        if let Err(e) = self.tls.write_all(frame).and_then(|()| self.tls.flush()) {
+            let channel = self.forger.channel;
+            let why = self.closed();
+            panic!("channel {channel}: the destination closed the link ({e}): {why:?}");
+        }
+    }
+
+    /// Sends `raw.0` distinct RAW pages (one random page numbered in its first
+    /// bytes) in frames of `raw.1`, then `again.0` pages again, unchanged, in frames
+    /// of `again.1`: the last `cached` RAW pages in turn (those the XBZRLE cache
+    /// holds). Each frame is forged while the one before is sent. Every page takes a
+    /// place in the seen-before window.
+    fn fill(&mut self, raw: (u64, u64), again: (u64, u64), cached: u64, seed: u64) {
+        let page_size = self.forger.page_size;
+        let (frames, forged) = sync_channel::<Vec<u8>>(1);
+        let Self { tls, forger, .. } = self;
+        let sent = thread::scope(|s| {
+            s.spawn(move || {
+                let page = support::random_pages(1, page_size, seed).remove(0);
+                let numbered = |i: u64| {
+                    let mut page = page.clone();
+                    page[..8].copy_from_slice(&i.to_le_bytes());
+                    page
+                };
+                let (total, mut sent) = (raw.0 + again.0, 0);
+                while sent < total {
+                    // a frame of either kind, not both
+                    let end = match sent < raw.0 {
+                        true => raw.0.min(sent + raw.1),
+                        false => total.min(sent + again.1),
+                    };
+                    let pages: Vec<(u64, Vec<u8>)> = (sent..end)
+                        .map(|i| match i < raw.0 {
+                            true => (i, numbered(i)),
+                            false => {
+                                let page = raw.0 - cached + (i - raw.0) % cached;
+                                (page, numbered(page))
+                            }
+                        })
+                        .collect();
+                    let entries: Vec<Forged<'_>> = (sent..end)
+                        .zip(&pages)
+                        .map(|(i, (page, data))| match i < raw.0 {
+                            true => Forged::Raw(data),
+                            false => Forged::Unchanged { page: *page, data },
+                        })
+                        .collect();
+                    // the sender gone (the link failed): stop
+                    if frames.send(forger.data(&entries, false)).is_err() {
+                        return;
+                    }
+                    sent = end;
+                }
+            });
+            forged
+                .into_iter()
+                .try_for_each(|frame| tls.write_all(&frame).and_then(|()| tls.flush()))
+        });
+        if let Err(e) = sent {
+            let channel = self.forger.channel;
+            let why = self.closed();
+            panic!("channel {channel}: the destination closed the link ({e}): {why:?}");
+        }
+    }
+
+    /// The destination's next reply; `None` once it closed the link. Panics if
+    /// nothing comes within [`BOUND`].
+    fn reply(&mut self) -> Option<Reply> {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            if let Some(reply) = self.decoder.decode(&mut self.replies).unwrap() {
+                return Some(reply);
+            }
+            match self.tls.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.replies.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("channel {}: no reply within {BOUND:?}", self.forger.channel)
+                }
+                // closed without TLS's close_notify, or reset
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The FAILED reply's reason, after which the destination closes the link.
+    fn failed(&mut self) -> String {
+        let reason = loop {
+            match self.reply() {
+                Some(Reply::Failed { reason }) => break reason,
+                Some(Reply::Done { .. }) => panic!("DONE for a forged stream"),
+                None => panic!("the link closed without a verdict"),
+                Some(_) => {}
+            }
+        };
+        assert!(self.reply().is_none(), "nothing follows FAILED");
+        reason
+    }
+
+    /// Waits for the destination to acknowledge every QEMU byte forged so far
+    /// (written to its QEMU, or held).
+    fn acked(&mut self) {
+        let wanted = self.forger.qemu_bytes;
+        loop {
+            match self.reply() {
+                Some(Reply::Ack { qemu_bytes }) if qemu_bytes >= wanted => return,
+                Some(Reply::Failed { reason }) => panic!("FAILED: {reason}"),
+                None => panic!("the link closed with {wanted} QEMU bytes forged"),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Waits for the destination to close the link, within [`BOUND`]; returns its
+    /// FAILED reason if it sent one.
+    fn closed(&mut self) -> Option<String> {
+        let mut failed = None;
+        while let Some(reply) = self.reply() {
+            if let Reply::Failed { reason } = reply {
+                failed = Some(reason);
+            }
+        }
+        failed
+    }
+}
+
+/// (8) A multifd channel's link whose migration has no main channel at the
+/// destination (none in progress, or only another session's) waits for it in its
+/// handshake slot for the handshake timeout, then is refused with FAILED naming the
+/// main channel: the destination QEMU is never connected for it, and the other
+/// migration goes on.
+#[test]
+fn a_channel_without_its_main_channel_never_reaches_qemu() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-lone-channel");
+    let timeout = Duration::from_secs(2);
+    let mut dst = destination(&pki, &qemu, &["--handshake-timeout", "2"]);
+    let lone_session = [0xa1; 16];
+
+    // no migration in progress
+    let started = Instant::now();
+    let mut lone = HostileLink::open(&dst.addr(), 4096, lone_session, 1);
+    let reason = lone.failed();
+    let after = started.elapsed();
+    eprintln!("lone channel refused after {after:?}: {reason}");
+    assert!(reason.contains("main channel"), "{reason}");
+    assert!(after >= timeout && after < BOUND, "{after:?}");
+    let line = refusal(&dst);
+    assert!(line.contains("main channel"), "{line}");
+    qemu.assert_unconnected("for a lone channel");
+
+    // another migration's main channel is in progress
+    let mut main = HostileLink::open(&dst.addr(), 4096, [0xb2; 16], 0);
+    let mut main_qemu = qemu.accept();
+    let started = Instant::now();
+    let mut stranger = HostileLink::open(&dst.addr(), 4096, lone_session, 1);
+    let reason = stranger.failed();
+    let after = started.elapsed();
+    eprintln!("another session's channel refused after {after:?}: {reason}");
+    assert!(reason.contains("main channel"), "{reason}");
+    assert!(after >= timeout && after < BOUND, "{after:?}");
+    qemu.assert_unconnected("for another session's channel");
+
+    // the migration in progress is untouched: its next frame reaches its QEMU
+    let page = support::random_pages(1, 4096, 0x1a).remove(0);
+    let frame = main.forger.data(&[Forged::Raw(&page)], false);
+    main.send(&frame);
+    let mut got = vec![0u8; main.forger.released as usize];
+    main_qemu.read_exact(&mut got).unwrap();
+    assert!(
+        got.ends_with(&page),
+        "the page reached the main channel's QEMU"
+    );
+    assert!(dst.report_within(Duration::ZERO).is_none());
+    assert!(dst.running());
+}
+
+/// The main channel of migration `session` and multifd channels `1..=channels` at
+/// the destination at `dst`, each with its QEMU connection accepted (the main
+/// channel's first).
+fn hostile_migration(
+    dst: &Proxy,
+    qemu: &FakeQemu,
+    session: [u8; 16],
+    channels: u16,
+) -> Vec<(HostileLink, TcpStream)> {
+    let main = HostileLink::open(&dst.addr(), 4096, session, 0);
+    let mut parts = vec![(main, qemu.accept())];
+    for n in 1..=channels {
+        let channel = HostileLink::open(&dst.addr(), 4096, session, n);
+        parts.push((channel, qemu.accept()));
+    }
+    parts
+}
+
+/// (9) A migration takes at most `--max-channels` multifd channels: with 2, a third
+/// channel's link is refused with FAILED naming the limit, and the destination QEMU
+/// gets no connection for it.
+#[test]
+fn a_channel_beyond_max_channels_is_refused() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-max-channels");
+    let mut dst = destination(&pki, &qemu, &["--max-channels", "2"]);
+    let session = [0xc3; 16];
+    let mut parts = hostile_migration(&dst, &qemu, session, 2);
+
+    let mut third = HostileLink::open(&dst.addr(), 4096, session, 3);
+    let reason = third.failed();
+    eprintln!("a third channel: {reason}");
+    assert!(
+        reason.contains("multifd channels") && reason.contains(" 2 "),
+        "{reason}"
+    );
+    let line = refusal(&dst);
+    assert!(line.contains("multifd channels"), "{line}");
+    qemu.assert_unconnected("for a channel beyond --max-channels");
+
+    // the migration's own channels go on: a frame of channel 2 reaches its QEMU
+    let (channel, channel_qemu) = &mut parts[2];
+    let page = support::random_pages(1, 4096, 0x2b).remove(0);
+    let frame = channel.forger.data(&[Forged::Raw(&page)], false);
+    channel.send(&frame);
+    let mut got = vec![0u8; 4096];
+    channel_qemu.read_exact(&mut got).unwrap();
+    assert!(got == page, "channel 2's page, alone");
+
+    // the source goes away: the migration fails, every QEMU connection is closed
+    let (main, _) = parts.remove(0);
+    drop(main);
+    let report = dst.reports(1).remove(0);
+    assert_eq!(report["ok"], false, "{report}");
+    for (mut link, mut conn) in parts {
+        link.closed();
+        let (_, _) = read_all(&mut conn);
+    }
+    qemu.assert_unconnected("after the migration");
+    assert!(dst.running());
+}
+
+/// (10) A multifd channel id twice in one migration (the same HELLO channel on two
+/// links of one session): the second link is refused with FAILED naming the
+/// channel, and the destination QEMU gets no connection for it; its frames reach
+/// no QEMU connection.
+#[test]
+fn a_channel_id_repeated_in_one_migration_is_refused() {
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-repeated-channel");
+    let mut dst = destination(&pki, &qemu, &[]);
+    let session = [0xd4; 16];
+    let mut parts = hostile_migration(&dst, &qemu, session, 1);
+
+    let mut again = HostileLink::open(&dst.addr(), 4096, session, 1);
+    let page = support::random_pages(1, 4096, 0x3c).remove(0);
+    let frame = again.forger.data(&[Forged::Raw(&page)], false);
+    // the refusal may close the link before these bytes arrive
+    let _ = again.tls.write_all(&frame);
+    let reason = again.failed();
+    eprintln!("channel 1 again: {reason}");
+    assert!(
+        reason.contains("channel 0 joined this migration already"),
+        "{reason}"
+    );
+    let line = refusal(&dst);
+    assert!(line.contains("joined this migration already"), "{line}");
+    qemu.assert_unconnected("for a repeated channel id");
+
+    // what the first channel 0 link sends reaches its QEMU connection, and nothing else
+    let (channel, channel_qemu) = &mut parts[1];
+    let mine = support::random_pages(1, 4096, 0x4d).remove(0);
+    let frame = channel.forger.data(&[Forged::Raw(&mine)], false);
+    channel.send(&frame);
+    let mut got = vec![0u8; 4096];
+    channel_qemu.read_exact(&mut got).unwrap();
+    assert!(got == mine, "the first link's page");
+
+    // the source gives up: the migration fails, every QEMU connection closes with
+    // nothing more than it was sent
+    let (main, _) = parts.remove(0);
+    drop(main);
+    let report = dst.reports(1).remove(0);
+    assert_eq!(report["ok"], false, "{report}");
+    for (mut link, mut conn) in parts {
+        link.closed();
+        let (rest, _) = read_all(&mut conn);
+        assert!(rest.is_empty(), "{} more bytes", rest.len());
+    }
+    qemu.assert_unconnected("after the migration");
+    assert!(dst.running());
+}
+
+/// (11) Hostile memory with multifd channels: an authenticated source names 64 KiB
+/// pages and opens a migration's main channel and `--max-channels` (8) multifd
+/// channels, link after link, each filling what the destination keeps for it, then
+/// stalls. The main channel: its XBZRLE cache (1024 RAW pages in frames of 32 MiB,
+/// max_frame and max_batch), the rest of its 256 MiB seen-before window (3072 pages
+/// again as empty XBZRLE deltas, frames of 64 MiB of output), then a HOLD frame of
+/// 64 MiB of fill pages (516 MiB measured alone, in (4)). Each channel: a RAW frame
+/// of 383 pages (near its 24 MiB frame and batch caps) filling its 16 MiB XBZRLE
+/// cache, then 641 pages again in frames of 24 MiB of output: its 64 MiB window.
+/// (Unchanged pages cost the link nothing; every QEMU byte still costs both ends a
+/// digest, about 830 MiB in all: a minute in a debug build.) The destination's
+/// resident memory, everything held at once, stays within what
+/// `docs/wire-format.md` bounds (600 MiB for the main channel as in (4), 152 MiB
+/// per channel); once the main channel's link goes, the destination fails the
+/// migration, closes the channels' links, and gives the memory back.
+#[test]
+fn hostile_channels_memory_is_bounded_and_given_back() {
+    const PAGE: usize = 64 << 10;
+    const CHANNELS: u16 = 8;
+    let _alone = memory_attack();
+    let qemu = FakeQemu::new();
+    let pki = Files::write("attack-channel-memory");
+    // links stall while others are still sent: the idle timeout must not end this
+    const IDLE: Duration = Duration::from_secs(600);
+    let mut dst = destination(&pki, &qemu, &["--idle-timeout", "600"]);
+    let idle = dst.rss();
+    let session = [0xe5; 16];
+
+    // the destination QEMU: each of the migration's connections drained, its bytes
+    // counted until the proxy closes it
+    let drains = thread::spawn(move || {
+        let conns: Vec<_> = (0..=CHANNELS)
+            .map(|_| {
+                let mut conn = qemu.accept();
+                // idle while the other links are filled
+                conn.set_read_timeout(Some(IDLE)).unwrap();
+                thread::spawn(move || {
+                    let (mut total, mut buf) = (0u64, vec![0u8; 1 << 20]);
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        total += n as u64;
+                    }
+                    total
+                })
+            })
+            .collect();
+        (qemu, conns)
+    });
+
+    // resident memory while the attack goes on
+    let stop = Arc::new(AtomicBool::new(false));
+    let pid = dst.child.id();
+    let sampler = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::SeqCst) {
+                peak = peak.max(status_bytes(pid, "VmRSS:").unwrap_or(0));
+                thread::sleep(POLL);
+            }
+            peak
+        })
+    };
+
+    // the main channel and every channel join; then link after link sends what
+    // fills its part, waits until the destination acknowledged all of it
+    // (restored, and written to QEMU or held), and stalls
+    let started = Instant::now();
+    let mut links: Vec<HostileLink> = (0..=CHANNELS)
+        .map(|channel| HostileLink::open(&dst.addr(), PAGE, session, channel))
+        .collect();
+    for (link, channel) in links.iter_mut().zip(0u16..) {
+        let begun = Instant::now();
+        match channel {
+            0 => {
+                // RAW frames of 32 MiB (max_frame, max_batch) fill the 64 MiB XBZRLE
+                // cache, then frames of 1023 unchanged pages (64 MiB of output,
+                // max_output) the rest of the 256 MiB window
+                link.fill((1024, 511), (3072, 1023), 1024, 0xbad);
+                // just under max_held and max_output (64 MiB): held until an END
+                // that never comes
+                let fill: Vec<Forged<'_>> = (0..1023).map(|i| Forged::Fill(i as u8 | 1)).collect();
+                let frame = link.forger.data(&fill, true);
+                link.send(&frame);
+            }
+            // a RAW frame near the 24 MiB caps of frame and batch fills the 16 MiB
+            // XBZRLE cache, then frames of as many unchanged pages (24 MiB of output)
+            // the rest of the 64 MiB window
+            _ => link.fill((383, 383), (641, 383), 256, 0xbad + u64::from(channel)),
+        }
+        link.acked();
+        eprintln!(
+            "link {channel}: {} MiB of QEMU bytes acknowledged in {:?}",
+            link.forger.qemu_bytes / MIB,
+            begun.elapsed()
+        );
+    }
+    let filled = started.elapsed();
+    let stalled_rss = dst.rss();
+    let hwm = dst.rss_peak();
+    let forged: u64 = links.iter().map(|l| l.forger.qemu_bytes).sum();
+    eprintln!(
+        "{} links filled in {filled:?}: {} MiB of QEMU bytes",
+        links.len(),
+        forged / MIB
+    );
+
+    // the main channel's link goes: the migration fails, and with it every channel
+    let main = links.remove(0);
+    let released = main.forger.released;
+    drop(main);
+    let report = dst.reports(1).remove(0);
+    eprintln!("{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    for link in &mut links {
+        link.closed();
+    }
+    let (qemu, conns) = drains.join().unwrap();
+    let mut delivered: Vec<u64> = conns.into_iter().map(|c| c.join().unwrap()).collect();
+    let mut expected: Vec<u64> = links.iter().map(|l| l.forger.qemu_bytes).collect();
+    expected.push(released);
+    delivered.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        delivered, expected,
+        "each QEMU connection got its link's released bytes, nothing held"
+    );
+    qemu.assert_unconnected("after the migration");
+
+    // back to idle once the migration's memory is given back
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = dst.rss();
+    while after > idle + 64 * MIB && Instant::now() < deadline {
+        thread::sleep(POLL * 10);
+        after = dst.rss();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sampled = sampler.join().unwrap();
+    let peak = hwm.max(sampled);
+    eprintln!(
+        "destination RSS: idle {} MiB, peak sampled {} MiB, peak (VmHWM) {} MiB, \
+         all links stalled {} MiB, after close {} MiB",
+        idle / MIB,
+        sampled / MIB,
+        hwm / MIB,
+        stalled_rss / MIB,
+        after / MIB
+    );
+    let channels = u64::from(CHANNELS);
+    // every page was restored: the caches, windows and frame buffers were filled
+    assert_eq!(report["pages"]["raw"], 1024 + channels * 383, "{report}");
+    assert_eq!(report["pages"]["xbzrle"], 3072 + channels * 641, "{report}");
+    assert!(
+        stalled_rss >= idle + (400 + channels * 120) * MIB,
+        "the caches were not filled: {} MiB",
+        stalled_rss / MIB
+    );
+    let bound = idle + (600 + channels * 152) * MIB;
+    assert!(
+        peak <= bound,
+        "peak {} MiB over idle {} MiB, bound {} MiB",
+        peak / MIB,
+        idle / MIB,
+        bound / MIB
+    );
+    assert!(
+        after <= idle + 64 * MIB,
+        "after close {} MiB, idle {} MiB",
+        after / MIB,
+        idle / MIB
+    );
+    drop(links);
+
+    let mut src = source(&pki, &dst.addr(), &[]);
+    let stream = testdata("qemu-7.2-pc-paused.mig");
+    migrate_ok(&mut src, &mut dst, &qemu, &stream);
 }
