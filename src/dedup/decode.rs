@@ -364,13 +364,7 @@ impl DedupDecoder {
                             .prepare(body)
                             .map_err(|e| e.in_frame(self.frame_at))?;
                     }
-                    // the record header: be64 word, and a block name of up to 255 bytes
-                    let header = match (self.is_channel(), continued) {
-                        (true, _) => 0,
-                        (false, true) => 8,
-                        (false, false) => 8 + 1 + 255,
-                    };
-                    qemu_bytes += header + self.page_size;
+                    qemu_bytes += self.page_record_len(continued);
                 }
                 Ok(Some(Entry::Qemu(bytes))) => qemu_bytes += bytes.len(),
                 // restore_staged reports it, at its place among the pages
@@ -428,17 +422,22 @@ impl DedupDecoder {
         // reuses the allocation once the caller has dropped the previous frame's bytes
         let mut out = std::mem::take(&mut self.out);
         // a peer's frame reserves no more than the limit lets it have
-        let wanted = qemu_bytes.min(self.limits.max_output + self.limits.max_batch);
-        out.reserve(wanted);
+        out.reserve(qemu_bytes.min(self.limits.max_output));
         let raw = std::mem::take(&mut self.raw);
         let mut r = EntryReader::new(&raw);
         let frame_start = out.len();
         while let Some(entry) = r.entry().map_err(bad)? {
-            if out.len() - frame_start > self.limits.max_output {
+            // checked before the entry grows the output: the cap holds to the byte
+            let grows = match entry {
+                Entry::Qemu(bytes) => bytes.len(),
+                Entry::Page { continued, .. } => self.page_record_len(continued),
+            };
+            let produced = out.len() - frame_start;
+            if produced + grows > self.limits.max_output {
                 return Err(Error::LimitExceeded {
                     offset,
                     field: "QEMU bytes of one frame",
-                    value: (out.len() - frame_start) as u64,
+                    value: (produced + grows) as u64,
                     limit: self.limits.max_output as u64,
                 });
             }
@@ -511,6 +510,18 @@ impl DedupDecoder {
         let bytes = out.split();
         self.out = out;
         Ok(bytes)
+    }
+
+    /// The most QEMU bytes a page entry produces: on the main channel QEMU's record
+    /// header (be64 word, and a block name of up to 255 bytes unless CONTINUE) and
+    /// the page; on a multifd channel the page alone.
+    fn page_record_len(&self, continued: bool) -> usize {
+        let header = match (self.is_channel(), continued) {
+            (true, _) => 0,
+            (false, true) => 8,
+            (false, false) => 8 + 1 + 255,
+        };
+        header + self.page_size
     }
 
     /// Whether the stream carries a multifd channel rather than the main channel.
@@ -651,6 +662,24 @@ mod tests {
         assert!(
             beyond.to_string().contains("255 multifd channels"),
             "{beyond}"
+        );
+
+        // one frame's output is capped to the byte, its last entry included: pages
+        // of one byte value, then verbatim bytes that would pass the cap
+        let fill = Entry::Page {
+            tag: tag::FILL,
+            page: 0,
+            continued: false,
+            block: Some(b"pc.ram"),
+            body: &[0x11],
+        };
+        let mut entries = vec![fill; 1100];
+        let verbatim = vec![0; 20 << 20];
+        entries.push(Entry::Qemu(&verbatim));
+        let over = first_error(channel_stream(1, 0, &entries));
+        assert!(
+            matches!(over, Error::LimitExceeded { field: "QEMU bytes of one frame", value, .. } if value > 24 << 20),
+            "{over}"
         );
 
         let mut big = channel_stream(1, 0, &[]);

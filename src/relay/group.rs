@@ -147,9 +147,11 @@ impl Group {
     }
 
     /// Adds multifd channel `channel`, at most `max_channels` of them, each id once
-    /// and all with one VM `uuid` when given: a second connection with one id, or
+    /// and all with one VM `uuid` when given. A second connection with one id, or
     /// another UUID, is not this migration's (another VM's channel that reached the
-    /// same address), and refusing it fails this one cleanly.
+    /// same address): it is refused, and the migration goes on. If the foreign one
+    /// came first, the migration's own channel of that id is the one refused, and
+    /// its QEMU fails the migration cleanly: two VMs' memory never mix.
     pub(super) fn join(
         self: &Arc<Self>,
         channel: u8,
