@@ -267,41 +267,7 @@ fn golden_dir() -> PathBuf {
 
 #[test]
 fn every_malformed_case_fails_with_its_golden_error() {
-    let bless = std::env::var_os("MIGSTREAM_BLESS").is_some();
-    let dir = golden_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let cases = cases();
-    for (name, bytes) in &cases {
-        let (_, whole) = decode_reads(bytes, bytes.len());
-        let (_, bytewise) = decode_reads(bytes, 1);
-        let whole = whole.unwrap_or_else(|| panic!("{name}: decoded without error"));
-        let message = format!("{:?}: {whole}", whole.kind());
-        assert_eq!(
-            bytewise.map(|e| format!("{:?}: {e}", e.kind())),
-            Some(message.clone()),
-            "{name}: byte by byte"
-        );
-        let (bin, err) = (
-            dir.join(format!("{name}.bin")),
-            dir.join(format!("{name}.err")),
-        );
-        if bless {
-            std::fs::write(&bin, bytes).unwrap();
-            std::fs::write(&err, format!("{message}\n")).unwrap();
-        }
-        assert_eq!(
-            &std::fs::read(&bin).expect("golden .bin (bless?)"),
-            bytes,
-            "{name}: .bin differs"
-        );
-        assert_eq!(
-            std::fs::read_to_string(&err)
-                .expect("golden .err")
-                .trim_end(),
-            message,
-            "{name}"
-        );
-    }
-    let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files, 2 * cases.len(), "stale files in testdata/malformed");
+    golden_errors(&golden_dir(), &cases(), |bytes, read| {
+        decode_reads(bytes, read).1
+    });
 }
