@@ -113,6 +113,17 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
             cat(&[&ram[..ram.len() - 5], b"\x07\0\0\0\x02pc"]),
         ),
         ("unknown-record-type", cat(&[&header, b"\x09"])),
+        (
+            "config-twice",
+            cat(&[&header, &encode(&[config(vec![]), config(vec![])])]),
+        ),
+        (
+            "config-target-page-bits-20",
+            cat(&[
+                &header,
+                b"\x07\0\0\0\x02pc\x05\x1econfiguration/target-page-bits\0\0\0\x01\0\0\0\x14\0",
+            ]),
+        ),
         ("footer-outside-section", cat(&[&header, b"\x7e\0\0\0\x02"])),
         ("vmdesc-before-eof", cat(&[&header, b"\x06\0\0\0\x02{}"])),
         (
@@ -209,6 +220,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
             cat(&[&ram, &word(0, 0x408), b"\x06pc.ram"]),
         ),
         ("rdma-hook", cat(&[&ram, &word(0, 0x80)])),
+        ("ram-flag-full", cat(&[&ram, &word(0, 0x01)])),
         ("continue-on-eos", cat(&[&ram, &word(0, 0x30)])),
         ("eos-with-offset", cat(&[&ram, &word(4096, 0x10)])),
         (
