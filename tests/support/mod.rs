@@ -5,6 +5,10 @@
 #[cfg(feature = "relay")]
 pub mod pki;
 pub mod proxy;
+pub mod synthetic;
+
+#[allow(unused_imports)] // not every test uses it
+pub use synthetic::random_pages;
 
 use std::path::Path;
 
@@ -176,23 +180,6 @@ pub fn sample_records() -> Vec<Record> {
         Record::Eof,
         Record::VmDescription(Bytes::from_static(br#"{"page_size": 4096, "devices": []}"#)),
     ]
-}
-
-/// `n` distinct pseudo-random pages of `size` bytes (xorshift from `seed`).
-pub fn random_pages(n: usize, size: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            (0..size / 8)
-                .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()
-                })
-                .collect()
-        })
-        .collect()
 }
 
 /// Whether `MIGSTREAM_BLESS` is set: the tests rewrite the golden files and fuzz
