@@ -1094,18 +1094,11 @@ fn channel_round_trip(bytes: &[u8], reads: &[usize]) -> (u8, Counts) {
 
 /// A read-size sequence drawn from `seed`: socket-like, from 1 byte to 200 KB.
 fn random_reads(seed: u64) -> Vec<usize> {
-    let mut x = seed | 1;
+    let mut rng = support::synthetic::Rng::new(seed);
     (0..997)
         .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            match x % 4 {
-                0 => 1 + (x >> 8) as usize % 16,
-                1 => 1 + (x >> 8) as usize % 4096,
-                2 => 1 + (x >> 8) as usize % 65536,
-                _ => 1 + (x >> 8) as usize % 200_000,
-            }
+            let max = [16, 4096, 65536, 200_000][rng.below(4) as usize];
+            1 + rng.below(max) as usize
         })
         .collect()
 }

@@ -86,8 +86,9 @@ pub const RAM_SECTION: u32 = 2;
 pub const TIMER_SECTION: u32 = 0;
 
 /// The records of one synthetic QEMU stream, in the order QEMU sends them; see the
-/// module's documentation.
-#[derive(Debug)]
+/// module's documentation. A clone starts afresh: its first page record names its
+/// block.
+#[derive(Debug, Clone)]
 pub struct Layout {
     /// The RAM blocks' names and lengths, in QEMU's block-list order.
     blocks: Vec<(Bytes, u64)>,
@@ -168,15 +169,26 @@ impl Layout {
     /// The record of the page at `offset` of block `block` (an index into
     /// [`blocks`](Self::blocks)): ZERO if `data` is all zero, PAGE otherwise.
     pub fn page(&mut self, block: usize, offset: u64, data: Bytes) -> Record {
+        let zero = migstream::page::is_zero(&data);
+        self.record(block, offset, (!zero).then_some(data))
+    }
+
+    /// Like [`page`](Self::page), copying `data` only if it is a PAGE record's.
+    pub fn page_copied(&mut self, block: usize, offset: u64, data: &[u8]) -> Record {
+        let zero = migstream::page::is_zero(data);
+        self.record(block, offset, (!zero).then(|| Bytes::copy_from_slice(data)))
+    }
+
+    fn record(&mut self, block: usize, offset: u64, data: Option<Bytes>) -> Record {
         let addr = PageAddr {
             block: self.blocks[block].0.clone(),
             offset,
             continued: self.last == Some(block),
         };
         self.last = Some(block);
-        Record::Ram(match migstream::page::is_zero(&data) {
-            true => RamRecord::Zero { addr, fill: 0 },
-            false => RamRecord::Page { addr, data },
+        Record::Ram(match data {
+            None => RamRecord::Zero { addr, fill: 0 },
+            Some(data) => RamRecord::Page { addr, data },
         })
     }
 
