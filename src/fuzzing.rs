@@ -336,61 +336,39 @@ pub fn multifd_decode(data: &[u8]) {
 mod tests {
     use std::path::Path;
 
-    /// Runs every file of a target's checked-in seed corpus through its entry point.
-    fn replay(target: &str, entry_point: fn(&[u8])) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
-            .join(target);
-        let mut count = 0;
-        for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
-            let data = std::fs::read(entry.expect("corpus entry").path()).expect("corpus file");
-            entry_point(&data);
-            count += 1;
+    /// A fuzz target's entry point.
+    type EntryPoint = fn(&[u8]);
+
+    /// Runs every file of every target's checked-in seed corpus (made by
+    /// `tests/fuzz_seeds.rs`) through the target's entry point.
+    #[test]
+    fn every_fuzz_corpus_replays() {
+        #[cfg_attr(not(feature = "dht"), allow(unused_mut))]
+        let mut targets: Vec<(&str, EntryPoint)> = vec![
+            ("qemu_decode", super::qemu_decode),
+            ("multifd_decode", super::multifd_decode),
+            ("dedup_decode", super::dedup_decode),
+            ("reply_decode", super::reply_decode),
+            ("xbzrle", super::xbzrle),
+            ("lz4_encode", super::lz4_encode),
+            ("catalog_load", super::catalog_load),
+        ];
+        #[cfg(feature = "dht")]
+        targets.push(("dht_manifest", super::dht_manifest));
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        for (target, entry_point) in targets {
+            let mut count = 0;
+            for entry in std::fs::read_dir(corpus.join(target)).expect("the seed corpus exists") {
+                let path = entry.expect("corpus entry").path();
+                // shown only if the seed fails
+                eprintln!("{target}: {}", path.display());
+                entry_point(&std::fs::read(&path).expect("corpus file"));
+                count += 1;
+            }
+            assert!(
+                count >= 10,
+                "seed corpus of {target} has only {count} inputs"
+            );
         }
-        assert!(
-            count >= 10,
-            "seed corpus of {target} has only {count} inputs"
-        );
-    }
-
-    #[test]
-    fn qemu_decode_corpus_replays() {
-        replay("qemu_decode", super::qemu_decode);
-    }
-
-    #[test]
-    fn xbzrle_corpus_replays() {
-        replay("xbzrle", super::xbzrle);
-    }
-
-    #[test]
-    fn reply_decode_corpus_replays() {
-        replay("reply_decode", super::reply_decode);
-    }
-
-    #[test]
-    fn dedup_decode_corpus_replays() {
-        replay("dedup_decode", super::dedup_decode);
-    }
-
-    #[test]
-    fn lz4_encode_corpus_replays() {
-        replay("lz4_encode", super::lz4_encode);
-    }
-
-    #[test]
-    fn catalog_load_corpus_replays() {
-        replay("catalog_load", super::catalog_load);
-    }
-
-    #[cfg(feature = "dht")]
-    #[test]
-    fn dht_manifest_corpus_replays() {
-        replay("dht_manifest", super::dht_manifest);
-    }
-
-    #[test]
-    fn multifd_decode_corpus_replays() {
-        replay("multifd_decode", super::multifd_decode);
     }
 }

@@ -11,8 +11,8 @@
 //! once failed) and the `real-*` seeds cut from lab captures that are not in the
 //! repository (see fuzz/README.md).
 //!
-//! The unit tests `fuzzing::tests::*_corpus_replays` (`cargo test --lib fuzzing`) run
-//! every seed through its target's entry point.
+//! The unit test `fuzzing::tests::every_fuzz_corpus_replays` (`cargo test --lib
+//! fuzzing`) runs every seed through its target's entry point.
 
 mod support;
 
