@@ -40,11 +40,11 @@ use criterion::{BatchSize, Criterion, Throughput};
 use migstream::dedup::{Decoded, DedupDecoder, DedupEncoder};
 use migstream::dht::{Cluster, DhtOptions, DhtTemplates, push};
 use migstream::page::Fingerprint;
-use migstream::qemu::SectionHeader;
-use migstream::qemu::{MemSize, PageAddr, QemuDecoder, QemuEncoder, RamBlock, RamRecord, Record};
+use migstream::qemu::{QemuDecoder, QemuEncoder};
 use migstream::resolve::{TemplateStore, tag};
 use migstream::template::{Catalog, TemplateIndex};
 use redis_server::RedisServer;
+use support::synthetic::Layout;
 
 const PAGE: usize = 4096;
 /// Templates of the synthetic catalog (32 MiB).
@@ -52,8 +52,8 @@ const TEMPLATES: usize = 8192;
 /// Pages nothing claims, one after every 8 templates.
 const RAW_EVERY: usize = 8;
 
-/// A QEMU stream of the templates in a scrambled order, a raw page after every
-/// [`RAW_EVERY`], then EOF and a device description: 89 % template pages.
+/// A QEMU stream (the tests' synthetic layout, one `pc.ram` block) of the templates
+/// in a scrambled order, a raw page after every [`RAW_EVERY`]: 89 % template pages.
 fn synthetic() -> (Catalog, Bytes) {
     let templates = support::random_pages(TEMPLATES, PAGE, 0x7e3a);
     let raw = support::random_pages(TEMPLATES / RAW_EVERY, PAGE, 0x9a11);
@@ -66,39 +66,17 @@ fn synthetic() -> (Catalog, Bytes) {
             order.push(&raw[i / RAW_EVERY]);
         }
     }
-    let block = Bytes::from_static(b"pc.ram");
-    let mut records = vec![
-        Record::Header,
-        Record::SectionStart(SectionHeader {
-            section_id: 1,
-            idstr: Bytes::from_static(b"ram"),
-            instance_id: 0,
-            version_id: 4,
-        }),
-        Record::Ram(RamRecord::MemSize(MemSize {
-            total: (order.len() * PAGE) as u64,
-            blocks: vec![RamBlock {
-                idstr: block.clone(),
-                used_length: (order.len() * PAGE) as u64,
-                mr_addr: None,
-            }],
-        })),
-    ];
+    let mut layout = Layout::new([("pc.ram", (order.len() * PAGE) as u64)]);
+    let mut records = layout.setup();
+    records.push(Layout::part());
     for (i, page) in order.iter().enumerate() {
-        records.push(Record::Ram(RamRecord::Page {
-            addr: PageAddr {
-                block: block.clone(),
-                offset: (i * PAGE) as u64,
-                continued: i > 0,
-            },
-            data: Bytes::from((*page).clone()),
-        }));
+        records.push(layout.page_copied(0, (i * PAGE) as u64, page));
     }
-    records.push(Record::Ram(RamRecord::Eos));
-    records.push(Record::Eof);
-    records.push(Record::VmDescription(Bytes::from_static(
-        br#"{"devices": []}"#,
-    )));
+    records.extend(Layout::end_of_payload());
+    records.extend(Layout::device_tail(
+        Bytes::from_static(&[0; 16]),
+        Bytes::from_static(br#"{"devices": []}"#),
+    ));
     let mut enc = QemuEncoder::new();
     let mut out = BytesMut::new();
     records

@@ -52,6 +52,8 @@ mod modes;
 mod real_qemu;
 #[path = "demo/stream.rs"]
 mod stream;
+#[path = "../tests/support/synthetic.rs"]
+mod synthetic;
 #[path = "demo/table.rs"]
 mod table;
 

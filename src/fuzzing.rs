@@ -272,174 +272,6 @@ fn dedup_round(wire: &[u8], read: usize) -> (Vec<u8>, Option<crate::Error>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use bytes::BytesMut;
-
-    /// Runs every file of a target's checked-in seed corpus through its entry point.
-    fn replay(target: &str, entry_point: fn(&[u8])) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
-            .join(target);
-        let mut count = 0;
-        for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
-            let data = std::fs::read(entry.expect("corpus entry").path()).expect("corpus file");
-            entry_point(&data);
-            count += 1;
-        }
-        assert!(
-            count >= 10,
-            "seed corpus of {target} has only {count} inputs"
-        );
-    }
-
-    #[test]
-    fn qemu_decode_corpus_replays() {
-        replay("qemu_decode", super::qemu_decode);
-    }
-
-    #[test]
-    fn xbzrle_corpus_replays() {
-        replay("xbzrle", super::xbzrle);
-    }
-
-    /// `MIGSTREAM_BLESS=1 cargo test --lib write_dedup_decode_seeds` rewrites the
-    /// seeds of `dedup_decode` from the valid seeds of `qemu_decode`: each stream as a
-    /// QEMU stream (even mode byte) and as its dedup stream (odd mode byte).
-    #[test]
-    fn write_dedup_decode_seeds() {
-        if std::env::var_os("MIGSTREAM_BLESS").is_none() {
-            return;
-        }
-        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let out = corpus.join("dedup_decode");
-        std::fs::create_dir_all(&out).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(corpus.join("qemu_decode"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| {
-                !n.starts_with("bad-") && !n.starts_with("trunc") && !n.starts_with("regress-")
-            })
-            .collect();
-        names.sort();
-        for (i, name) in names.iter().enumerate() {
-            let data = std::fs::read(corpus.join("qemu_decode").join(name)).unwrap();
-            let stream = &data[1..];
-            let mode = (2 * i) as u8;
-            std::fs::write(
-                out.join(format!("qemu-{name}")),
-                [&[mode][..], stream].concat(),
-            )
-            .unwrap();
-            let (mut records, mut input) =
-                (crate::qemu::QemuDecoder::new(), BytesMut::from(stream));
-            let mut enc = crate::dedup::DedupEncoder::with_default_resolvers().with_batch_size(512);
-            let mut wire = BytesMut::new();
-            while let Ok(Some(r)) = records.decode_eof(&mut input) {
-                enc.encode(&r, &mut wire).unwrap();
-            }
-            enc.finish(&mut wire).unwrap();
-            std::fs::write(
-                out.join(format!("wire-{name}")),
-                [&[mode + 1][..], &wire[..]].concat(),
-            )
-            .unwrap();
-        }
-    }
-
-    /// `MIGSTREAM_BLESS=1 cargo test --lib write_reply_decode_seeds` rewrites the
-    /// seeds of `reply_decode`: the return directions a destination sends (greeting
-    /// with and without a catalog, return path, DONE, FAILED) in reads of several
-    /// sizes, and a few that break the rules.
-    #[test]
-    fn write_reply_decode_seeds() {
-        use crate::dedup::Reply;
-        use crate::template::CatalogId;
-        if std::env::var_os("MIGSTREAM_BLESS").is_none() {
-            return;
-        }
-        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/reply_decode");
-        std::fs::create_dir_all(&out).unwrap();
-        let bytes = |replies: &[Reply]| {
-            let mut b = BytesMut::new();
-            replies.iter().for_each(|r| r.encode(&mut b));
-            b.to_vec()
-        };
-        let greeting = Reply::Greeting { catalog: None };
-        let catalog = Reply::Greeting {
-            catalog: Some(CatalogId([0xab; 32])),
-        };
-        let qemu = Reply::Qemu(bytes::Bytes::from_static(
-            b"\x00\x01\x00\x04\x00\x00\x00\x01",
-        ));
-        let done = Reply::Done {
-            qemu_bytes: 1 << 30,
-            digest: [0x5a; 16],
-        };
-        let failed = Reply::Failed {
-            reason: "dht cannot restore page 00ff: every node holding it is down".into(),
-        };
-        let mut seeds = vec![
-            ("greeting", bytes(std::slice::from_ref(&greeting))),
-            (
-                "catalog-return-done",
-                bytes(&[catalog.clone(), qemu.clone(), done.clone(), qemu.clone()]),
-            ),
-            (
-                "return-failed",
-                bytes(&[greeting.clone(), qemu.clone(), failed.clone()]),
-            ),
-            ("done-twice", bytes(&[greeting.clone(), done.clone(), done])),
-            ("after-failed", bytes(&[greeting.clone(), failed, qemu])),
-            ("greeting-twice", bytes(&[greeting.clone(), catalog])),
-        ];
-        let mut v2 = bytes(std::slice::from_ref(&greeting));
-        v2[10] = 2;
-        seeds.push(("greeting-v2", v2));
-        let mut huge = bytes(&[greeting]);
-        huge.extend_from_slice(&[0x12, 0xff, 0xff, 0xff, 0xff]);
-        seeds.push(("huge-return-chunk", huge));
-        for (i, (name, data)) in seeds.into_iter().enumerate() {
-            for read in [0u8, 6, 255] {
-                let read = read.wrapping_add(i as u8);
-                std::fs::write(
-                    out.join(format!("{name}-reads-{}", u16::from(read) + 1)),
-                    [&[read][..], &data].concat(),
-                )
-                .unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn reply_decode_corpus_replays() {
-        replay("reply_decode", super::reply_decode);
-    }
-
-    #[test]
-    fn dedup_decode_corpus_replays() {
-        replay("dedup_decode", super::dedup_decode);
-    }
-
-    #[test]
-    fn lz4_encode_corpus_replays() {
-        replay("lz4_encode", super::lz4_encode);
-    }
-
-    #[test]
-    fn catalog_load_corpus_replays() {
-        replay("catalog_load", super::catalog_load);
-    }
-
-    #[cfg(feature = "dht")]
-    #[test]
-    fn dht_manifest_corpus_replays() {
-        replay("dht_manifest", super::dht_manifest);
-    }
-}
-
 /// A multifd channel decoded from `data[1..]` in reads of `data[0]`² bytes (0: all
 /// at once), every record re-encoded: the output must equal the consumed input after
 /// each record, and the records and the error (kind, offset, field) must be the same
@@ -501,73 +333,42 @@ pub fn multifd_decode(data: &[u8]) {
 }
 
 #[cfg(test)]
-mod multifd_seeds {
+mod tests {
     use std::path::Path;
 
-    fn corpus() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/multifd_decode")
-    }
+    /// A fuzz target's entry point.
+    type EntryPoint = fn(&[u8]);
 
-    /// `MIGSTREAM_BLESS=1 cargo test --lib write_multifd_decode_seeds` rewrites the
-    /// seeds of `multifd_decode` from the golden channels of `tests/multifd.rs`
-    /// (`testdata/multifd/*.mfd`: each whole in reads of several sizes, cut inside its
-    /// last packet, and with a flipped header byte) and its malformed channels.
+    /// Runs every file of every target's checked-in seed corpus (made by
+    /// `tests/fuzz_seeds.rs`) through the target's entry point.
     #[test]
-    fn write_multifd_decode_seeds() {
-        if std::env::var_os("MIGSTREAM_BLESS").is_none() {
-            return;
-        }
-        let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/multifd");
-        let out = corpus();
-        std::fs::create_dir_all(&out).unwrap();
-        let files = |dir: &Path, ext: &str| {
-            let mut names: Vec<_> = std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .filter(|p| p.extension() == Some(ext.as_ref()))
-                .collect();
-            names.sort();
-            names
-        };
-        let name = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
-        for (i, path) in files(&testdata, "mfd").iter().enumerate() {
-            let bytes = std::fs::read(path).unwrap();
-            let mut flipped = bytes.clone();
-            flipped[64 + 8 + i] ^= 0x10;
-            let variants = [
-                ("whole", bytes.clone()),
-                ("cut", bytes[..bytes.len() - 100].to_vec()),
-                ("flipped", flipped),
-            ];
-            for (variant, data) in variants {
-                let reads: &[u8] = match variant {
-                    "whole" => &[0, 1, 37, 255],
-                    _ => &[(i as u8).wrapping_mul(50).wrapping_add(3)],
-                };
-                for &read in reads {
-                    let seed = [&[read][..], &data].concat();
-                    let file = format!("{}-{variant}-reads-{read}", name(path));
-                    std::fs::write(out.join(file), seed).unwrap();
-                }
+    fn every_fuzz_corpus_replays() {
+        #[cfg_attr(not(feature = "dht"), allow(unused_mut))]
+        let mut targets: Vec<(&str, EntryPoint)> = vec![
+            ("qemu_decode", super::qemu_decode),
+            ("multifd_decode", super::multifd_decode),
+            ("dedup_decode", super::dedup_decode),
+            ("reply_decode", super::reply_decode),
+            ("xbzrle", super::xbzrle),
+            ("lz4_encode", super::lz4_encode),
+            ("catalog_load", super::catalog_load),
+        ];
+        #[cfg(feature = "dht")]
+        targets.push(("dht_manifest", super::dht_manifest));
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        for (target, entry_point) in targets {
+            let mut count = 0;
+            for entry in std::fs::read_dir(corpus.join(target)).expect("the seed corpus exists") {
+                let path = entry.expect("corpus entry").path();
+                // shown only if the seed fails
+                eprintln!("{target}: {}", path.display());
+                entry_point(&std::fs::read(&path).expect("corpus file"));
+                count += 1;
             }
+            assert!(
+                count >= 10,
+                "seed corpus of {target} has only {count} inputs"
+            );
         }
-        for path in files(&testdata.join("malformed"), "bin") {
-            let seed = [&[3u8][..], &std::fs::read(&path).unwrap()].concat();
-            std::fs::write(out.join(format!("bad-{}", name(&path))), seed).unwrap();
-        }
-    }
-
-    #[test]
-    fn multifd_decode_corpus_replays() {
-        let mut count = 0;
-        for entry in std::fs::read_dir(corpus()).expect("the seed corpus exists") {
-            let data = std::fs::read(entry.expect("corpus entry").path()).expect("corpus file");
-            super::multifd_decode(&data);
-            count += 1;
-        }
-        assert!(
-            count >= 10,
-            "seed corpus of multifd_decode has only {count} inputs"
-        );
     }
 }

@@ -113,6 +113,17 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
             cat(&[&ram[..ram.len() - 5], b"\x07\0\0\0\x02pc"]),
         ),
         ("unknown-record-type", cat(&[&header, b"\x09"])),
+        (
+            "config-twice",
+            cat(&[&header, &encode(&[config(vec![]), config(vec![])])]),
+        ),
+        (
+            "config-target-page-bits-20",
+            cat(&[
+                &header,
+                b"\x07\0\0\0\x02pc\x05\x1econfiguration/target-page-bits\0\0\0\x01\0\0\0\x14\0",
+            ]),
+        ),
         ("footer-outside-section", cat(&[&header, b"\x7e\0\0\0\x02"])),
         ("vmdesc-before-eof", cat(&[&header, b"\x06\0\0\0\x02{}"])),
         (
@@ -209,6 +220,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
             cat(&[&ram, &word(0, 0x408), b"\x06pc.ram"]),
         ),
         ("rdma-hook", cat(&[&ram, &word(0, 0x80)])),
+        ("ram-flag-full", cat(&[&ram, &word(0, 0x01)])),
         ("continue-on-eos", cat(&[&ram, &word(0, 0x30)])),
         ("eos-with-offset", cat(&[&ram, &word(4096, 0x10)])),
         (
@@ -267,41 +279,7 @@ fn golden_dir() -> PathBuf {
 
 #[test]
 fn every_malformed_case_fails_with_its_golden_error() {
-    let bless = std::env::var_os("MIGSTREAM_BLESS").is_some();
-    let dir = golden_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let cases = cases();
-    for (name, bytes) in &cases {
-        let (_, whole) = decode_reads(bytes, bytes.len());
-        let (_, bytewise) = decode_reads(bytes, 1);
-        let whole = whole.unwrap_or_else(|| panic!("{name}: decoded without error"));
-        let message = format!("{:?}: {whole}", whole.kind());
-        assert_eq!(
-            bytewise.map(|e| format!("{:?}: {e}", e.kind())),
-            Some(message.clone()),
-            "{name}: byte by byte"
-        );
-        let (bin, err) = (
-            dir.join(format!("{name}.bin")),
-            dir.join(format!("{name}.err")),
-        );
-        if bless {
-            std::fs::write(&bin, bytes).unwrap();
-            std::fs::write(&err, format!("{message}\n")).unwrap();
-        }
-        assert_eq!(
-            &std::fs::read(&bin).expect("golden .bin (bless?)"),
-            bytes,
-            "{name}: .bin differs"
-        );
-        assert_eq!(
-            std::fs::read_to_string(&err)
-                .expect("golden .err")
-                .trim_end(),
-            message,
-            "{name}"
-        );
-    }
-    let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files, 2 * cases.len(), "stale files in testdata/malformed");
+    golden_errors(&golden_dir(), &cases(), |bytes, read| {
+        decode_reads(bytes, read).1
+    });
 }

@@ -6,6 +6,8 @@
 //!
 //! `MIGSTREAM_BLESS=1 cargo test --test multifd` rewrites the golden files.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -81,10 +83,6 @@ fn packets(records: &[ChannelRecord]) -> Vec<&Packet> {
             _ => None,
         })
         .collect()
-}
-
-fn bless() -> bool {
-    std::env::var_os("MIGSTREAM_BLESS").is_some()
 }
 
 fn testdata() -> PathBuf {
@@ -349,7 +347,7 @@ fn golden(name: &str) -> Vec<u8> {
         .expect("a golden")
         .1;
     let path = testdata().join(name);
-    if bless() {
+    if support::bless() {
         std::fs::create_dir_all(testdata()).unwrap();
         std::fs::write(&path, &built).unwrap();
     }
@@ -837,46 +835,8 @@ fn malformed_cases() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn every_malformed_channel_fails_with_its_golden_error() {
-    let dir = testdata().join("malformed");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cases = malformed_cases();
-    for (name, bytes) in &cases {
-        let (_, whole) = decode_with(MultifdDecoder::new(), bytes, &[bytes.len()]);
-        let (_, bytewise) = decode_with(MultifdDecoder::new(), bytes, &[1]);
-        let whole = whole.unwrap_or_else(|| panic!("{name}: decoded without error"));
-        let message = format!("{:?}: {whole}", whole.kind());
-        assert_eq!(
-            bytewise.map(|e| format!("{:?}: {e}", e.kind())),
-            Some(message.clone()),
-            "{name}: byte by byte"
-        );
-        let (bin, err) = (
-            dir.join(format!("{name}.bin")),
-            dir.join(format!("{name}.err")),
-        );
-        if bless() {
-            std::fs::write(&bin, bytes).unwrap();
-            std::fs::write(&err, format!("{message}\n")).unwrap();
-        }
-        assert_eq!(
-            &std::fs::read(&bin).expect("golden .bin (bless?)"),
-            bytes,
-            "{name}: .bin differs"
-        );
-        assert_eq!(
-            std::fs::read_to_string(&err)
-                .expect("golden .err")
-                .trim_end(),
-            message,
-            "{name}"
-        );
-    }
-    let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(
-        files,
-        2 * cases.len(),
-        "stale files in testdata/multifd/malformed"
-    );
+    let decode = |bytes: &[u8], read| decode_with(MultifdDecoder::new(), bytes, &[read]).1;
+    support::golden_errors(&testdata().join("malformed"), &malformed_cases(), decode);
 }
 
 #[test]
@@ -1134,18 +1094,11 @@ fn channel_round_trip(bytes: &[u8], reads: &[usize]) -> (u8, Counts) {
 
 /// A read-size sequence drawn from `seed`: socket-like, from 1 byte to 200 KB.
 fn random_reads(seed: u64) -> Vec<usize> {
-    let mut x = seed | 1;
+    let mut rng = support::synthetic::Rng::new(seed);
     (0..997)
         .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            match x % 4 {
-                0 => 1 + (x >> 8) as usize % 16,
-                1 => 1 + (x >> 8) as usize % 4096,
-                2 => 1 + (x >> 8) as usize % 65536,
-                _ => 1 + (x >> 8) as usize % 200_000,
-            }
+            let max = [16, 4096, 65536, 200_000][rng.below(4) as usize];
+            1 + rng.below(max) as usize
         })
         .collect()
 }

@@ -1,13 +1,15 @@
 //! The synthetic QEMU streams the benches run on, shared by `codec` and `dedup`.
 //!
 //! A QEMU 10.0-like precopy stream of a `pc-i440fx-10.0` guest with 400 MiB of RAM,
-//! built with the crate's encoder: header, configuration, the RAM setup section
-//! (`MEM_SIZE` and the block list), PART sections of a few thousand page records
-//! each with their footers, the END section with pages dirtied again, then a FULL
-//! device section whose ~16 KiB of state pass through as opaque bytes, EOF and a
-//! ~100 KiB JSON device description. Every page record but the first of each block
-//! carries CONTINUE; a page that happens to be all zero is sent as ZERO, as QEMU
-//! does. Page classes come in runs, as they do in guest memory.
+//! built with the crate's encoder in the layout of the tests' and the demo's
+//! synthetic streams (`tests/support/synthetic.rs`): header, configuration, the RAM
+//! setup section (`MEM_SIZE` and the block list), PART sections of a few thousand
+//! page records each with their footers, the END section with pages dirtied again,
+//! then a FULL device section whose ~16 KiB of state pass through as opaque bytes,
+//! EOF and a ~100 KiB JSON device description. Every page record but the first of
+//! each block carries CONTINUE; a page that happens to be all zero is sent as ZERO,
+//! as QEMU does. Page classes come in runs, as they do in guest memory; the random
+//! draws come from the same generator ([`Rng`]).
 //!
 //! - [`Shape::Codec`] (the `codec` bench, unchanged since it was written): about
 //!   35 % ZERO records, the rest code and data cut in turn from a 48 MiB corpus
@@ -31,14 +33,15 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use criterion::measurement::Measurement;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode};
-use migstream::qemu::{
-    Configuration, MemSize, PageAddr, QemuEncoder, RamBlock, RamRecord, Record, SectionHeader,
-};
+use migstream::qemu::{QemuEncoder, RamRecord, Record};
+
+#[path = "../../tests/support/synthetic.rs"]
+pub(crate) mod synthetic;
+
+use synthetic::{Layout, Rng};
 
 pub(crate) const PAGE: usize = 4096;
 pub(crate) const MIB: u64 = 1024 * 1024;
-/// The RAM section's id (QEMU registers `ram` early; never assumed by the decoder).
-const RAM_SECTION: u32 = 2;
 /// Pages of the shared OS image in [`Shape::Dedup`] (48 MiB).
 pub(crate) const IMAGE_PAGES: usize = 12288;
 
@@ -64,25 +67,6 @@ pub(crate) enum Shape {
     Dedup,
 }
 
-/// A tiny xorshift64 generator: deterministic, and no dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A value in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What a guest page holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -100,7 +84,7 @@ const RECENT: usize = 4096;
 /// Page contents: pick a class per run of pages, then fill each page of the run.
 struct PageSource {
     shape: Shape,
-    rng: XorShift,
+    rng: Rng,
     /// Code and data to cut pages from: this binary and shared libraries.
     corpus: Vec<u8>,
     corpus_pos: usize,
@@ -119,7 +103,7 @@ impl PageSource {
         };
         Self {
             shape,
-            rng: XorShift(0x9E37_79B9_7F4A_7C15),
+            rng: Rng::new(0x9E37_79B9_7F4A_7C15),
             corpus: code_corpus(corpus * MIB as usize),
             corpus_pos: 0,
             class: Class::Zero,
@@ -246,7 +230,7 @@ fn code_corpus(max: usize) -> Vec<u8> {
 
 /// The device state after the first FULL section header: more FULL sections with
 /// footers, their payloads mostly zero with some small values, about 16 KiB.
-fn device_state(rng: &mut XorShift) -> Bytes {
+fn device_state(rng: &mut Rng) -> Bytes {
     const DEVICES: &[(&str, u32, usize)] = &[
         ("cpu_common", 1, 16),
         ("cpu", 12, 6000),
@@ -343,12 +327,15 @@ pub(crate) struct Stream {
     pub(crate) image: Vec<Bytes>,
 }
 
+/// An all-zero page, for the pages [`PageSource::page`] says are zero.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
 /// Encodes the synthetic stream's records into one buffer.
 struct Builder {
     enc: QemuEncoder,
     out: BytesMut,
     src: PageSource,
-    names: Vec<Bytes>,
+    layout: Layout,
     mix: Mix,
     /// [`Shape::Dedup`]: every 32nd page of `pc.ram` of the first pass, with its offset.
     kept: Vec<(u64, Bytes)>,
@@ -362,80 +349,48 @@ impl Builder {
     }
 
     /// One page of block `block`: PAGE, or ZERO if its contents are all zero.
-    fn page(&mut self, block: usize, offset: u64, continued: bool) {
+    fn page(&mut self, block: usize, offset: u64) {
         let data = self.src.page();
-        self.put_page(block, offset, continued, data);
+        self.put_page(block, offset, data);
     }
 
-    fn put_page(&mut self, block: usize, offset: u64, continued: bool, data: Option<Bytes>) {
-        let addr = PageAddr {
-            block: self.names[block].clone(),
-            offset,
-            continued,
-        };
-        let record = match data {
-            Some(data) => {
+    fn put_page(&mut self, block: usize, offset: u64, data: Option<Bytes>) {
+        let data = data.unwrap_or_else(|| Bytes::from_static(&ZERO_PAGE));
+        let record = self.layout.page(block, offset, data);
+        match &record {
+            Record::Ram(RamRecord::Page { data, .. }) => {
                 self.mix.page += 1;
                 if self.src.shape == Shape::Dedup && block == 0 && self.mix.page % 32 == 0 {
                     self.kept.push((offset, data.clone()));
                 }
-                RamRecord::Page { addr, data }
             }
-            None => {
-                self.mix.zero += 1;
-                RamRecord::Zero { addr, fill: 0 }
-            }
-        };
-        self.put(Record::Ram(record));
+            _ => self.mix.zero += 1,
+        }
+        self.put(record);
     }
 
     /// EOS and the section footer.
     fn end_ram_payload(&mut self) {
-        self.put(Record::Ram(RamRecord::Eos));
-        self.put(Record::Footer {
-            section_id: RAM_SECTION,
-        });
+        Layout::end_of_payload()
+            .into_iter()
+            .for_each(|r| self.put(r));
     }
 }
 
 /// Encodes the synthetic stream of `shape`.
 pub(crate) fn synthetic_stream(shape: Shape) -> Stream {
-    let mut rng = XorShift(0xD1B5_4A32_D192_ED03);
+    let mut rng = Rng::new(0xD1B5_4A32_D192_ED03);
     let mut b = Builder {
         enc: QemuEncoder::new(),
         out: BytesMut::with_capacity(300 * MIB as usize),
         src: PageSource::new(shape),
-        names: BLOCKS
-            .iter()
-            .map(|(n, _)| Bytes::from_static(n.as_bytes()))
-            .collect(),
+        layout: Layout::new(BLOCKS.iter().copied()),
         mix: Mix::default(),
         kept: Vec::new(),
     };
-
-    b.put(Record::Header);
-    b.put(Record::Configuration(Configuration {
-        machine: Bytes::from_static(b"pc-i440fx-10.0"),
-        subsections: Vec::new(),
-    }));
-    b.put(Record::SectionStart(SectionHeader {
-        section_id: RAM_SECTION,
-        idstr: Bytes::from_static(b"ram"),
-        instance_id: 0,
-        version_id: 4,
-    }));
-    let blocks: Vec<RamBlock> = BLOCKS
-        .iter()
-        .zip(&b.names)
-        .map(|(&(_, len), name)| RamBlock {
-            idstr: name.clone(),
-            used_length: len,
-            mr_addr: None,
-        })
-        .collect();
-    let total = blocks.iter().map(|b| b.used_length).sum();
-    b.put(Record::Ram(RamRecord::MemSize(MemSize { total, blocks })));
-    b.end_ram_payload();
+    for record in b.layout.setup() {
+        b.put(record);
+    }
 
     // The first pass: every page of every block, in PART sections of a few
     // thousand records. As in QEMU, a page record names its block only when it
@@ -445,28 +400,21 @@ pub(crate) fn synthetic_stream(shape: Shape) -> Stream {
         .enumerate()
         .flat_map(|(i, &(_, len))| (0..len / PAGE as u64).map(move |p| (i, p * PAGE as u64)))
         .peekable();
-    let mut last = None;
     while pages.peek().is_some() {
         b.mix.parts += 1;
-        b.put(Record::SectionPart {
-            section_id: RAM_SECTION,
-        });
+        b.put(Layout::part());
         for (block, offset) in pages.by_ref().take(2048 + rng.below(4096) as usize) {
-            b.page(block, offset, last == Some(block));
-            last = Some(block);
+            b.page(block, offset);
         }
         b.end_ram_payload();
     }
     // The END section: pages of pc.ram dirtied again during the last pass.
-    b.put(Record::SectionEnd {
-        section_id: RAM_SECTION,
-    });
+    b.put(Layout::end());
     match shape {
         Shape::Codec => {
             let ram_pages = BLOCKS[0].1 / PAGE as u64;
             for _ in 0..512 {
-                b.page(0, rng.below(ram_pages) * PAGE as u64, last == Some(0));
-                last = Some(0);
+                b.page(0, rng.below(ram_pages) * PAGE as u64);
             }
         }
         Shape::Dedup => {
@@ -474,22 +422,14 @@ pub(crate) fn synthetic_stream(shape: Shape) -> Stream {
             for _ in 0..2048 {
                 let (offset, old) = &kept[rng.below(kept.len() as u64) as usize];
                 let data = b.src.dirtied(old);
-                b.put_page(0, *offset, last == Some(0), Some(data));
-                last = Some(0);
+                b.put_page(0, *offset, Some(data));
             }
         }
     }
     b.end_ram_payload();
-
-    b.put(Record::SectionFull(SectionHeader {
-        section_id: 0,
-        idstr: Bytes::from_static(b"timer"),
-        instance_id: 0,
-        version_id: 2,
-    }));
-    b.put(Record::Opaque(device_state(&mut rng)));
-    b.put(Record::Eof);
-    b.put(Record::VmDescription(vm_description()));
+    for record in Layout::device_tail(device_state(&mut rng), vm_description()) {
+        b.put(record);
+    }
     let image = match shape {
         Shape::Codec => Vec::new(),
         Shape::Dedup => {

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::host_files::HostFiles;
+pub(crate) use super::synthetic::{Rng, mix};
 
 /// Target page size (x86).
 pub(crate) const PAGE: usize = 4096;
@@ -381,48 +382,4 @@ fn text(rng: &mut Rng, page: &mut [u8; PAGE]) {
             &mut at,
         );
     }
-}
-
-/// SplitMix64: a tiny deterministic generator, so that every run builds the same
-/// guests.
-#[derive(Debug)]
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number below `n` (n > 0).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// True with `percent` % probability.
-    pub(crate) fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    pub(crate) fn fill(&mut self, out: &mut [u8]) {
-        let mut words = out.chunks_exact_mut(8);
-        for w in &mut words {
-            w.copy_from_slice(&self.next().to_le_bytes());
-        }
-        let tail = words.into_remainder();
-        let last = self.next().to_le_bytes();
-        tail.copy_from_slice(&last[..tail.len()]);
-    }
-}
-
-/// Combines two numbers into a seed.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    Rng::new(a ^ b.rotate_left(32).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next()
 }

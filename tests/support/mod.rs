@@ -5,6 +5,12 @@
 #[cfg(feature = "relay")]
 pub mod pki;
 pub mod proxy;
+pub mod synthetic;
+
+#[allow(unused_imports)] // not every test uses it
+pub use synthetic::random_pages;
+
+use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
 use migstream::Error;
@@ -176,19 +182,72 @@ pub fn sample_records() -> Vec<Record> {
     ]
 }
 
-/// `n` distinct pseudo-random pages of `size` bytes (xorshift from `seed`).
-pub fn random_pages(n: usize, size: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            (0..size / 8)
-                .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()
-                })
-                .collect()
-        })
-        .collect()
+/// Whether `MIGSTREAM_BLESS` is set: the tests rewrite the golden files and fuzz
+/// seeds they make instead of checking them.
+pub fn bless() -> bool {
+    std::env::var_os("MIGSTREAM_BLESS").is_some()
+}
+
+/// Files the tests make, checked in under `dir`. With `MIGSTREAM_BLESS=1` they are
+/// written, and any other file there is removed unless `keep` accepts its name;
+/// otherwise every one must be on disk with exactly these bytes, and no other file
+/// may be there but those `keep` accepts.
+pub fn golden_files(dir: &Path, files: &[(String, Vec<u8>)], keep: impl Fn(&str) -> bool) {
+    let made = |name: &str| files.iter().any(|(n, _)| n == name);
+    if bless() {
+        std::fs::create_dir_all(dir).unwrap();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if !made(&name) && !keep(&name) {
+                std::fs::remove_file(dir.join(&name)).unwrap();
+            }
+        }
+        for (name, bytes) in files {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        let on_disk = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (MIGSTREAM_BLESS=1 writes it)", path.display()));
+        assert!(
+            on_disk == *bytes,
+            "{} is stale: MIGSTREAM_BLESS=1 rewrites it",
+            path.display()
+        );
+    }
+    let mut stale: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !made(n) && !keep(n))
+        .collect();
+    stale.sort();
+    assert!(
+        stale.is_empty(),
+        "{}: stale files {stale:?} (MIGSTREAM_BLESS=1 removes them)",
+        dir.display()
+    );
+}
+
+/// Golden errors: each case must fail, with the same error whether it is decoded
+/// whole or byte by byte (`decode(bytes, read size)` gives the error), and its
+/// `NAME.bin` (the input) and `NAME.err` (the error's kind and message) under `dir`
+/// must be current ([`golden_files`]).
+pub fn golden_errors(
+    dir: &Path,
+    cases: &[(&str, Vec<u8>)],
+    decode: impl Fn(&[u8], usize) -> Option<Error>,
+) {
+    let mut files = Vec::new();
+    for (name, bytes) in cases {
+        let message = |e: Error| format!("{:?}: {e}", e.kind());
+        let whole = decode(bytes, bytes.len().max(1))
+            .map(message)
+            .unwrap_or_else(|| panic!("{name}: decoded without error"));
+        let bytewise = decode(bytes, 1).map(message);
+        assert_eq!(bytewise.as_ref(), Some(&whole), "{name}: byte by byte");
+        files.push((format!("{name}.bin"), bytes.clone()));
+        files.push((format!("{name}.err"), format!("{whole}\n").into_bytes()));
+    }
+    golden_files(dir, &files, |_| false);
 }

@@ -18,7 +18,7 @@ impl QemuDecoder {
         }
         let Some((config, len)) = self.parse_configuration(src)? else {
             if src.len() > self.limits.max_config_len {
-                return Err(self.limit(
+                return Err(self.pos.limit(
                     0,
                     "configuration length",
                     src.len(),
@@ -28,13 +28,15 @@ impl QemuDecoder {
             return Ok((Phase::Configuration, Step::NeedMore));
         };
         if len > self.limits.max_config_len {
-            return Err(self.limit(0, "configuration length", len, self.limits.max_config_len));
+            return Err(self
+                .pos
+                .limit(0, "configuration length", len, self.limits.max_config_len));
         }
         for sub in &config.subsections {
             match sub {
                 ConfigSubsection::TargetPageBits(bits) => {
                     if !(10..=16).contains(bits) {
-                        return Err(self.unsupported(
+                        return Err(self.pos.unsupported(
                             0,
                             "target page bits",
                             "page size outside 1 KiB..64 KiB",
@@ -54,7 +56,7 @@ impl QemuDecoder {
                 ConfigSubsection::Uuid(_) => {}
             }
         }
-        self.skip(src, len);
+        self.pos.skip(src, len);
         Ok((Phase::TopLevel, Step::Emit(Record::Configuration(config))))
     }
 
@@ -67,7 +69,9 @@ impl QemuDecoder {
         let Some(len) = c.be32() else { return Ok(None) };
         let len = len as usize;
         if len > self.limits.max_config_len {
-            return Err(self.limit(1, "machine type length", len, self.limits.max_config_len));
+            return Err(self
+                .pos
+                .limit(1, "machine type length", len, self.limits.max_config_len));
         }
         let Some(machine) = c.take(len) else {
             return Ok(None);
@@ -106,7 +110,7 @@ impl QemuDecoder {
                     };
                     if count as usize > self.limits.max_capabilities {
                         let limit = self.limits.max_capabilities;
-                        return Err(self.limit(
+                        return Err(self.pos.limit(
                             c.pos() - 4,
                             "capability count",
                             count as usize,
@@ -127,7 +131,7 @@ impl QemuDecoder {
                     None => return Ok(None),
                 },
                 _ => {
-                    return Err(self.unsupported(
+                    return Err(self.pos.unsupported(
                         at,
                         "configuration subsection",
                         "unknown subsection name",
@@ -135,7 +139,9 @@ impl QemuDecoder {
                 }
             };
             if version != 1 {
-                return Err(self.unsupported(at, "configuration subsection version", "not 1"));
+                return Err(self
+                    .pos
+                    .unsupported(at, "configuration subsection version", "not 1"));
             }
             config.subsections.push(sub);
         }

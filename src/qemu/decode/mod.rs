@@ -19,19 +19,21 @@
 //! hundred bytes, bounded by [`Limits`]) are checked for completeness before they are
 //! consumed. Every error is fatal: the decoder stays failed.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 
 use super::Limits;
 mod config;
+mod position;
 mod ram;
 
+pub(crate) use position::Position;
 use ram::PayloadKind;
 
 use super::record::{Command, PageAddr, RamBlock, Record, SectionHeader};
 use super::tail;
 use super::wire::{self, command, record_type};
 use crate::cursor::Cursor;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The page size of every x86 target (`TARGET_PAGE_BITS` = 12).
 pub const DEFAULT_PAGE_SIZE: usize = 4096;
@@ -42,7 +44,7 @@ pub const DEFAULT_PAGE_SIZE: usize = 4096;
 /// needs more, `Ok(Some(record))` after consuming a record's bytes from the front of
 /// the buffer, or an error (after which it stays failed). At the end of the input
 /// call [`decode_eof`](Self::decode_eof) until it returns `Ok(None)`; it fails with
-/// [`Error::Truncated`] if the stream stopped before its end.
+/// [`Error::Truncated`](crate::Error::Truncated) if the stream stopped before its end.
 ///
 /// ```
 /// use bytes::BytesMut;
@@ -60,8 +62,8 @@ pub struct QemuDecoder {
     limits: Limits,
     page_size: usize,
     phase: Phase,
-    /// Stream offset of the first byte not yet consumed.
-    offset: u64,
+    /// The first byte not yet consumed.
+    pos: Position,
     ram: RamState,
 }
 
@@ -155,7 +157,7 @@ impl QemuDecoder {
             limits,
             page_size: DEFAULT_PAGE_SIZE,
             phase: Phase::Header,
-            offset: 0,
+            pos: Position::default(),
             ram: RamState::default(),
         }
     }
@@ -185,7 +187,7 @@ impl QemuDecoder {
 
     /// Stream offset of the next byte to be consumed (= bytes consumed so far).
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.pos.offset()
     }
 
     /// Whether the stream has reached its EOF record.
@@ -207,10 +209,7 @@ impl QemuDecoder {
             None => {
                 let field = self.phase.reading();
                 self.phase = Phase::Failed;
-                Err(Error::Truncated {
-                    offset: self.offset + src.len() as u64,
-                    field,
-                })
+                Err(self.pos.truncated(src.len(), field))
             }
         }
     }
@@ -256,7 +255,7 @@ impl QemuDecoder {
                     };
                     return Ok((phase, Step::NeedMore));
                 }
-                let data = self.take(src, len);
+                let data = self.pos.take(src, len);
                 Ok((
                     Phase::RamRecords { section_id },
                     Step::Emit(kind.record(addr, data)),
@@ -271,7 +270,7 @@ impl QemuDecoder {
                     return Ok((Phase::Packaged { remaining }, Step::NeedMore));
                 }
                 let n = src.len().min(self.opaque_chunk()).min(remaining as usize);
-                let chunk = self.take(src, n);
+                let chunk = self.pos.take(src, n);
                 let remaining = remaining - n as u64;
                 Ok((
                     Phase::Packaged { remaining },
@@ -282,11 +281,15 @@ impl QemuDecoder {
             Phase::AfterEof => self.vm_description(src),
             Phase::Done => match src.is_empty() {
                 true => Ok((Phase::Done, Step::NeedMore)),
-                false => {
-                    Err(self.malformed(0, "trailing bytes", "bytes after the device description"))
-                }
+                false => Err(self.pos.malformed(
+                    0,
+                    "trailing bytes",
+                    "bytes after the device description",
+                )),
             },
-            Phase::Failed => Err(self.malformed(0, "stream", "the decoder failed earlier")),
+            Phase::Failed => Err(self
+                .pos
+                .malformed(0, "stream", "the decoder failed earlier")),
         }
     }
 
@@ -296,15 +299,17 @@ impl QemuDecoder {
             return Ok((Phase::Header, Step::NeedMore));
         };
         if magic != wire::FILE_MAGIC {
-            return Err(self.malformed(0, "file magic", "not \"QEVM\""));
+            return Err(self.pos.malformed(0, "file magic", "not \"QEVM\""));
         }
         if version == wire::FILE_VERSION_COMPAT {
-            return Err(self.unsupported(4, "file version", "obsolete version 2"));
+            return Err(self
+                .pos
+                .unsupported(4, "file version", "obsolete version 2"));
         }
         if version != wire::FILE_VERSION {
-            return Err(self.malformed(4, "file version", "not 3"));
+            return Err(self.pos.malformed(4, "file version", "not 3"));
         }
-        self.skip(src, 8);
+        self.pos.skip(src, 8);
         Ok((Phase::Configuration, Step::Emit(Record::Header)))
     }
 
@@ -319,13 +324,13 @@ impl QemuDecoder {
                     return Ok((Phase::TopLevel, Step::NeedMore));
                 };
                 if Some(section_id) != self.ram.section_id {
-                    return Err(self.malformed(
+                    return Err(self.pos.malformed(
                         1,
                         "section id",
                         "no live section with this id was started",
                     ));
                 }
-                self.skip(src, 5);
+                self.pos.skip(src, 5);
                 let record = match kind {
                     record_type::SECTION_PART => Record::SectionPart { section_id },
                     _ => Record::SectionEnd { section_id },
@@ -334,19 +339,25 @@ impl QemuDecoder {
             }
             record_type::COMMAND => self.command(src),
             record_type::EOF => {
-                self.skip(src, 1);
+                self.pos.skip(src, 1);
                 Ok((Phase::AfterEof, Step::Emit(Record::Eof)))
             }
-            record_type::CONFIGURATION => {
-                Err(self.malformed(0, "record type", "configuration not right after the header"))
-            }
+            record_type::CONFIGURATION => Err(self.pos.malformed(
+                0,
+                "record type",
+                "configuration not right after the header",
+            )),
             record_type::SECTION_FOOTER => {
-                Err(self.malformed(0, "record type", "section footer outside a section"))
+                Err(self
+                    .pos
+                    .malformed(0, "record type", "section footer outside a section"))
             }
             record_type::VMDESCRIPTION => {
-                Err(self.malformed(0, "record type", "device description before EOF"))
+                Err(self
+                    .pos
+                    .malformed(0, "record type", "device description before EOF"))
             }
-            _ => Err(self.malformed(0, "record type", "unknown record type")),
+            _ => Err(self.pos.malformed(0, "record type", "unknown record type")),
         }
     }
 
@@ -361,13 +372,19 @@ impl QemuDecoder {
         let idstr_len = idstr.len();
         if kind == record_type::SECTION_START && idstr == wire::RAM_IDSTR {
             if self.ram.section_id.is_some() {
-                return Err(self.malformed(1, "section id", "a second RAM section was started"));
+                return Err(self.pos.malformed(
+                    1,
+                    "section id",
+                    "a second RAM section was started",
+                ));
             }
             if version_id != wire::RAM_VERSION {
-                return Err(self.unsupported(len - 4, "RAM section version", "not 4"));
+                return Err(self
+                    .pos
+                    .unsupported(len - 4, "RAM section version", "not 4"));
             }
         }
-        let bytes = self.take(src, len);
+        let bytes = self.pos.take(src, len);
         let header = SectionHeader {
             section_id,
             idstr: bytes.slice(6..6 + idstr_len),
@@ -395,25 +412,29 @@ impl QemuDecoder {
             return Ok((Phase::TopLevel, Step::NeedMore));
         };
         if cmd == 0 {
-            return Err(self.malformed(1, "command", "command 0 is invalid"));
+            return Err(self.pos.malformed(1, "command", "command 0 is invalid"));
         }
         if cmd > command::SWITCHOVER_START {
-            return Err(self.unsupported(1, "command", "unknown command"));
+            return Err(self.pos.unsupported(1, "command", "unknown command"));
         }
         if command::fixed_len(cmd).is_some_and(|fixed| fixed != len)
             || (cmd == command::POSTCOPY_ADVISE && len != 0 && len != 16)
         {
-            return Err(self.malformed(3, "command length", "not the command's fixed length"));
+            return Err(self
+                .pos
+                .malformed(3, "command length", "not the command's fixed length"));
         }
         let len = usize::from(len);
         if len > self.limits.max_command_len {
-            return Err(self.limit(3, "command length", len, self.limits.max_command_len));
+            return Err(self
+                .pos
+                .limit(3, "command length", len, self.limits.max_command_len));
         }
         if src.len() < 5 + len {
             src.reserve(5 + len - src.len());
             return Ok((Phase::TopLevel, Step::NeedMore));
         }
-        let payload = self.take(src, 5 + len).slice(5..);
+        let payload = self.pos.take(src, 5 + len).slice(5..);
         let mut next = Phase::TopLevel;
         match cmd {
             command::PACKAGED => {
@@ -440,13 +461,13 @@ impl QemuDecoder {
             return Ok((Phase::Footer { section_id }, Step::NeedMore));
         };
         if id != section_id {
-            return Err(self.malformed(
+            return Err(self.pos.malformed(
                 1,
                 "section footer",
                 "section id differs from the section's",
             ));
         }
-        self.skip(src, 5);
+        self.pos.skip(src, 5);
         Ok((Phase::TopLevel, Step::Emit(Record::Footer { section_id })))
     }
 
@@ -454,14 +475,14 @@ impl QemuDecoder {
         let opaque =
             tail::device_state_len(src, self.limits.max_vmdesc_len, at_end, self.opaque_chunk());
         if opaque > 0 {
-            let chunk = self.take(src, opaque);
+            let chunk = self.pos.take(src, opaque);
             return Ok((Phase::DeviceState, Step::Emit(Record::Opaque(chunk))));
         }
         if !at_end || src.is_empty() {
             return Ok((Phase::DeviceState, Step::NeedMore));
         }
         // The stream ended exactly after `00 [06 len json]`: EOF and its description.
-        self.skip(src, 1);
+        self.pos.skip(src, 1);
         Ok((Phase::AfterEof, Step::Emit(Record::Eof)))
     }
 
@@ -470,7 +491,7 @@ impl QemuDecoder {
             None => return Ok((Phase::AfterEof, Step::NeedMore)),
             Some(&record_type::VMDESCRIPTION) => {}
             Some(_) => {
-                return Err(self.malformed(
+                return Err(self.pos.malformed(
                     0,
                     "record type",
                     "only the device description may follow EOF",
@@ -482,7 +503,7 @@ impl QemuDecoder {
         };
         let len = len as usize;
         if len > self.limits.max_vmdesc_len {
-            return Err(self.limit(
+            return Err(self.pos.limit(
                 1,
                 "device description length",
                 len,
@@ -493,49 +514,12 @@ impl QemuDecoder {
             src.reserve(5 + len - src.len());
             return Ok((Phase::AfterEof, Step::NeedMore));
         }
-        let json = self.take(src, 5 + len).slice(5..);
+        let json = self.pos.take(src, 5 + len).slice(5..);
         Ok((Phase::Done, Step::Emit(Record::VmDescription(json))))
     }
 
     /// The size of opaque chunks handed out (at least one byte, whatever the limits say).
     fn opaque_chunk(&self) -> usize {
         self.limits.max_opaque_chunk.max(1)
-    }
-
-    fn take(&mut self, src: &mut BytesMut, n: usize) -> Bytes {
-        self.offset += n as u64;
-        src.split_to(n).freeze()
-    }
-
-    fn skip(&mut self, src: &mut BytesMut, n: usize) {
-        self.offset += n as u64;
-        src.advance(n);
-    }
-
-    fn malformed(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
-        let offset = self.offset + at as u64;
-        Error::Malformed {
-            offset,
-            field,
-            reason,
-        }
-    }
-
-    fn unsupported(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
-        let offset = self.offset + at as u64;
-        Error::Unsupported {
-            offset,
-            field,
-            reason,
-        }
-    }
-
-    fn limit(&self, at: usize, field: &'static str, value: usize, limit: usize) -> Error {
-        Error::LimitExceeded {
-            offset: self.offset + at as u64,
-            field,
-            value: value as u64,
-            limit: limit as u64,
-        }
     }
 }

@@ -56,7 +56,7 @@ impl QemuDecoder {
             return self.page_record(src, section_id, kind, offset, continued);
         }
         if continued {
-            return Err(self.malformed(
+            return Err(self.pos.malformed(
                 0,
                 "RAM record flags",
                 "CONTINUE on a record without a page",
@@ -65,19 +65,19 @@ impl QemuDecoder {
         match kind {
             ram_flag::MEM_SIZE => {
                 if self.ram.mapped_ram {
-                    return Err(self.unsupported(0, "RAM setup", "mapped-ram streams"));
+                    return Err(self.pos.unsupported(0, "RAM setup", "mapped-ram streams"));
                 }
                 if self.ram.huge_page_blocks {
-                    return Err(self.unsupported(
+                    return Err(self.pos.unsupported(
                         0,
                         "RAM setup",
                         "postcopy with huge-page RAM blocks",
                     ));
                 }
                 if !self.ram.blocks.is_empty() {
-                    return Err(self.malformed(0, "RAM setup", "a second block list"));
+                    return Err(self.pos.malformed(0, "RAM setup", "a second block list"));
                 }
-                self.skip(src, 8);
+                self.pos.skip(src, 8);
                 let phase = Phase::MemSizeBlocks {
                     section_id,
                     total: offset,
@@ -87,7 +87,7 @@ impl QemuDecoder {
                 Ok((phase, Step::Continue))
             }
             ram_flag::EOS | ram_flag::MULTIFD_FLUSH if offset == 0 => {
-                self.skip(src, 8);
+                self.pos.skip(src, 8);
                 match kind {
                     ram_flag::EOS => Ok((
                         Phase::Footer { section_id },
@@ -96,13 +96,15 @@ impl QemuDecoder {
                     _ => Ok((here, Step::Emit(Record::Ram(RamRecord::MultifdFlush)))),
                 }
             }
-            ram_flag::EOS | ram_flag::MULTIFD_FLUSH => Err(self.malformed(
+            ram_flag::EOS | ram_flag::MULTIFD_FLUSH => Err(self.pos.malformed(
                 0,
                 "RAM record offset",
                 "non-zero on a record without a page",
             )),
-            ram_flag::HOOK => Err(self.unsupported(0, "RAM record flags", "RDMA hook")),
-            _ => Err(self.malformed(0, "RAM record flags", "unknown flag combination")),
+            ram_flag::HOOK => Err(self.pos.unsupported(0, "RAM record flags", "RDMA hook")),
+            _ => Err(self
+                .pos
+                .malformed(0, "RAM record flags", "unknown flag combination")),
         }
     }
 
@@ -120,7 +122,7 @@ impl QemuDecoder {
             match self.ram.current {
                 Some(block) => block,
                 None => {
-                    return Err(self.malformed(
+                    return Err(self.pos.malformed(
                         0,
                         "RAM record flags",
                         "CONTINUE before any named block",
@@ -134,7 +136,11 @@ impl QemuDecoder {
             match self.ram.blocks.iter().position(|b| b.idstr == name) {
                 Some(block) => block,
                 None => {
-                    return Err(self.malformed(8, "RAM block name", "not in the setup block list"));
+                    return Err(self.pos.malformed(
+                        8,
+                        "RAM block name",
+                        "not in the setup block list",
+                    ));
                 }
             }
         };
@@ -150,10 +156,10 @@ impl QemuDecoder {
                     return Ok((here, Step::NeedMore));
                 };
                 if encoding != wire::XBZRLE_ENCODING {
-                    return Err(self.malformed(name_end, "XBZRLE encoding", "not 0x01"));
+                    return Err(self.pos.malformed(name_end, "XBZRLE encoding", "not 0x01"));
                 }
                 if usize::from(len) > self.page_size {
-                    return Err(self.malformed(
+                    return Err(self.pos.malformed(
                         name_end + 1,
                         "XBZRLE length",
                         "longer than a page",
@@ -166,7 +172,7 @@ impl QemuDecoder {
                     return Ok((here, Step::NeedMore));
                 };
                 if len as usize > wire::zlib_compress_bound(self.page_size) {
-                    return Err(self.malformed(
+                    return Err(self.pos.malformed(
                         name_end,
                         "compressed page length",
                         "beyond zlib's bound for a page",
@@ -177,7 +183,11 @@ impl QemuDecoder {
         };
         let ram_block = &self.ram.blocks[block];
         if offset >= ram_block.used_length {
-            return Err(self.malformed(0, "RAM record offset", "beyond the end of its RAM block"));
+            return Err(self.pos.malformed(
+                0,
+                "RAM record offset",
+                "beyond the end of its RAM block",
+            ));
         }
         let addr = PageAddr {
             block: ram_block.idstr.clone(),
@@ -189,18 +199,18 @@ impl QemuDecoder {
         let kind = match body {
             Body::Payload(kind) => kind,
             Body::Fill(fill) => {
-                self.skip(src, header);
+                self.pos.skip(src, header);
                 let record = Record::Ram(RamRecord::Zero { addr, fill });
                 return Ok((here, Step::Emit(record)));
             }
         };
         if src.len() >= header + len {
             // one split for header and payload: the hot path of a page record
-            let mut data = self.take(src, header + len);
+            let mut data = self.pos.take(src, header + len);
             data.advance(header);
             return Ok((here, Step::Emit(kind.record(addr, data))));
         }
-        self.skip(src, header);
+        self.pos.skip(src, header);
         src.reserve(len - src.len());
         let phase = Phase::PagePayload {
             section_id,
@@ -221,7 +231,7 @@ impl QemuDecoder {
     ) -> Result<(Phase, Step)> {
         while listed < total {
             if blocks.len() >= self.limits.max_ram_blocks {
-                return Err(self.limit(
+                return Err(self.pos.limit(
                     0,
                     "RAM block count",
                     blocks.len() + 1,
@@ -245,15 +255,15 @@ impl QemuDecoder {
                 return Ok((phase, Step::NeedMore));
             };
             if name.is_empty() {
-                return Err(self.malformed(0, "RAM block name", "empty"));
+                return Err(self.pos.malformed(0, "RAM block name", "empty"));
             }
             if blocks.iter().any(|b| b.idstr == name) {
-                return Err(self.malformed(1, "RAM block name", "listed twice"));
+                return Err(self.pos.malformed(1, "RAM block name", "listed twice"));
             }
             listed = match listed.checked_add(used_length) {
                 Some(sum) if sum <= total => sum,
                 _ => {
-                    return Err(self.malformed(
+                    return Err(self.pos.malformed(
                         1 + name.len(),
                         "RAM block length",
                         "blocks exceed the total RAM size",
@@ -261,7 +271,7 @@ impl QemuDecoder {
                 }
             };
             let idstr = Bytes::copy_from_slice(name);
-            self.skip(src, c.pos());
+            self.pos.skip(src, c.pos());
             blocks.push(RamBlock {
                 idstr,
                 used_length,

@@ -18,7 +18,7 @@
 //! `RamPayload`/`DevicePayload` without parsing the header again. Every error is
 //! fatal: the decoder stays failed.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use super::Limits;
 use super::record::{
@@ -26,8 +26,9 @@ use super::record::{
 };
 use super::wire::{self, flag};
 use crate::cursor::Cursor;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::qemu::DEFAULT_PAGE_SIZE;
+use crate::qemu::decode::Position;
 use crate::qemu::wire::checked_page_size;
 
 /// Decodes one multifd channel (the bytes of one connection, from its first byte)
@@ -37,7 +38,7 @@ use crate::qemu::wire::checked_page_size;
 /// needs more, `Ok(Some(record))` after consuming a record's bytes from the front of
 /// the buffer, or an error (after which it stays failed). At the end of the input
 /// call [`decode_eof`](Self::decode_eof) until it returns `Ok(None)`; it fails with
-/// [`Error::Truncated`] if the channel stopped inside its greeting or a packet.
+/// [`Error::Truncated`](crate::Error::Truncated) if the channel stopped inside its greeting or a packet.
 ///
 /// The same rules decode QEMU 7.2 and 10.0 channels; nothing needs to be told about
 /// the sender's version. Only the target page size must be known (4 KiB unless set
@@ -48,8 +49,8 @@ pub struct MultifdDecoder {
     limits: Limits,
     page_size: usize,
     phase: Phase,
-    /// Channel offset of the first byte not yet consumed.
-    offset: u64,
+    /// The first byte not yet consumed.
+    pos: Position,
     channel_id: Option<u8>,
 }
 
@@ -129,7 +130,7 @@ impl MultifdDecoder {
             limits,
             page_size: DEFAULT_PAGE_SIZE,
             phase: Phase::Greeting,
-            offset: 0,
+            pos: Position::default(),
             channel_id: None,
         }
     }
@@ -168,7 +169,7 @@ impl MultifdDecoder {
 
     /// Channel offset of the next byte to be consumed (= bytes consumed so far).
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.pos.offset()
     }
 
     /// The channel's id, once its greeting is decoded.
@@ -190,10 +191,7 @@ impl MultifdDecoder {
             None => {
                 let field = self.phase.reading();
                 self.phase = Phase::Failed;
-                Err(Error::Truncated {
-                    offset: self.offset + src.len() as u64,
-                    field,
-                })
+                Err(self.pos.truncated(src.len(), field))
             }
         }
     }
@@ -221,7 +219,7 @@ impl MultifdDecoder {
                 if src.len() < len {
                     return Ok((Phase::RamPayload { packet, len }, Step::NeedMore));
                 }
-                let data = self.take(src, len);
+                let data = self.pos.take(src, len);
                 packet.payload = self.payload(&packet, data, 0);
                 Ok((Phase::Packet, Step::Emit(ChannelRecord::Packet(packet))))
             }
@@ -241,7 +239,7 @@ impl MultifdDecoder {
                     };
                     return Ok((phase, Step::NeedMore));
                 }
-                let data = self.take(src, len);
+                let data = self.pos.take(src, len);
                 let record = ChannelRecord::DeviceState(DeviceStatePacket {
                     flags,
                     idstr,
@@ -250,7 +248,9 @@ impl MultifdDecoder {
                 });
                 Ok((Phase::Packet, Step::Emit(record)))
             }
-            Phase::Failed => Err(self.malformed(0, "channel", "the decoder failed earlier")),
+            Phase::Failed => Err(self
+                .pos
+                .malformed(0, "channel", "the decoder failed earlier")),
         }
     }
 
@@ -258,19 +258,19 @@ impl MultifdDecoder {
         let mut c = Cursor::new(src);
         if let Some(magic) = c.be32() {
             if magic == crate::qemu::wire::FILE_MAGIC {
-                return Err(self.malformed(
+                return Err(self.pos.malformed(
                     0,
                     "channel magic",
                     "a main channel (\"QEVM\"), not a multifd channel",
                 ));
             }
             if magic != wire::MAGIC {
-                return Err(self.malformed(0, "channel magic", "not 0x11223344"));
+                return Err(self.pos.malformed(0, "channel magic", "not 0x11223344"));
             }
         }
         if let Some(version) = c.be32() {
             if version != wire::VERSION {
-                return Err(self.malformed(4, "channel version", "not 1"));
+                return Err(self.pos.malformed(4, "channel version", "not 1"));
             }
         }
         let (Some(uuid), Some(channel_id), Some(reserved)) = (c.take(16), c.u8(), c.take(39))
@@ -283,7 +283,7 @@ impl MultifdDecoder {
             channel_id,
             reserved: reserved.try_into().expect("39 bytes"),
         };
-        self.skip(src, wire::GREETING_LEN);
+        self.pos.skip(src, wire::GREETING_LEN);
         self.channel_id = Some(channel_id);
         Ok((Phase::Packet, Step::Emit(ChannelRecord::Greeting(greeting))))
     }
@@ -293,26 +293,30 @@ impl MultifdDecoder {
         let mut c = Cursor::new(src);
         if let Some(magic) = c.be32() {
             if magic != wire::MAGIC {
-                return Err(self.malformed(0, "packet magic", "not 0x11223344"));
+                return Err(self.pos.malformed(0, "packet magic", "not 0x11223344"));
             }
         }
         if let Some(version) = c.be32() {
             if version != wire::VERSION {
-                return Err(self.malformed(4, "packet version", "not 1"));
+                return Err(self.pos.malformed(4, "packet version", "not 1"));
             }
         }
         let Some(flags) = c.be32() else {
             return Ok((Phase::Packet, Step::NeedMore));
         };
         if flags & !flag::KNOWN != 0 {
-            return Err(self.unsupported(8, "packet flags", "unknown flag bits"));
+            return Err(self.pos.unsupported(8, "packet flags", "unknown flag bits"));
         }
         if Compression::from_flags(flags).is_none() {
-            return Err(self.malformed(8, "packet flags", "unknown compression method"));
+            return Err(self
+                .pos
+                .malformed(8, "packet flags", "unknown compression method"));
         }
         if flags & flag::DEVICE_STATE != 0 {
             if flags & flag::SYNC != 0 {
-                return Err(self.malformed(8, "packet flags", "SYNC on a device-state packet"));
+                return Err(self
+                    .pos
+                    .malformed(8, "packet flags", "SYNC on a device-state packet"));
             }
             return Ok((Phase::DeviceHeader { flags }, Step::Continue));
         }
@@ -322,7 +326,7 @@ impl MultifdDecoder {
     fn ram_header(&mut self, src: &mut BytesMut, flags: u32) -> Result<(Phase, Step)> {
         let slots = self.offset_slots();
         if slots > self.limits.max_offset_slots {
-            return Err(self.limit(
+            return Err(self.pos.limit(
                 wire::PACKET_HEADER_LEN,
                 "offset slots",
                 slots,
@@ -343,12 +347,12 @@ impl MultifdDecoder {
         let name = 64..64 + name_len;
         if src.len() >= header_len + payload_len {
             // one split for header and page data: the hot path
-            let bytes = self.take(src, header_len + payload_len);
+            let bytes = self.pos.take(src, header_len + payload_len);
             packet.block = bytes.slice(name);
             packet.payload = self.payload(&packet, bytes, header_len);
             return Ok((Phase::Packet, Step::Emit(ChannelRecord::Packet(packet))));
         }
-        packet.block = self.take(src, header_len).slice(name);
+        packet.block = self.pos.take(src, header_len).slice(name);
         src.reserve(payload_len - src.len());
         let phase = Phase::RamPayload {
             packet,
@@ -370,17 +374,19 @@ impl MultifdDecoder {
             .expect("28 bytes");
         let name_field = c.take(wire::BLOCK_NAME_LEN).expect("a complete header");
         if pages_alloc as usize > slots {
-            return Err(self.malformed(
+            return Err(self.pos.malformed(
                 12,
                 "pages_alloc",
                 "more pages than a packet has offset slots",
             ));
         }
         if normal_pages > pages_alloc {
-            return Err(self.malformed(16, "normal_pages", "more than pages_alloc"));
+            return Err(self
+                .pos
+                .malformed(16, "normal_pages", "more than pages_alloc"));
         }
         if normal_pages as usize > self.limits.max_pages_per_packet {
-            return Err(self.limit(
+            return Err(self.pos.limit(
                 16,
                 "normal_pages",
                 normal_pages as usize,
@@ -394,7 +400,7 @@ impl MultifdDecoder {
             (_, true) => {
                 let len = next_packet_size as usize;
                 if len > self.limits.max_compressed_len {
-                    return Err(self.limit(
+                    return Err(self.pos.limit(
                         20,
                         "next_packet_size",
                         len,
@@ -405,7 +411,7 @@ impl MultifdDecoder {
             }
         };
         if zero_pages > pages_alloc - normal_pages {
-            return Err(self.malformed(
+            return Err(self.pos.malformed(
                 32,
                 "zero_pages",
                 "more than pages_alloc leaves after the normal pages",
@@ -413,7 +419,9 @@ impl MultifdDecoder {
         }
         let name_len = self.name_len(name_field, 64, "RAM block name")?;
         if name_len == 0 && normal_pages + zero_pages > 0 {
-            return Err(self.malformed(64, "RAM block name", "empty in a packet with pages"));
+            return Err(self
+                .pos
+                .malformed(64, "RAM block name", "empty in a packet with pages"));
         }
         let offsets = (0..slots)
             .map(|_| c.be64().expect("a complete header"))
@@ -462,20 +470,24 @@ impl MultifdDecoder {
         let len = c.be32().expect("a complete header") as usize;
         let name_len = self.name_len(name_field, 12, "device idstr")?;
         if name_len == 0 {
-            return Err(self.malformed(12, "device idstr", "empty"));
+            return Err(self.pos.malformed(12, "device idstr", "empty"));
         }
         if len == 0 {
-            return Err(self.malformed(272, "next_packet_size", "an empty device-state packet"));
+            return Err(self.pos.malformed(
+                272,
+                "next_packet_size",
+                "an empty device-state packet",
+            ));
         }
         if len > self.limits.max_device_state_len {
-            return Err(self.limit(
+            return Err(self.pos.limit(
                 272,
                 "next_packet_size",
                 len,
                 self.limits.max_device_state_len,
             ));
         }
-        let idstr = self.take(src, LEN).slice(12..12 + name_len);
+        let idstr = self.pos.take(src, LEN).slice(12..12 + name_len);
         src.reserve(len.saturating_sub(src.len()));
         let phase = Phase::DevicePayload {
             flags,
@@ -490,46 +502,15 @@ impl MultifdDecoder {
     /// padding must be zeros (as QEMU writes it) so that it can be written back.
     fn name_len(&self, field: &[u8], at: usize, what: &'static str) -> Result<usize> {
         let Some(len) = field.iter().position(|&b| b == 0) else {
-            return Err(self.malformed(at, what, "not NUL-terminated"));
+            return Err(self.pos.malformed(at, what, "not NUL-terminated"));
         };
         if let Some(junk) = field[len..].iter().position(|&b| b != 0) {
-            return Err(self.malformed(at + len + junk, what, "bytes after its NUL terminator"));
+            return Err(self.pos.malformed(
+                at + len + junk,
+                what,
+                "bytes after its NUL terminator",
+            ));
         }
         Ok(len)
-    }
-
-    fn take(&mut self, src: &mut BytesMut, n: usize) -> Bytes {
-        self.offset += n as u64;
-        src.split_to(n).freeze()
-    }
-
-    fn skip(&mut self, src: &mut BytesMut, n: usize) {
-        self.offset += n as u64;
-        src.advance(n);
-    }
-
-    fn malformed(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
-        Error::Malformed {
-            offset: self.offset + at as u64,
-            field,
-            reason,
-        }
-    }
-
-    fn unsupported(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
-        Error::Unsupported {
-            offset: self.offset + at as u64,
-            field,
-            reason,
-        }
-    }
-
-    fn limit(&self, at: usize, field: &'static str, value: usize, limit: usize) -> Error {
-        Error::LimitExceeded {
-            offset: self.offset + at as u64,
-            field,
-            value: value as u64,
-            limit: limit as u64,
-        }
     }
 }
