@@ -196,12 +196,15 @@ pub fn reply_decode(data: &[u8]) {
 }
 
 /// The dedup stream decoder. Odd `data[0]`: the rest is fed as dedup frames in reads
-/// of `data[0] / 2 + 1` bytes (hostile input: must end in `Ok` or a typed error). Even `data[0]`: the rest is taken as a QEMU stream; whatever the QEMU
-/// decoder accepts goes through the dedup encoder and decoder, which must give the
-/// same QEMU bytes back, and then with one byte of the dedup stream flipped (at a
-/// position drawn from the data), which must fail without releasing a wrong byte.
+/// of `data[0] / 2 + 1` bytes (hostile input: must end in `Ok` or a typed error).
+/// Even `data[0]`: the rest is taken as a QEMU stream, or as a multifd channel if it
+/// starts like one; whatever the QEMU (or multifd) decoder accepts goes through the
+/// dedup encoder and decoder, which must give the same bytes back, and then with one
+/// byte of the dedup stream flipped (at a position drawn from the data), which must
+/// fail without releasing a wrong byte.
 pub fn dedup_decode(data: &[u8]) {
     use crate::dedup::DedupEncoder;
+    use crate::qemu::multifd::{MultifdDecoder, MultifdEncoder, wire::is_channel_start};
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
@@ -209,17 +212,29 @@ pub fn dedup_decode(data: &[u8]) {
         let _ = dedup_round(rest, usize::from(mode / 2) + 1);
         return;
     }
-    // the records the QEMU decoder accepts, and their exact bytes
-    let (mut records, mut qemu) = (QemuDecoder::new(), QemuEncoder::new());
+    // the records the QEMU (or multifd) decoder accepts, and their exact bytes
     let (mut input, mut expected) = (BytesMut::from(rest), BytesMut::new());
     let mut enc =
         DedupEncoder::with_default_resolvers().with_batch_size(1 + usize::from(mode) * 64);
     let mut wire = BytesMut::new();
-    while let Ok(Some(record)) = records.decode_eof(&mut input) {
-        qemu.encode(&record, &mut expected)
-            .expect("a decoded record encodes");
-        if enc.encode(&record, &mut wire).is_err() {
-            return;
+    if is_channel_start(rest) == Some(true) {
+        let (mut records, mut channel) = (MultifdDecoder::new(), MultifdEncoder::new());
+        while let Ok(Some(record)) = records.decode_eof(&mut input) {
+            channel
+                .encode(&record, &mut expected)
+                .expect("a decoded record encodes");
+            if enc.encode_channel(&record, &mut wire).is_err() {
+                return;
+            }
+        }
+    } else {
+        let (mut records, mut qemu) = (QemuDecoder::new(), QemuEncoder::new());
+        while let Ok(Some(record)) = records.decode_eof(&mut input) {
+            qemu.encode(&record, &mut expected)
+                .expect("a decoded record encodes");
+            if enc.encode(&record, &mut wire).is_err() {
+                return;
+            }
         }
     }
     enc.finish(&mut wire).expect("finishing a dedup stream");

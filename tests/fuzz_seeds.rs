@@ -19,6 +19,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
+use migstream::qemu::multifd::MultifdDecoder;
 use migstream::qemu::{
     Command, ConfigSubsection, Configuration, MemSize, QemuDecoder, RamBlock, RamRecord, Record,
     SectionHeader,
@@ -560,13 +561,32 @@ fn dedup_decode_seeds_are_current() {
         enc.finish(&mut wire).unwrap();
         seeds.push(seed(format!("wire-{name}"), mode + 1, &wire));
     }
+    // the bundled multifd channels, and their dedup streams
+    let channels = files(&root().join("testdata/multifd"), "mfd");
+    for (i, path) in channels.iter().enumerate() {
+        let channel = std::fs::read(path).unwrap();
+        let mode = (2 * i) as u8;
+        seeds.push(seed(format!("channel-{}", stem(path)), mode, &channel));
+        let (mut records, mut input) = (MultifdDecoder::new(), BytesMut::from(&channel[..]));
+        let mut enc = DedupEncoder::with_default_resolvers().with_batch_size(512);
+        let mut wire = BytesMut::new();
+        while let Some(r) = records.decode_eof(&mut input).unwrap() {
+            enc.encode_channel(&r, &mut wire).unwrap();
+        }
+        enc.finish(&mut wire).unwrap();
+        seeds.push(seed(
+            format!("channel-wire-{}", stem(path)),
+            mode + 1,
+            &wire,
+        ));
+    }
     golden_files(&corpus("dedup_decode"), &seeds, kept);
 }
 
 // ----------------------------------------------------------------- reply_decode
 
 /// The return directions a destination sends (greeting with and without a catalog,
-/// return path, DONE, FAILED) in reads of several sizes, and a few that break the
+/// return path, ACK, DONE, FAILED) in reads of several sizes, and a few that break the
 /// rules.
 #[test]
 fn reply_decode_seeds_are_current() {
@@ -586,6 +606,9 @@ fn reply_decode_seeds_are_current() {
         qemu_bytes: 1 << 30,
         digest: [0x5a; 16],
     };
+    let ack = Reply::Ack {
+        qemu_bytes: 3 << 20,
+    };
     let failed = Reply::Failed {
         reason: "dht cannot restore page 00ff: every node holding it is down".into(),
     };
@@ -594,6 +617,20 @@ fn reply_decode_seeds_are_current() {
         (
             "catalog-return-done",
             bytes(&[catalog.clone(), qemu.clone(), done.clone(), qemu.clone()]),
+        ),
+        (
+            "acks-done",
+            bytes(&[
+                greeting.clone(),
+                ack.clone(),
+                qemu.clone(),
+                ack.clone(),
+                done.clone(),
+            ]),
+        ),
+        (
+            "ack-after-done",
+            bytes(&[greeting.clone(), done.clone(), ack]),
         ),
         (
             "return-failed",

@@ -383,8 +383,14 @@ async fn a_broken_channel_fails_the_whole_migration() {
         !source.iter().any(|o| matches!(o, Ok(Served::Migration(_)))),
         "{source:?}"
     );
-    // the destination proxy saw its links end short, or never got them
-    let destination =
-        tokio::time::timeout(Duration::from_secs(30), lab.destination_served.recv()).await;
-    assert!(destination.unwrap().unwrap().is_err());
+    // the destination proxy saw the links end short: channels that ended before
+    // may have ended well, the migration did not
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), lab.destination_served.recv());
+        match next.await.expect("the destination's outcomes").unwrap() {
+            Ok(Served::Channel(_)) => continue,
+            Ok(served) => panic!("the destination completed: {served:?}"),
+            Err(_) => break,
+        }
+    }
 }

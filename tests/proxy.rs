@@ -76,10 +76,11 @@ fn serves_several_migrations_at_once_and_fails_only_the_broken_one() {
     let qemu = TcpListener::bind("127.0.0.1:0").unwrap();
     let qemu_port = qemu.local_addr().unwrap().port();
     let pki = Files::write("several");
+    // several migrations through one source proxy: none of them multifd
     let (mut source, mut destination) = proxies(
         &pki,
         &format!("127.0.0.1:{qemu_port}"),
-        &[],
+        &["--max-migrations", "4"],
         &["--max-migrations", "4"],
     );
     let received = thread::spawn(move || {
