@@ -208,6 +208,7 @@ class Link:
         self.workdir = workdir
         self.relay = None
         self.relay_stats = None
+        self.relay_reader, self.relay_lines = None, queue.Queue()
         self.redis = []
 
     def up(self, relay=True, rate=True):
@@ -295,8 +296,9 @@ class Link:
             self.relay.wait(timeout=10)
         except subprocess.TimeoutExpired:
             stop_proc(self.relay)
-        self.relay_reader.join(5)
-        self.relay = None
+        if self.relay_reader:
+            self.relay_reader.join(5)
+        self.relay, self.relay_reader = None, None
         self.relay_stats = None
         while True:                     # the last line that is not a flows line
             try:
