@@ -14,7 +14,13 @@ what this relay sends, like a router's bottleneck queue.
 
 Prints "ready" on stdout once both sockets are open; on SIGTERM/SIGINT prints
 one JSON line of counters (frames/bytes per direction, drops, max queue) and
-exits 0. Python 3 standard library only; Linux, root (or CAP_NET_RAW).
+exits 0. On SIGUSR1 it prints one JSON line {"flows": {DIRECTION: [...]}}: the
+IPv4 TCP connections seen since the last SIGUSR1 (or the start), one entry per
+port pair and direction with its frames and bytes (whole frames, as on the
+wire), and starts counting afresh. wan-bench.py sends it before and after each
+migration, to tell how many connections a migration used (a multifd migration
+has one per channel plus the main one) and what each carried. Python 3 standard
+library only; Linux, root (or CAP_NET_RAW).
 """
 import argparse
 import collections
@@ -55,7 +61,15 @@ class Direction(threading.Thread):
         self.stats = {"frames": 0, "bytes": 0, "sent": 0, "tx_drops": 0, "queue_drops": 0,
                       "max_queue_bytes": 0, "max_late_ms": 0.0,
                       "late_ms_sum": 0.0, "late_over_1ms": 0}
+        self.flows = {}                 # (sport, dport) -> [frames, bytes], since the last take_flows
         self.error = None
+
+    def take_flows(self):
+        """The per-connection counters so far, and a fresh set (the swap is one
+        bytecode; a frame counted in between lands in either set, not lost twice)."""
+        flows, self.flows = self.flows, {}
+        return [{"sport": k[0], "dport": k[1], "frames": v[0], "bytes": v[1]}
+                for k, v in sorted(flows.items(), key=lambda kv: -kv[1][1])]
 
     def run(self):
         try:
@@ -83,6 +97,16 @@ class Direction(threading.Thread):
                         break
                     st["frames"] += 1
                     st["bytes"] += len(f) - 10      # without the 10-byte virtio_net_hdr
+                    # IPv4 (ethertype at 10+12) TCP (protocol at 10+14+9): count per port pair
+                    o = 24 + (f[24] & 0x0F) * 4 if len(f) > 34 else 0
+                    if o and f[22:24] == b"\x08\x00" and f[33] == 6 and len(f) >= o + 4:
+                        key = (f[o] << 8 | f[o + 1], f[o + 2] << 8 | f[o + 3])
+                        c = self.flows.get(key)
+                        if c is None:
+                            self.flows[key] = [1, len(f) - 10]
+                        else:
+                            c[0] += 1
+                            c[1] += len(f) - 10
                     if qbytes + len(f) > self.maxq:
                         st["queue_drops"] += 1
                         continue
@@ -124,6 +148,8 @@ def main():
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    dump = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: dump.set())
     sa, sb = open_if(a.if_a, a.bufsize), open_if(a.if_b, a.bufsize)
     d = a.delay_ms / 1000.0
     dirs = [Direction("%s->%s" % (a.if_a, a.if_b), sa, sb, d, a.max_queue, stop),
@@ -132,7 +158,9 @@ def main():
         t.start()
     print("ready", flush=True)
     while not stop.is_set() and all(t.is_alive() for t in dirs):
-        stop.wait(0.5)
+        if dump.wait(0.05):
+            dump.clear()
+            print(json.dumps({"flows": {t.name: t.take_flows() for t in dirs}}), flush=True)
     stop.set()
     for t in dirs:
         t.join(2)

@@ -26,7 +26,16 @@ command -> destination RESUME event) and downtime (source STOP event ->
 destination RESUME event; both QEMUs stamp their QMP events with the same host
 clock), bytes on the wire (the SRC veth's tx/rx counters), proxy CPU time
 (utime+stime of each proxy, read from /proc/PID/stat when it exits, before it
-is reaped, and cross-checked with wait4's rusage), the relay's CPU time.
+is reaped, and cross-checked with wait4's rusage), the relay's CPU time, and the
+TCP connections the migration used across the link with the bytes each carried
+(the relay's per-connection counters, read with SIGUSR1 before and after).
+
+Multifd: the configurations mfd4 and mfd4-zstd are QEMU with 4 multifd channels
+(no compression, zstd); ms-seen-mfd4 and ms-catalog-mfd4 are the proxies carrying
+the same 4 channels (QEMU connects 5 times to the source proxy, which opens a link
+connection for each; the destination proxy connects 5 times to its QEMU). The link
+needs nothing per connection: it delays and shapes frames, whatever connection
+they belong to, and its tbf queue is shared by all of them as a router's would be.
 
 The proxies are lab.py's Proxy, started through `ip netns exec`; their link runs
 over mutual TLS with lab.py's Pki, made once per `run` in OUT/work/pki (the
@@ -39,6 +48,7 @@ PNG: matplotlib, installed into target/wan-bench/venv on demand by `report`).
 import argparse
 import json
 import os
+import queue
 import shlex
 import shutil
 import signal
@@ -73,6 +83,19 @@ CONFIGS = {
                     "catalog": "local"},
     "ms-dht":      {"label": "migstream fill,seen+Redis ring", "proxy": ["--resolvers", "fill,seen"],
                     "catalog": "dht"},
+    # multifd, 4 channels: QEMU alone (no compression, zstd), and through the proxies
+    # (one link connection per QEMU connection); "main" names the same proxies on the
+    # main channel alone, whose wire bytes the multifd ones are held against
+    "mfd4":        {"label": "QEMU multifd×4", "caps": {"multifd": True},
+                    "params": {"multifd-channels": 4, "multifd-compression": "none"}},
+    "mfd4-zstd":   {"label": "QEMU multifd×4+zstd", "caps": {"multifd": True},
+                    "params": {"multifd-channels": 4, "multifd-compression": "zstd"}},
+    "ms-seen-mfd4": {"label": "migstream fill,seen, multifd×4", "proxy": ["--resolvers", "fill,seen"],
+                     "caps": {"multifd": True}, "params": {"multifd-channels": 4, "multifd-compression": "none"},
+                     "main": "ms-seen"},
+    "ms-catalog-mfd4": {"label": "migstream fill,seen+catalog, multifd×4", "proxy": ["--resolvers", "fill,seen"],
+                        "catalog": "local", "caps": {"multifd": True},
+                        "params": {"multifd-channels": 4, "multifd-compression": "none"}, "main": "ms-catalog"},
 }
 REDIS_PORTS = (6390, 6391, 6392)
 TBF_BURST = 131072          # bytes: >= one 64 KiB GSO frame, >= 1 ms at 1 Gbit/s
@@ -185,6 +208,7 @@ class Link:
         self.workdir = workdir
         self.relay = None
         self.relay_stats = None
+        self.relay_reader, self.relay_lines = None, queue.Queue()
         self.redis = []
 
     def up(self, relay=True, rate=True):
@@ -229,6 +253,39 @@ class Link:
         line = wait_line(self.relay.stdout, 15, "the delay relay")
         if line.strip() != "ready":
             raise Fail("delay relay: %r" % line)
+        # its later lines (SIGUSR1's flow counters, the final counters) through a queue
+        self.relay_lines = queue.Queue()
+        out, lines = self.relay.stdout, self.relay_lines
+
+        def pump():
+            for ln in out:
+                lines.put(ln)
+            lines.put(None)
+        self.relay_reader = threading.Thread(target=pump, daemon=True)
+        self.relay_reader.start()
+
+    def flows(self, timeout=5.0):
+        """The TCP connections the relay carried since the last call (SIGUSR1): per
+        direction, [{sport, dport, frames, bytes}], biggest first; None without a relay."""
+        if not self.relay or self.relay.poll() is not None:
+            return None
+        os.kill(self.relay.pid, signal.SIGUSR1)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                ln = self.relay_lines.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if ln is None:
+                return None
+            try:
+                j = json.loads(ln)
+            except ValueError:
+                continue
+            if "flows" in j:
+                return j["flows"]
+        log("the delay relay did not report its flows within %ss" % timeout)
+        return None
 
     def stop_relay(self):
         if not self.relay:
@@ -236,15 +293,24 @@ class Link:
         if self.relay.poll() is None:
             os.kill(self.relay.pid, signal.SIGTERM)
         try:
-            out, _ = self.relay.communicate(timeout=10)
+            self.relay.wait(timeout=10)
         except subprocess.TimeoutExpired:
             stop_proc(self.relay)
-            out = ""
-        self.relay = None
-        try:
-            self.relay_stats = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError, AttributeError):
-            self.relay_stats = None
+        if self.relay_reader:
+            self.relay_reader.join(5)
+        self.relay, self.relay_reader = None, None
+        self.relay_stats = None
+        while True:                     # the last line that is not a flows line
+            try:
+                ln = self.relay_lines.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                j = json.loads(ln) if ln else None
+            except ValueError:
+                continue
+            if isinstance(j, dict) and "flows" not in j:
+                self.relay_stats = j
         return self.relay_stats
 
     def relay_cpu(self):
@@ -490,6 +556,7 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
         rec["boot_s"] = round(time.monotonic() - t0, 1)
         src.configure(caps, params)
         rec["effective_params"] = lab.effective_params(src)
+        link.flows()            # starts the relay's per-connection counters afresh
         c0, r0 = link.counters(), link.relay_cpu()
         rec["loadavg_at_migrate"] = loadavg()
         log("%s %s %s: migrate to %s" % (link.name, guest, cname, uri))
@@ -514,6 +581,14 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
                        "dst_tx": c1["wbd0"]["tx_bytes"] - c0["wbd0"]["tx_bytes"],
                        "src_tx_packets": c1["wbs0"]["tx_packets"] - c0["wbs0"]["tx_packets"]}
         rec["wire"]["total"] = rec["wire"]["src_to_dst"] + rec["wire"]["dst_to_src"]
+        fl = link.flows()
+        if fl is not None:
+            # the migration's TCP connections across the link, as the relay saw them
+            # (src->dst bytes per connection, biggest first): one per QEMU connection,
+            # QEMU's or the proxies' (nothing else crosses the link during a run)
+            fwd = fl.get("wbsa->wbda", [])
+            rec["wire"]["flows_src_to_dst"] = fwd
+            rec["wire"]["connections"] = len(fwd)
         rec["relay_cpu_s"] = round(r1 - r0, 2) if r0 is not None and r1 is not None else None
         checks = {"completed": info.get("status") == "completed", "dst_running": dst_status == "running"}
         t_stop, t_resume = src.event_time("STOP"), dst.event_time("RESUME")
@@ -574,9 +649,10 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
 def fmt_rec(r):
     m = r.get("migration", {})
     pc = proxy_cpu(r)
-    return ("%s %-9s %-6s %-10s total %6s ms (e2e %s s) downtime %5s ms (e2e %s ms) wire %s B%s%s" % (
+    return ("%s %-9s %-6s %-10s total %6s ms (e2e %s s) downtime %5s ms (e2e %s ms) wire %s B in %s conns%s%s" % (
         "OK  " if r["ok"] else "FAIL", r["link"], r["guest"], r["config"], m.get("total-time"),
         r.get("e2e_total_s"), m.get("downtime"), r.get("e2e_downtime_ms"), (r.get("wire") or {}).get("total"),
+        (r.get("wire") or {}).get("connections"),
         " proxy cpu %.2f s" % pc if pc is not None else "", "" if r["ok"] else "  ERROR " + str(r["error"])))
 
 
@@ -781,7 +857,8 @@ def probe(link, mode, secs):
 
 # --------------------------------------------------------------------------- report
 CONFIG_ORDER = list(CONFIGS)
-PLOT_COLORS = ["#333333", "#7f7f7f", "#bdbdbd", "#c6dbef", "#6baed6", "#2171b5", "#08306b"]
+PLOT_COLORS = ["#333333", "#7f7f7f", "#bdbdbd", "#c6dbef", "#6baed6", "#2171b5", "#08306b",
+               "#fdae6b", "#e6550d", "#74c476", "#006d2c"]
 
 
 def load_results(out):
@@ -811,7 +888,7 @@ def cmd_report(o):
     guests = [x for x in GUESTS if any(k[1] == x for k in by)]
     cols = ["link", "guest", "config", "ok", "qemu_total_ms", "qemu_downtime_ms", "e2e_total_s", "e2e_downtime_ms",
             "wire_src_to_dst", "wire_dst_to_src", "wire_total", "ram_transferred", "proxy_ratio",
-            "proxy_cpu_src_s", "proxy_cpu_dst_s", "relay_cpu_s", "loadavg_at_migrate", "error"]
+            "proxy_cpu_src_s", "proxy_cpu_dst_s", "relay_cpu_s", "link_connections", "loadavg_at_migrate", "error"]
     rows = []
     for ln in links:
         for g in guests:
@@ -829,7 +906,8 @@ def cmd_report(o):
                              "proxy_ratio": sj.get("ratio"),
                              "proxy_cpu_src_s": (ps.get("source") or {}).get("cpu_stat_s"),
                              "proxy_cpu_dst_s": (ps.get("destination") or {}).get("cpu_stat_s"),
-                             "relay_cpu_s": r.get("relay_cpu_s"), "loadavg_at_migrate": r.get("loadavg_at_migrate"),
+                             "relay_cpu_s": r.get("relay_cpu_s"), "link_connections": w.get("connections"),
+                             "loadavg_at_migrate": r.get("loadavg_at_migrate"),
                              "error": r.get("error")})
     with open(os.path.join(o.out, "results.tsv"), "w") as f:
         f.write("#" + "\t".join(cols) + "\n")
@@ -837,7 +915,7 @@ def cmd_report(o):
             f.write("\t".join("" if x[c] is None else str(x[c]) for c in cols) + "\n")
     with open(os.path.join(o.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    md = table_md(by, links, guests) + "\n" + targets_md(by, links, guests)
+    md = table_md(by, links, guests) + "\n" + targets_md(by, links, guests) + "\n" + wire_md(by, links, guests)
     with open(os.path.join(o.out, "table.md"), "w") as f:
         f.write(md)
     print(md)
@@ -855,28 +933,29 @@ def table_md(by, links, guests):
         rate, rtt = LINKS[ln]
         out.append("**%s** (%g Mbit/s, %g ms RTT)\n" % (ln, rate / 1e6, rtt))
         out.append("| guest | configuration | total time s (QEMU / end-to-end) | downtime ms (QEMU / end-to-end) "
-                   "| wire MB src→dst / dst→src | proxy ratio | proxy CPU s (src + dst) | ok |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---|")
+                   "| wire MB src→dst / dst→src | proxy ratio | proxy CPU s (src + dst) | link conns | ok |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
         for g in guests:
             for c in CONFIG_ORDER:
                 r = by.get((ln, g, c))
                 if not r:
                     continue
                 if r.get("pending"):
-                    out.append("| %s | %s | pending | pending | pending | | | pending |" % (g, CONFIGS[c]["label"]))
+                    out.append("| %s | %s | pending | pending | pending | | | | pending |" % (g, CONFIGS[c]["label"]))
                     continue
                 m, w, ps = r.get("migration", {}), r.get("wire") or {}, r.get("proxies") or {}
                 tt = m.get("total-time")
                 sj = (ps.get("source") or {}).get("json") or {}
                 cpu = ["%.2f" % ps[k]["cpu_stat_s"] if ps.get(k, {}).get("cpu_stat_s") is not None else "-"
                        for k in ("source", "destination")]
-                out.append("| %s | %s | %s / %s | %s / %s | %s / %s | %s | %s | %s |" % (
+                out.append("| %s | %s | %s / %s | %s / %s | %s / %s | %s | %s | %s | %s |" % (
                     g, CONFIGS[c]["label"], "%.1f" % (tt / 1000) if tt else "-",
                     "%.1f" % r["e2e_total_s"] if r.get("e2e_total_s") else "-",
                     m.get("downtime", "-"), "%.0f" % r["e2e_downtime_ms"] if r.get("e2e_downtime_ms") else "-",
                     mb(w.get("src_to_dst")), mb(w.get("dst_to_src")),
                     "%.3f" % sj["ratio"] if isinstance(sj.get("ratio"), (int, float)) else "-",
                     " + ".join(cpu) if ps else "-",
+                    w.get("connections", "-"),
                     "yes" if r["ok"] else "**no**: " + str(r.get("error", ""))[:80]))
         out.append("")
     return "\n".join(out)
@@ -898,7 +977,14 @@ def targets_md(by, links, guests):
             return r["migration"].get("downtime")
         if kind == "e2e_down":
             return r.get("e2e_downtime_ms")
-    lines = ["| target | link | guest | migstream config | measure | migstream | QEMU | holds? |", "|---|---|---|---|---|---:|---:|---|"]
+    def wire(r):
+        return r["wire"]["src_to_dst"] / 1e6 if r and r.get("ok") and r.get("wire") else None
+
+    def proxy_wire(r):
+        sj = (((r or {}).get("proxies") or {}).get("source") or {}).get("json") or {}
+        return sj["wire_bytes"] / 1e6 if r and r.get("ok") and sj.get("wire_bytes") else None
+    lines = ["| target | link | guest | migstream config | measure | migstream | reference | holds? |",
+             "|---|---|---|---|---|---:|---:|---|"]
     ms_configs = [c for c in CONFIG_ORDER if "proxy" in CONFIGS[c]]
     for ln in links:
         for g in guests:
@@ -908,25 +994,68 @@ def targets_md(by, links, guests):
                     continue
                 d, z = by.get((ln, g, "direct")), by.get((ln, g, "mfd-zstd"))
                 checks = []
-                for kind in ("total", "e2e_total"):
-                    if ln.startswith("100m") and g in ("idle", "dup"):
+                if "main" in CONFIGS[c]:
+                    # multifd through the proxies: faster than QEMU's own multifd+zstd with
+                    # as many channels, at both links; wire bytes within 5 % of the same
+                    # proxies carrying the main channel alone
+                    z4, m = by.get((ln, g, "mfd4-zstd")), by.get((ln, g, CONFIGS[c]["main"]))
+                    for kind in ("total", "e2e_total"):
+                        if z4:
+                            checks.append(("time ≤ QEMU multifd×4+zstd", kind, val(r, kind), val(z4, kind), 1.0))
+                    if m:
+                        checks.append(("wire ≤ 1.05× %s" % CONFIGS[c]["main"], "wire", wire(r), wire(m), 1.05))
+                        checks.append(("wire ≤ 1.05× %s" % CONFIGS[c]["main"], "proxy_wire", proxy_wire(r),
+                                       proxy_wire(m), 1.05))
+                for kind in ("total", "e2e_total") if "main" not in CONFIGS[c] else ():
+                    if ln.startswith("100m") and g in ("idle", "dup") and d:
                         checks.append(("time ≤ 0.5× direct", kind, val(r, kind), val(d, kind), 0.5))
-                    if ln.startswith("100m"):
+                    if ln.startswith("100m") and z:
                         checks.append(("time ≤ multifd+zstd", kind, val(r, kind), val(z, kind), 1.0))
-                    if ln.startswith("1g"):
+                    if ln.startswith("1g") and d:
                         checks.append(("time ≤ direct", kind, val(r, kind), val(d, kind), 1.0))
                 for kind in ("down", "e2e_down"):
-                    checks.append(("downtime ≤ direct", kind, val(r, kind), val(d, kind), 1.0))
+                    if d:
+                        checks.append(("downtime ≤ direct", kind, val(r, kind), val(d, kind), 1.0))
                 for what, kind, mine, ref, f in checks:
                     if mine is None or ref is None:
                         holds, ms, qs = "n/a", "-", "-"
                     else:
                         holds = "yes" if mine <= f * ref else "**no**"
                         ms, qs = ["%.1f" % x if x != float("inf") else "no convergence" for x in (mine, ref)]
-                    unit = "ms" if "down" in kind else "s"
+                    unit = "ms" if "down" in kind else "MB" if "wire" in kind else "s"
+                    where = {"e2e_total": "end-to-end", "e2e_down": "end-to-end", "wire": "SRC veth tx",
+                             "proxy_wire": "source proxy's wire_bytes"}.get(kind, "QEMU")
                     lines.append("| %s | %s | %s | %s | %s (%s) | %s | %s | %s |" % (
-                        what, ln, g, c, "end-to-end" if kind.startswith("e2e") else "QEMU", unit, ms, qs, holds))
+                        what, ln, g, c, where, unit, ms, qs, holds))
     return "\n".join(lines) + "\n"
+
+
+def wire_md(by, links, guests):
+    """Where the bytes on the wire come from, per run: the SRC veth's tx (what the
+    tables call wire, retransmissions included), the DST veth's rx (what arrived:
+    the difference is what the link's queue dropped and TCP sent again), the
+    payload (the source proxy's wire bytes, or QEMU's ram-transferred without
+    proxies), QEMU's bytes, and the TCP connections the migration had on the link."""
+    out = ["| link | guest | configuration | conns | wire tx MB (SRC veth) | rx MB (DST veth) | dropped, sent again MB "
+           "| payload MB (proxy wire / QEMU ram) | tx / payload | rx / payload | QEMU MB |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ln in links:
+        for g in guests:
+            for c in CONFIG_ORDER:
+                r = by.get((ln, g, c))
+                if not r or not r.get("ok") or "dst_rx" not in (r.get("wire") or {}):
+                    continue
+                w, m = r["wire"], r.get("migration", {})
+                sj = ((r.get("proxies") or {}).get("source") or {}).get("json") or {}
+                qemu = sj.get("qemu_bytes") or m.get("ram-transferred")
+                pay = sj.get("wire_bytes") or m.get("ram-transferred")
+                if not pay:
+                    continue
+                out.append("| %s | %s | %s | %s | %.1f | %.1f | %.1f | %.1f | %.3f | %.3f | %s |" % (
+                    ln, g, CONFIGS[c]["label"], w.get("connections", "-"), w["src_to_dst"] / 1e6,
+                    w["dst_rx"] / 1e6, (w["src_to_dst"] - w["dst_rx"]) / 1e6, pay / 1e6,
+                    w["src_to_dst"] / pay, w["dst_rx"] / pay, mb(qemu)))
+    return "\n".join(out) + "\n"
 
 
 def venv_python(out):
@@ -951,7 +1080,8 @@ links, guests, configs, labels = d["links"], d["guests"], d["configs"], d["label
 rows = (("time", "total migration time, s (end to end)"),
         ("down", "downtime, ms (end to end)"),
         ("wire", "bytes on the wire, MB (src→dst)"))
-fig, axes = plt.subplots(len(rows), len(links), figsize=(6.5 * len(links), 11), squeeze=False)
+fig, axes = plt.subplots(len(rows), len(links), figsize=(max(6.5, 0.9 * len(configs) + 1.5) * len(links), 11),
+                         squeeze=False)
 from matplotlib.patches import Patch
 colors = d["colors"]
 w = 0.8 / len(configs)
