@@ -13,6 +13,7 @@ use crate::dedup::{
 };
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
+use crate::resolve::MULTIFD_CHANNEL_SHARE;
 use crate::qemu::multifd::MultifdDecoder;
 
 /// How the source end deduplicates.
@@ -30,7 +31,8 @@ pub struct SourceConfig {
     /// at most (plus one frame): beyond it the source reads no more, so that QEMU
     /// sees the pace of the link and of the destination, and its decision when to
     /// stop the VM for the last round (the downtime) rests on that, not on a proxy
-    /// next to it swallowing its stream.
+    /// next to it swallowing its stream. Each multifd channel of a migration takes a
+    /// quarter of it ([`MULTIFD_CHANNEL_SHARE`]).
     pub credit_window: u64,
 }
 
@@ -148,9 +150,16 @@ where
         .with_compression(config.compression)
         .with_session(session);
     let (acked, acks) = watch::channel(0);
+    // a migration's channels share about one window: QEMU spreads its pages over them
+    let window = match carried {
+        Carried::Main { .. } => config.credit_window,
+        Carried::Channel { .. } => {
+            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(2 * ACK_EVERY)
+        }
+    };
     let credit = Credit {
         acked: acks,
-        window: config.credit_window,
+        window,
     };
     let forward = async {
         let mut signals = Signals::new(progress, &activity);
