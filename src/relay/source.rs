@@ -13,8 +13,8 @@ use crate::dedup::{
 };
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
-use crate::resolve::MULTIFD_CHANNEL_SHARE;
 use crate::qemu::multifd::MultifdDecoder;
+use crate::resolve::MULTIFD_CHANNEL_SHARE;
 
 /// How the source end deduplicates.
 #[derive(Debug, Clone)]
