@@ -166,31 +166,13 @@ fn encode(
     let mut file = File::open(input).map_err(|e| format!("{input}: {e}"))?;
     let (partial, mut out) = Output::create(output).map_err(|e| format!("{output}: {e}"))?;
     let mut buf = BytesMut::with_capacity(2 * READ);
-    let mut at_end = read_into(&mut file, &mut buf)? == 0;
+    let at_end = read_into(&mut file, &mut buf)? == 0;
     // a main channel (QEVM) or a multifd channel file (harness/capture-multifd.py)
-    let mut wire = match multifd::wire::is_channel_start(&buf) {
-        Some(true) => {
-            let records = MultifdDecoder::new();
-            encode_records(
-                records,
-                &mut file,
-                &mut buf,
-                &mut at_end,
-                &mut enc,
-                &mut out,
-            )?
-        }
-        _ => {
-            let records = QemuDecoder::new();
-            encode_records(
-                records,
-                &mut file,
-                &mut buf,
-                &mut at_end,
-                &mut enc,
-                &mut out,
-            )?
-        }
+    let channel = multifd::wire::is_channel_start(&buf) == Some(true);
+    let read = (&mut file, &mut buf, at_end);
+    let mut wire = match channel {
+        true => encode_records(MultifdDecoder::new(), read, &mut enc, &mut out)?,
+        false => encode_records(QemuDecoder::new(), read, &mut enc, &mut out)?,
     };
     enc.finish(&mut wire)?;
     out.write_all(&wire)?;
@@ -205,13 +187,12 @@ fn encode(
     Ok(())
 }
 
-/// Reads the records of `file` (`buf` holds what was read so far) into `enc`,
-/// writing its frames to `out` as they come; returns what is left to write.
+/// Reads the records of `file` (`buf` holds what was read so far, `at_end` whether
+/// that was all) into `enc`, writing its frames to `out` as they come; returns what
+/// is left to write.
 fn encode_records<D, T>(
     mut records: D,
-    file: &mut File,
-    buf: &mut BytesMut,
-    at_end: &mut bool,
+    (file, buf, mut at_end): (&mut File, &mut BytesMut, bool),
     enc: &mut DedupEncoder,
     out: &mut impl Write,
 ) -> Result<BytesMut, Box<dyn std::error::Error>>
@@ -221,14 +202,14 @@ where
 {
     let mut wire = BytesMut::new();
     loop {
-        let record = match *at_end {
+        let record = match at_end {
             true => records.decode_eof(buf)?,
             false => records.decode(buf)?,
         };
         match record {
             Some(record) => record.encode_into(enc, &mut wire)?,
-            None if *at_end => return Ok(wire),
-            None => *at_end = read_into(file, buf)? == 0,
+            None if at_end => return Ok(wire),
+            None => at_end = read_into(file, buf)? == 0,
         }
         if wire.len() >= READ {
             out.write_all(&wire)?;

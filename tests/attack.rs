@@ -1391,6 +1391,32 @@ fn a_channel_without_its_main_channel_never_reaches_qemu() {
 /// The main channel of migration `session` and multifd channels `1..=channels` at
 /// the destination at `dst`, each with its QEMU connection accepted (the main
 /// channel's first).
+/// A frame of one raw page (drawn from `seed`) on `part`'s link reaches its QEMU
+/// connection: the page alone, as on a multifd channel.
+fn page_reaches_its_qemu((link, qemu): &mut (HostileLink, TcpStream), seed: u64) {
+    let page = support::random_pages(1, 4096, seed).remove(0);
+    let frame = link.forger.data(&[Forged::Raw(&page)], false);
+    link.send(&frame);
+    let mut got = vec![0u8; 4096];
+    qemu.read_exact(&mut got).unwrap();
+    assert!(got == page, "the page, alone");
+}
+
+/// The source drops the main link of `parts` (the first): the destination reports
+/// the migration failed and closes every channel's link and QEMU connection. What
+/// each channel's QEMU connection received after this, in order.
+fn source_gives_up(dst: &mut Proxy, mut parts: Vec<(HostileLink, TcpStream)>) -> Vec<Vec<u8>> {
+    let (main, _) = parts.remove(0);
+    drop(main);
+    let report = dst.reports(1).remove(0);
+    assert_eq!(report["ok"], false, "{report}");
+    let rest = parts.into_iter().map(|(mut link, mut conn)| {
+        link.closed();
+        read_all(&mut conn).0
+    });
+    rest.collect()
+}
+
 fn hostile_migration(
     dst: &Proxy,
     qemu: &FakeQemu,
@@ -1429,23 +1455,10 @@ fn a_channel_beyond_max_channels_is_refused() {
     qemu.assert_unconnected("for a channel beyond --max-channels");
 
     // the migration's own channels go on: a frame of channel 2 reaches its QEMU
-    let (channel, channel_qemu) = &mut parts[2];
-    let page = support::random_pages(1, 4096, 0x2b).remove(0);
-    let frame = channel.forger.data(&[Forged::Raw(&page)], false);
-    channel.send(&frame);
-    let mut got = vec![0u8; 4096];
-    channel_qemu.read_exact(&mut got).unwrap();
-    assert!(got == page, "channel 2's page, alone");
+    page_reaches_its_qemu(&mut parts[2], 0x2b);
 
     // the source goes away: the migration fails, every QEMU connection is closed
-    let (main, _) = parts.remove(0);
-    drop(main);
-    let report = dst.reports(1).remove(0);
-    assert_eq!(report["ok"], false, "{report}");
-    for (mut link, mut conn) in parts {
-        link.closed();
-        let (_, _) = read_all(&mut conn);
-    }
+    source_gives_up(&mut dst, parts);
     qemu.assert_unconnected("after the migration");
     assert!(dst.running());
 }
@@ -1478,23 +1491,11 @@ fn a_channel_id_repeated_in_one_migration_is_refused() {
     qemu.assert_unconnected("for a repeated channel id");
 
     // what the first channel 0 link sends reaches its QEMU connection, and nothing else
-    let (channel, channel_qemu) = &mut parts[1];
-    let mine = support::random_pages(1, 4096, 0x4d).remove(0);
-    let frame = channel.forger.data(&[Forged::Raw(&mine)], false);
-    channel.send(&frame);
-    let mut got = vec![0u8; 4096];
-    channel_qemu.read_exact(&mut got).unwrap();
-    assert!(got == mine, "the first link's page");
+    page_reaches_its_qemu(&mut parts[1], 0x4d);
 
     // the source gives up: the migration fails, every QEMU connection closes with
     // nothing more than it was sent
-    let (main, _) = parts.remove(0);
-    drop(main);
-    let report = dst.reports(1).remove(0);
-    assert_eq!(report["ok"], false, "{report}");
-    for (mut link, mut conn) in parts {
-        link.closed();
-        let (rest, _) = read_all(&mut conn);
+    for rest in source_gives_up(&mut dst, parts) {
         assert!(rest.is_empty(), "{} more bytes", rest.len());
     }
     qemu.assert_unconnected("after the migration");

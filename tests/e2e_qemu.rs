@@ -451,25 +451,7 @@ fn qemu10_template_catalog() {
 #[test]
 #[ignore = "needs QEMU (harness/setup.sh), redis-server and MIGSTREAM_PROXY: scripts/test.sh runs it"]
 fn qemu10_templates_from_a_redis_ring() {
-    use migstream::dht::{Cluster, DhtOptions, push};
-    use migstream::template::Catalog;
-    use redis_server::RedisServer;
-
-    let catalog = captured_catalog();
-    assert!(
-        redis_server::available("qemu10_templates_from_a_redis_ring"),
-        "redis-server is required (harness/setup.sh installs it)"
-    );
-    let servers = RedisServer::start_many(&out_dir().join("ring"), 3);
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let cluster = Arc::new(Cluster::redis(&urls, 2, DhtOptions::default()).unwrap());
-    let pushed = runtime.block_on(push(&cluster, &Catalog::load(catalog).unwrap()));
-    pushed.expect("catalog push to the ring");
-    let (src, dst) = (
-        format!("--catalog {}", catalog.display()),
-        format!("--dht {}", urls.join(",")),
-    );
+    let (_servers, src, dst) = ring_of_the_catalog("qemu10_templates_from_a_redis_ring", "ring");
     let r = qemu10(
         "qemu10-idle-dht",
         "idle",
@@ -483,6 +465,30 @@ fn qemu10_templates_from_a_redis_ring() {
         ],
     );
     assert!(pages(&r, "template") > 0, "pages {}", r["pages"]);
+}
+
+/// Three real Redis servers (in `out_dir()/dir`) holding the captured catalog, two
+/// copies of each template, for `test`: the servers (stopped when dropped), and the
+/// source and destination proxy options that use them.
+fn ring_of_the_catalog(test: &str, dir: &str) -> (Vec<redis_server::RedisServer>, String, String) {
+    use migstream::dht::{Cluster, DhtOptions, push};
+    use migstream::template::Catalog;
+    use redis_server::RedisServer;
+
+    let catalog = captured_catalog();
+    assert!(
+        redis_server::available(test),
+        "redis-server is required (harness/setup.sh installs it)"
+    );
+    let servers = RedisServer::start_many(&out_dir().join(dir), 3);
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = Arc::new(Cluster::redis(&urls, 2, DhtOptions::default()).unwrap());
+    let pushed = runtime.block_on(push(&cluster, &Catalog::load(catalog).unwrap()));
+    pushed.expect("catalog push to the ring");
+    let src = format!("--catalog {}", catalog.display());
+    let dst = format!("--dht {}", urls.join(","));
+    (servers, src, dst)
 }
 
 /// A `fill` guest with 16 MiB of random data: its stream (about 70 MB, throttled
@@ -914,26 +920,9 @@ fn qemu10_multifd_template_catalog() {
 #[test]
 #[ignore = "needs QEMU (harness/setup.sh), redis-server and MIGSTREAM_PROXY: scripts/test.sh runs it"]
 fn qemu10_multifd_templates_from_a_redis_ring() {
-    use migstream::dht::{Cluster, DhtOptions, push};
-    use migstream::template::Catalog;
-    use redis_server::RedisServer;
-
     let name = "qemu10-multifd-idle-dht";
-    let catalog = captured_catalog();
-    assert!(
-        redis_server::available("qemu10_multifd_templates_from_a_redis_ring"),
-        "redis-server is required (harness/setup.sh installs it)"
-    );
-    let servers = RedisServer::start_many(&out_dir().join("ring-multifd"), 3);
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let cluster = Arc::new(Cluster::redis(&urls, 2, DhtOptions::default()).unwrap());
-    let pushed = runtime.block_on(push(&cluster, &Catalog::load(catalog).unwrap()));
-    pushed.expect("catalog push to the ring");
-    let (src, dst) = (
-        format!("--catalog {}", catalog.display()),
-        format!("--dht {}", urls.join(",")),
-    );
+    let (_servers, src, dst) =
+        ring_of_the_catalog("qemu10_multifd_templates_from_a_redis_ring", "ring-multifd");
     let (r, pages) = qemu10_multifd(
         name,
         "idle",

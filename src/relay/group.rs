@@ -323,13 +323,26 @@ impl Member {
     /// The channel's end: its counters join the migration's report, or its error
     /// fails the migration.
     pub(super) fn end(mut self, outcome: &Result<Report>) {
-        self.ended = true;
+        self.settle(
+            outcome
+                .as_ref()
+                .map(|r| r.stats.clone())
+                .map_err(Error::to_string),
+        );
+    }
+
+    /// Counts the channel out of the running ones with its counters, or fails the
+    /// migration with its reason; once.
+    fn settle(&mut self, outcome: std::result::Result<Stats, String>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
         let mut state = self.group.lock();
         state.running -= 1;
         match outcome {
-            Ok(report) => state.reports.push((self.channel, report.stats.clone())),
-            Err(e) => {
-                state.failure.get_or_insert_with(|| e.to_string());
+            Ok(stats) => state.reports.push((self.channel, stats)),
+            Err(reason) => {
+                state.failure.get_or_insert(reason);
                 self.group.cancel.cancel();
             }
         }
@@ -341,15 +354,6 @@ impl Member {
 impl Drop for Member {
     /// A channel whose task went away without an outcome fails the migration.
     fn drop(&mut self) {
-        if !self.ended {
-            let mut state = self.group.lock();
-            state.running -= 1;
-            state
-                .failure
-                .get_or_insert_with(|| format!("multifd channel {} stopped", self.channel));
-            drop(state);
-            self.group.cancel.cancel();
-            self.group.ended.notify_waiters();
-        }
+        self.settle(Err(format!("multifd channel {} stopped", self.channel)));
     }
 }
