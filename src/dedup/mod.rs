@@ -38,6 +38,8 @@ mod reply;
 mod resolvers;
 mod stats;
 mod stream;
+#[allow(dead_code)] // used by the encoder and decoder next
+mod workers;
 // the constants and layouts of `docs/wire-format.md`: for the crate's own benches
 // and fuzzing, not an API
 #[doc(hidden)]
