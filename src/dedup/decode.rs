@@ -917,25 +917,32 @@ mod tests {
     /// The dedup stream of a QEMU capture in frames of 8 KiB batches, and the
     /// capture.
     fn capture() -> (Vec<u8>, &'static [u8]) {
+        static WIRE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         let qemu = include_bytes!(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/testdata/qemu-7.2-pc-paused.mig"
         ));
-        let mut records = crate::qemu::QemuDecoder::new();
-        let mut enc = crate::dedup::DedupEncoder::with_default_resolvers().with_batch_size(8 << 10);
-        let (mut input, mut wire) = (BytesMut::from(&qemu[..]), BytesMut::new());
-        while let Some(record) = records.decode_eof(&mut input).unwrap() {
-            enc.encode(&record, &mut wire).unwrap();
-        }
-        enc.finish(&mut wire).unwrap();
-        (wire.to_vec(), qemu)
+        let wire = WIRE.get_or_init(|| {
+            let mut records = crate::qemu::QemuDecoder::new();
+            let mut enc =
+                crate::dedup::DedupEncoder::with_default_resolvers().with_batch_size(8 << 10);
+            let (mut input, mut wire) = (BytesMut::from(&qemu[..]), BytesMut::new());
+            while let Some(record) = records.decode_eof(&mut input).unwrap() {
+                enc.encode(&record, &mut wire).unwrap();
+            }
+            enc.finish(&mut wire).unwrap();
+            wire.to_vec()
+        });
+        (wire.clone(), qemu)
     }
 
-    /// What a decoder of `threads` threads gives for `wire` fed `step` bytes at a
-    /// time: the QEMU bytes, then the error, if any, as printed with its offset.
-    fn run(threads: usize, wire: &[u8], step: usize) -> (Vec<u8>, Option<String>) {
+    /// What a decoder of `threads` threads gives for `wire` fed in pieces of the
+    /// sizes `steps` (in turn, again and again): the QEMU bytes, then the error, if
+    /// any, as printed with its offset.
+    fn run(threads: usize, wire: &[u8], steps: &[usize]) -> (Vec<u8>, Option<String>) {
         let mut dec = DedupDecoder::with_default_resolvers().with_threads(threads);
         let (mut src, mut out, mut fed) = (BytesMut::new(), Vec::new(), 0);
+        let mut steps = steps.iter().cycle();
         loop {
             let decoded = match fed == wire.len() {
                 true => dec.decode_eof(&mut src),
@@ -944,7 +951,7 @@ mod tests {
             match decoded {
                 Ok(Decoded::Qemu(bytes)) => out.extend_from_slice(&bytes),
                 Ok(Decoded::NeedInput) => {
-                    let n = step.min(wire.len() - fed);
+                    let n = (*steps.next().unwrap()).min(wire.len() - fed);
                     src.extend_from_slice(&wire[fed..fed + n]);
                     fed += n;
                 }
@@ -965,7 +972,7 @@ mod tests {
         assert!(wire.len() > 20 << 10, "several frames: {}", wire.len());
         for threads in THREADS {
             for step in [wire.len(), 1, 4093] {
-                let (out, error) = run(threads, &wire, step);
+                let (out, error) = run(threads, &wire, &[step]);
                 assert_eq!(error, None, "{threads} threads, step {step}");
                 assert!(out == qemu, "{threads} threads, step {step}");
             }
@@ -981,11 +988,11 @@ mod tests {
         for at in positions {
             let mut corrupted = wire.clone();
             corrupted[at] ^= 0x55;
-            let expected = run(1, &corrupted, corrupted.len());
+            let expected = run(1, &corrupted, &[corrupted.len()]);
             assert!(expected.1.is_some(), "a flip at {at} goes unseen");
             for threads in THREADS {
                 for step in [corrupted.len(), 4093] {
-                    let got = run(threads, &corrupted, step);
+                    let got = run(threads, &corrupted, &[step]);
                     assert_eq!(
                         got.1, expected.1,
                         "flip at {at}, {threads} threads, step {step}"
@@ -994,13 +1001,13 @@ mod tests {
                 }
             }
             let truncated = &wire[..at];
-            let expected = run(1, truncated, truncated.len());
+            let expected = run(1, truncated, &[truncated.len()]);
             assert!(
                 expected.1.as_ref().is_some_and(|e| e.contains("Truncated")),
                 "{at}"
             );
             for threads in THREADS {
-                assert_eq!(run(threads, truncated, 4093), expected, "cut at {at}");
+                assert_eq!(run(threads, truncated, &[4093]), expected, "cut at {at}");
             }
         }
     }
@@ -1026,9 +1033,9 @@ mod tests {
         assert_eq!(wire[bad + 5], wire::codec::LZ4);
         // an LZ4 literal run longer than the batch
         wire[bad + 5 + wire::DATA_HEADER] = 0xff;
-        let reached = run(1, &wire[..bad], bad).0;
+        let reached = run(1, &wire[..bad], &[bad]).0;
         for threads in THREADS {
-            let (out, error) = run(threads, &wire, wire.len());
+            let (out, error) = run(threads, &wire, &[wire.len()]);
             let error = error.expect("the bad batch");
             let offset = bad + 5 + wire::DATA_HEADER;
             assert!(error.contains(&format!("offset: {offset}")), "{error}");
@@ -1204,6 +1211,29 @@ mod tests {
             assert_eq!(frames.len(), 6, "{frames:?}");
             assert!(open.iter().all(|&n| (0..=2).contains(&n)), "{frames:?}");
             assert_eq!(open.last(), Some(&0));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Any split of the input, any number of threads, a flipped byte or none: the
+        /// same bytes and the same error as one thread given the input whole.
+        #[test]
+        fn any_split_and_threads_decode_alike(
+            steps in proptest::collection::vec(1usize..20_000, 1..64),
+            threads in 1usize..=4,
+            flip in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+        ) {
+            let (mut wire, _) = capture();
+            if let Some(at) = flip {
+                let at = at.index(wire.len());
+                wire[at] ^= 0x20;
+            }
+            let expected = run(1, &wire, &[wire.len()]);
+            let got = run(threads, &wire, &steps);
+            proptest::prop_assert_eq!(&got.1, &expected.1);
+            proptest::prop_assert!(got.0 == expected.0);
         }
     }
 }
