@@ -1,7 +1,8 @@
 //! Frames the decoder took off its input ahead of their turn, their batches
-//! decompressed meanwhile: inline with one thread, on [`Workers`] with more, so that
-//! decompressing the next frames overlaps restoring this one, and so that the next
-//! frame's pages can be fetched while this one is restored. Everything about a
+//! decompressed meanwhile on [`Workers`] with more than one thread, so that
+//! decompressing the next frames overlaps restoring this one; with one, on the
+//! caller's thread when the frame's turn comes, or earlier when the decoder asks, so
+//! that the next frame's pages can be fetched while this one is restored. Everything about a
 //! frame that touches the output or the running digest stays with the decoder, in
 //! stream order; this is the queue and the decompression alone.
 //!
@@ -43,6 +44,8 @@ pub(super) enum Frame {
 
 /// A DATA frame's batch.
 pub(super) enum Batch {
+    /// To be decompressed on the caller's thread.
+    Stored,
     /// On a worker; its result comes back in submission order.
     InFlight,
     Done(Decompressed),
@@ -68,7 +71,7 @@ pub(super) struct Ahead {
     frames: VecDeque<Taken>,
     /// With more than one thread.
     workers: Option<Workers<Job, Decompressed>>,
-    /// With one thread: batches are decompressed as they are taken.
+    /// With one thread.
     inline: Decompressor,
     /// Stored and decompressed bytes of the frames taken and not yet done with.
     bytes: usize,
@@ -117,19 +120,16 @@ impl Ahead {
                 || (self.bytes < self.budget && self.frames.len() < self.max_queued))
     }
 
-    /// Queues a DATA frame and starts decompressing its batch.
+    /// Queues a DATA frame, and starts decompressing its batch if there are workers.
     pub(super) fn push_data(&mut self, at: u64, header: DataHeader, stored: Bytes) {
-        let raw_len = header.raw_len as usize;
-        self.bytes += stored.len() + raw_len;
-        let mut raw = self.spare.pop().unwrap_or_default();
-        raw.resize(raw_len, 0);
-        let job = (header.codec, stored.clone(), raw);
+        self.bytes += stored.len() + header.raw_len as usize;
         let batch = match &mut self.workers {
             Some(workers) => {
-                workers.submit(job);
+                let raw = batch_buffer(&mut self.spare, &header);
+                workers.submit((header.codec, stored.clone(), raw));
                 Batch::InFlight
             }
-            None => Batch::Done(decompress(&mut self.inline, job)),
+            None => Batch::Stored,
         };
         let frame = Frame::Data {
             header,
@@ -145,39 +145,67 @@ impl Ahead {
         self.frames.push_back(Taken { at, frame });
     }
 
-    /// The oldest frame, once its batch is decompressed (waiting for it).
+    /// The oldest frame, its batch decompressed.
     pub(super) fn pop(&mut self) -> Option<Taken> {
-        let mut taken = self.frames.pop_front()?;
-        if let Frame::Data { batch, .. } = &mut taken.frame {
-            if matches!(batch, Batch::InFlight) {
-                let workers = self.workers.as_mut().expect("in flight on the workers");
-                *batch = Batch::Done(workers.next().expect("one result per job"));
-            }
-        }
-        Some(taken)
+        self.decompress_oldest(true);
+        self.frames.pop_front()
     }
 
     /// The oldest frame if it is a DATA frame whose batch decompressed well: a frame
-    /// whose pages may be fetched ahead. Waits for its batch with `wait`, else
-    /// gives `None` while it is in flight.
+    /// whose pages may be fetched ahead. With `wait`, its batch is decompressed now
+    /// if it has to be; without, `None` unless it is already.
     pub(super) fn pop_ready(&mut self, wait: bool) -> Option<Taken> {
-        let Frame::Data { batch, .. } = &mut self.frames.front_mut()?.frame else {
+        if !self.decompress_oldest(wait) {
+            return None;
+        }
+        let Frame::Data { batch, .. } = &self.frames.front()?.frame else {
             return None;
         };
-        if matches!(batch, Batch::InFlight) {
-            let workers = self.workers.as_mut().expect("in flight on the workers");
-            let done = match wait {
-                true => workers.next(),
-                false => workers.try_next(),
-            };
-            *batch = Batch::Done(done?);
-        }
         match batch {
             Batch::Done(Decompressed {
                 outcome: Ok(true), ..
             }) => self.frames.pop_front(),
             _ => None,
         }
+    }
+
+    /// Brings the oldest frame's batch to [`Batch::Done`]: decompresses it on this
+    /// thread or waits for its worker with `wait`, else only takes a result that is
+    /// there. False if it is not done.
+    fn decompress_oldest(&mut self, wait: bool) -> bool {
+        let Some(Taken {
+            frame:
+                Frame::Data {
+                    header,
+                    stored,
+                    batch,
+                },
+            ..
+        }) = self.frames.front_mut()
+        else {
+            return true;
+        };
+        let done = match batch {
+            Batch::Done(_) => return true,
+            Batch::Stored if wait => {
+                let raw = batch_buffer(&mut self.spare, header);
+                decompress(&mut self.inline, (header.codec, stored.clone(), raw))
+            }
+            Batch::Stored => return false,
+            Batch::InFlight => {
+                let workers = self.workers.as_mut().expect("in flight on the workers");
+                let result = match wait {
+                    true => workers.next(),
+                    false => workers.try_next(),
+                };
+                let Some(result) = result else {
+                    return false;
+                };
+                result
+            }
+        };
+        *batch = Batch::Done(done);
+        true
     }
 
     /// Gives back a DATA frame's batch buffer once its frame is restored, with the
@@ -193,7 +221,8 @@ impl Ahead {
         }
     }
 
-    /// Stored and decompressed bytes held now.
+    /// Stored and decompressed bytes held now (a batch counts decompressed from
+    /// when its frame is taken).
     #[cfg(test)]
     pub(super) fn bytes(&self) -> usize {
         self.bytes
@@ -204,4 +233,11 @@ impl Ahead {
     pub(super) fn budget(&self) -> usize {
         self.budget
     }
+}
+
+/// A buffer for `header`'s batch decompressed: a spare one if there is one.
+fn batch_buffer(spare: &mut Vec<Vec<u8>>, header: &DataHeader) -> Vec<u8> {
+    let mut raw = spare.pop().unwrap_or_default();
+    raw.resize(header.raw_len as usize, 0);
+    raw
 }

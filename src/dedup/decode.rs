@@ -1159,7 +1159,8 @@ mod tests {
             block: Some(b"pc.ram"),
             body,
         };
-        let a = data_frame(&mut wire, &mut hasher, 0, &[page(tag::RAW, &PAGE)]);
+        let first_remote = [0x41; 4096];
+        let a = data_frame(&mut wire, &mut hasher, 0, &[page(0x81, &first_remote)]);
         let b = data_frame(&mut wire, &mut hasher, 0, &[page(0x81, &remote_page)]);
         let c = data_frame(&mut wire, &mut hasher, 0, &[page(tag::RAW, &PAGE)]);
         end_frame(&mut wire, &hasher, a.len() + b.len() + c.len());
@@ -1168,7 +1169,12 @@ mod tests {
         let mut dec = DedupDecoder::new(vec![Box::new(remote.clone())]).unwrap();
         let mut src = wire.clone();
         let mut next = |dec: &mut DedupDecoder| dec.decode_eof(&mut src).unwrap();
-        // B's pages are wanted before A is restored, and A does not wait for them
+        // A waits for its page
+        assert_eq!(next(&mut dec), Decoded::Fetch);
+        assert!(dec.is_waiting());
+        remote.fetch();
+        // now that a resolver fetches, B's pages are wanted before A is restored, and
+        // A does not wait for them
         assert_eq!(next(&mut dec), Decoded::Fetch);
         assert!(!dec.is_waiting());
         // the driver did not fetch: A comes, B does not
@@ -1209,6 +1215,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(frames.len(), 6, "{frames:?}");
+            assert_eq!(frames[..2], [1, 1], "B begun before A ended: {frames:?}");
             assert!(open.iter().all(|&n| (0..=2).contains(&n)), "{frames:?}");
             assert_eq!(open.last(), Some(&0));
         }
