@@ -94,13 +94,13 @@ struct Staged {
 
 /// What one call of [`DedupDecoder::decode`] gives.
 ///
-/// A driver with a resolver that fetches pages (a DHT store) calls its
-/// [`Fetch`](crate::resolve::Fetch) on [`Fetch`](Self::Fetch), and only then: the
-/// decoder never restores a frame whose pages are not all in (its resolvers'
-/// [`Restore::prepare`] says so), so a driver that fetches late, or not at all, gets
-/// [`Fetch`](Self::Fetch) again rather than wrong bytes, and one that never
+/// A driver with a resolver that fetches pages (a DHT store) has its
+/// [`Fetch`](crate::resolve::Fetch) fetch them whenever the decoder gives
+/// [`Fetch`](Self::Fetch). The decoder never restores a frame whose pages are not
+/// all in (its resolvers' [`Restore::prepare`] says so): a driver that fetches late
+/// gets [`Fetch`](Self::Fetch) again rather than wrong bytes, and one that never
 /// fetches gets no further. See `relay::decode_stream` for a driver that overlaps
-/// fetching with restoring and writing.
+/// fetching with restoring and writing out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Decoded {
