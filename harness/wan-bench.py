@@ -18,7 +18,7 @@ destination proxy, and the Redis ring) in DST. One link per link spec, set up
 once and used for every configuration; torn down (namespaces, processes) on
 every exit path. Only processes started here are signalled, by PID.
 
-Per run: boot a fresh source guest (lab.py's VM, QEMU 10, TCG) and a fresh
+Per run: boot a fresh source guest (the harness's VM, QEMU 10, TCG) and a fresh
 destination (-incoming defer), wait for the guest's READY, migrate, wait until
 the destination runs, check the guest's checksum. Recorded: QEMU's own
 total-time and downtime (source query-migrate), the end-to-end time (migrate
@@ -37,10 +37,10 @@ connection for each; the destination proxy connects 5 times to its QEMU). The li
 needs nothing per connection: it delays and shapes frames, whatever connection
 they belong to, and its tbf queue is shared by all of them as a router's would be.
 
-The proxies are lab.py's Proxy, started through `ip netns exec`; their link runs
-over mutual TLS with lab.py's Pki, made once per `run` in OUT/work/pki (the
-destination's certificate names 10.77.0.2, the address the source dials), or
-without TLS with `run --plaintext`.
+The proxies are the harness's Proxy (harness/migharness), started through `ip
+netns exec`; their link runs over mutual TLS with its Pki, made once per `run` in
+OUT/work/pki (the destination's certificate names 10.77.0.2, the address the
+source dials), or without TLS with `run --plaintext`.
 
 Needs root, harness/setup.sh, `ip`, `tc` and `openssl`. Python 3 standard library (the
 PNG: matplotlib, installed into target/wan-bench/venv on demand by `report`).
@@ -58,15 +58,19 @@ import threading
 import time
 import types
 
+from migharness.assets import make_rundir, qemu_binary
+from migharness.common import Fail, log
+from migharness.migration import UNTHROTTLED, effective_params, summary
+from migharness.pki import Pki
+from migharness.proc import cpu_ticks, reap_with_cpu, renice, sh, stop_proc, wait_line
+from migharness.proxy import Proxy
+from migharness.redis import RedisServer
+from migharness.vm import VM
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import lab  # noqa: E402  (lab.py: VM, QMP, Fail, log; not duplicated here)
-
-Fail, log = lab.Fail, lab.log
 DEFAULT_OUT = os.path.join(ROOT, "target", "wan-bench")
 SRC_IP, DST_IP = "10.77.0.1", "10.77.0.2"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # name -> (rate in bit/s, round-trip time in ms)
 LINKS = {"100m-40ms": (100_000_000, 40.0), "1g-10ms": (1_000_000_000, 10.0)}
@@ -106,82 +110,10 @@ OWNED_NS = []
 
 
 # --------------------------------------------------------------------------- helpers
-def sh(*argv, timeout=30, check=True, capture=True):
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=timeout,
-                       stdout=subprocess.PIPE if capture else None,
-                       stderr=subprocess.PIPE if capture else None, text=True)
-    if check and r.returncode != 0:
-        raise Fail("%s: exit %d: %s" % (" ".join(argv), r.returncode, (r.stderr or "").strip()))
-    return r.stdout if capture else ""
-
-
 def spawn(argv, **kw):
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kw)
     OWNED_PROCS.append(p)
     return p
-
-
-def stop_proc(p, grace=5.0):
-    """SIGTERM, then SIGKILL, our own child by PID; bounded."""
-    if p.returncode is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if p.poll() is not None:
-            return
-        try:
-            os.kill(p.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def cpu_ticks(pid):
-    """utime+stime of a process (all its threads), seconds, from /proc/PID/stat."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK        # fields 14 and 15
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def reap_with_cpu(p, timeout):
-    """Wait (bounded) for our child to exit; read its CPU time from /proc/PID/stat
-    while it is a zombie, then reap it with wait4. Returns (exit code, stat CPU s,
-    rusage CPU s) or None on timeout."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            r = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-        except ChildProcessError:
-            return (p.returncode, None, None)
-        if r is not None:
-            break
-        if time.monotonic() > end:
-            return None
-        time.sleep(0.05)
-    stat_cpu = cpu_ticks(p.pid)
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, stat_cpu, round(ru.ru_utime + ru.ru_stime, 3)
-
-
-def renice(pids, value):
-    """Set the nice value of every thread of our own processes `pids` (nice is
-    per thread on Linux; threads created later inherit their creator's)."""
-    for pid in pids:
-        try:
-            tids = os.listdir("/proc/%d/task" % pid)
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), value)
-            except OSError:
-                pass
 
 
 def loadavg():
@@ -326,25 +258,19 @@ class Link:
         return out
 
     def start_redis(self):
-        if not shutil.which("redis-server"):
-            raise Fail("redis-server not installed (apt-get install redis-server)")
+        """The Redis ring of ms-dht, in DST."""
         for port in REDIS_PORTS:
-            logf = open(os.path.join(self.workdir, "redis-%d.log" % port), "ab")
-            p = spawn(["ip", "netns", "exec", self.ns_d, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                       "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"],
-                      stdout=logf, stderr=subprocess.STDOUT)
-            self.redis.append(p)
-        for port in REDIS_PORTS:
-            for _ in lab.deadline_loop(20, "redis-server on port %d" % port):
-                r = subprocess.run(["ip", "netns", "exec", self.ns_d, "redis-cli", "-p", str(port), "ping"],
-                                   capture_output=True, text=True, timeout=10)
-                if r.stdout.strip() == "PONG":
-                    break
+            r = RedisServer(port, os.path.join(self.workdir, "redis-%d.log" % port),
+                            prefix=["ip", "netns", "exec", self.ns_d]).start()
+            OWNED_PROCS.append(r.proc)
+            self.redis.append(r)
+        for r in self.redis:
+            r.wait_ready()
 
     def down(self):
         stats = self.stop_relay()
-        for p in self.redis:
-            stop_proc(p)
+        for r in self.redis:
+            r.stop()
         self.redis = []
         for ns in (self.ns_s, self.ns_w, self.ns_d):
             if ns in OWNED_NS:
@@ -353,59 +279,15 @@ class Link:
         return stats
 
 
-def wait_line(pipe, timeout, what):
-    """First line of a child's pipe, bounded (a thread reads it)."""
-    box = []
-    t = threading.Thread(target=lambda: box.append(pipe.readline()), daemon=True)
-    t.start()
-    t.join(timeout)
-    if not box:
-        raise Fail("timed out after %ss waiting for %s" % (timeout, what))
-    return box[0].decode() if isinstance(box[0], bytes) else box[0]
-
-
 # --------------------------------------------------------------------------- QEMU in a namespace
-def ns_wrapper(workdir, ns, ver):
-    """A script that runs lab.py's QEMU wrapper inside namespace ns (exec all the
-    way down: the PID lab.py sees is QEMU's)."""
-    path = os.path.join(workdir, "qemu%s-%s.sh" % (ver, ns))
+def ns_vm(name, a, rundir, ns, workdir, incoming=None):
+    """The harness's VM (QEMU 10) run inside namespace ns by a script that execs
+    `ip netns exec` and QEMU (exec all the way down: the PID the VM sees is QEMU's)."""
+    path = os.path.join(workdir, "qemu10-%s.sh" % ns)
     with open(path, "w") as f:
-        f.write("#!/bin/sh\nexec ip netns exec %s %s \"$@\"\n" % (shlex.quote(ns), shlex.quote(lab.qemu_binary(ver))))
+        f.write("#!/bin/sh\nexec ip netns exec %s %s \"$@\"\n" % (shlex.quote(ns), shlex.quote(qemu_binary("10"))))
     os.chmod(path, 0o755)
-    return path
-
-
-class NsVM(lab.VM):
-    """lab.VM started inside a network namespace, keeping its QMP events."""
-
-    def __init__(self, name, a, rundir, ns, workdir, incoming=None):
-        super().__init__(name, "10", a, rundir, incoming=incoming)
-        self.wrapper = ns_wrapper(workdir, ns, "10")
-
-    def start(self):
-        orig = lab.qemu_binary
-        lab.qemu_binary = lambda ver: self.wrapper          # VM.start looks it up at call time
-        try:
-            super().start()
-        finally:
-            lab.qemu_binary = orig
-        self.events = []
-        read = self.qmp._read
-
-        def read_keep_events(timeout):
-            r = read(timeout)
-            if "event" in r:
-                self.events.append(r)
-            return r
-        self.qmp._read = read_keep_events
-        return self
-
-    def event_time(self, name):
-        for e in self.events:
-            if e["event"] == name:
-                ts = e["timestamp"]
-                return ts["seconds"] + ts["microseconds"] / 1e6
-        return None
+    return VM(name, "10", a, rundir, incoming=incoming, binary=path)
 
 
 def vm_args(guest, mem, boot_timeout):
@@ -416,9 +298,9 @@ def vm_args(guest, mem, boot_timeout):
 
 # --------------------------------------------------------------------------- proxies
 def start_proxy(name, role, ns, listen, to, extra, rundir, pki):
-    """lab.py's Proxy (--json --once; mutual TLS with pki, --plaintext if None),
+    """The harness's Proxy (--json --once; mutual TLS with pki, --plaintext if None),
     run inside namespace ns; `ip netns exec` execs it, so its PID is the proxy's."""
-    px = lab.Proxy(name, proxy_binary(), role, listen, to, extra, True, rundir, pki,
+    px = Proxy(name, proxy_binary(), role, listen, to, extra, True, rundir, pki,
                    prefix=["ip", "netns", "exec", ns])
     px.start()
     OWNED_PROCS.append(px.proc)
@@ -508,17 +390,17 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
     caps = dict(cfg.get("caps", {}))
     caps["events"] = True       # MIGRATION status events, stamped by QEMU: the timeline below
     params = dict(cfg.get("params", {}))
-    params["max-bandwidth"] = lab.UNTHROTTLED         # the link limits, not QEMU
+    params["max-bandwidth"] = UNTHROTTLED         # the link limits, not QEMU
     rec = {"link": link.name, "rate_bit_s": link.rate, "rtt_ms": link.rtt, "guest": guest, "config": cname,
            "label": cfg["label"], "mem_mib": o.mem, "qemu": "10", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "commit": git_head(), "proxy_built_from": BUILT_FROM["rev"], "loadavg_before": loadavg(), "ok": False, "error": None}
-    rundir = lab.make_rundir("wan")
+    rundir = make_rundir("wan")
     rec["rundir"] = rundir
     a = vm_args(guest, o.mem, o.boot_timeout)
     vms, proxies = [], []
     t0 = time.monotonic()
     try:
-        dst = NsVM("dst", a, rundir, link.ns_d, workdir, incoming="defer")
+        dst = ns_vm("dst", a, rundir, link.ns_d, workdir, incoming="defer")
         vms.append(dst)
         dst.start()
         dst.configure(caps, params)
@@ -549,13 +431,13 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
                              sextra, rundir, pki)
             proxies.append(ps)
             uri = "tcp:127.0.0.1:%d" % ps.wait_listening()
-        src = NsVM("src", a, rundir, link.ns_s, workdir)
+        src = ns_vm("src", a, rundir, link.ns_s, workdir)
         vms.append(src)
         src.start()
         ready = src.wait_ready()
         rec["boot_s"] = round(time.monotonic() - t0, 1)
         src.configure(caps, params)
-        rec["effective_params"] = lab.effective_params(src)
+        rec["effective_params"] = effective_params(src)
         link.flows()            # starts the relay's per-connection counters afresh
         c0, r0 = link.counters(), link.relay_cpu()
         rec["loadavg_at_migrate"] = loadavg()
@@ -569,7 +451,7 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
             if o.migrate_nice:
                 renice(ours, 0)
         rec["migrate_nice"] = o.migrate_nice
-        rec["migration"] = lab.summary(info)
+        rec["migration"] = summary(info)
         # the proxies exit after one migration (--once); bounded
         rec["proxies"] = {p.role: finish_proxy(p, 60) for p in proxies}
         if not proxies:
@@ -591,14 +473,14 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
             rec["wire"]["connections"] = len(fwd)
         rec["relay_cpu_s"] = round(r1 - r0, 2) if r0 is not None and r1 is not None else None
         checks = {"completed": info.get("status") == "completed", "dst_running": dst_status == "running"}
-        t_stop, t_resume = src.event_time("STOP"), dst.event_time("RESUME")
+        t_stop, t_resume = src.qmp.event_time("STOP"), dst.qmp.event_time("RESUME")
         if t_resume is None and dst_status == "running":
             dst.status()        # pick up a late event
-            t_resume = dst.event_time("RESUME")
+            t_resume = dst.qmp.event_time("RESUME")
         # timeline, seconds after the migrate command (host clock; QEMU stamps its events with it)
         tl = {}
         for who, vm in (("src", src), ("dst", dst)):
-            for e in vm.events:
+            for e in vm.qmp.events:
                 ts = e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
                 name = e["event"] + ("." + e["data"]["status"] if e["event"] == "MIGRATION" else "")
                 tl.setdefault("%s.%s" % (who, name), round(ts - t_cmd, 3))
@@ -733,7 +615,7 @@ def cmd_run(o):
     pki = None
     if have_proxy and not o.plaintext and any("proxy" in CONFIGS[c] for c in configs):
         # once per run: the destination's certificate names DST_IP, where the source dials it
-        pki = lab.Pki(os.path.join(workdir, "pki"), server_ips=(DST_IP,))
+        pki = Pki(os.path.join(workdir, "pki"), server_ips=(DST_IP,))
     catalog = None
     if any(CONFIGS[c].get("catalog") for c in configs) and have_proxy:
         catalog = ensure_catalog(o, workdir)
