@@ -18,6 +18,7 @@ capture-multifd.py, wan-bench.py), one job a module:
   capture    the capture-file and capture-live subcommands
   proxied    the migrate subcommand: a live migration through the proxies
   session    a command's run dir and what it started, cleaned up on every exit
+  wan/       the WAN benchmark's parts (wan-bench.py)
 
 Python 3 standard library only.
 """

@@ -6,7 +6,8 @@ import tempfile
 from .common import Fail
 
 HARNESS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAB = os.environ.get("MIGSTREAM_LAB_DIR") or os.path.join(os.path.dirname(HARNESS), "target", "qemu-lab")
+REPO = os.path.dirname(HARNESS)
+LAB = os.environ.get("MIGSTREAM_LAB_DIR") or os.path.join(REPO, "target", "qemu-lab")
 KERNEL = os.path.join(LAB, "kernel", "vmlinuz")
 INITRAMFS = os.path.join(LAB, "guest", "initramfs.cpio.gz")
 
