@@ -22,6 +22,8 @@ def base_meta(a, vm, out, kind, caps, params, ready):
 
 
 def capture_file(a, rundir, vms):
+    """Boot a source and migrate it into a.out through `exec:cat`; returns
+    (file, report, ok)."""
     out = os.path.abspath(a.out)
     part = out + ".part"
     for p in (out, part):
@@ -44,6 +46,8 @@ def capture_file(a, rundir, vms):
 
 
 def capture_live(a, rundir, vms):
+    """Live-migrate source -> Relay -> destination, the main channel saved to
+    a.out, and check the arrival; returns (file, report, ok)."""
     out = os.path.abspath(a.out)
     if os.path.exists(out):
         os.unlink(out)
