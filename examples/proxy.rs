@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use migstream::dedup::{Compression, Resolvers, Stats};
+use migstream::dedup::{Compression, Resolvers, Stats, available_threads};
 use migstream::relay::net::{Conn, Endpoint};
 use migstream::relay::tls::{TlsClient, TlsIdentity, TlsServer};
 use migstream::relay::{
@@ -148,6 +148,9 @@ struct SourceArgs {
     /// then sees the link's pace when it decides to stop the VM.
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     credit_window: u64,
+    /// Threads compressing a migration's main channel [default: the cores, at most 4].
+    #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -336,7 +339,8 @@ fn source_proxy(
         .with_resolvers(resolvers)
         .with_compression(compression)
         .with_timeouts(timeouts)
-        .with_credit_window(a.credit_window << 20);
+        .with_credit_window(a.credit_window << 20)
+        .with_threads(a.threads);
     Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common)))
 }
 

@@ -430,8 +430,22 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
     );
     assert_eq!(dir.files(), ["in.mz", "out.mig"]);
 
-    // damage in the middle, and a cut: the decoder finds both
+    // the same bytes on one thread (files read and written on it too) and on four
     let encoded = std::fs::read(&mz).unwrap();
+    let other = dir.path("other.mz");
+    for threads in ["1", "4"] {
+        assert_ok(&run(
+            "dedup",
+            &["encode", "--threads", threads, QEMU_10_0, &other],
+        ));
+        assert!(
+            std::fs::read(&other).unwrap() == encoded,
+            "--threads {threads}"
+        );
+    }
+    std::fs::remove_file(&other).unwrap();
+
+    // damage in the middle, and a cut: the decoder finds both
     let mut damaged = encoded.clone();
     let middle = damaged.len() / 2;
     for b in &mut damaged[middle..middle + 64] {
@@ -461,7 +475,12 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
     // encode: an input that is not a migration stream
     let bad = dir.path("bad.mig");
     std::fs::write(&bad, b"not a QEMU stream at all").unwrap();
-    assert_failed(&run("dedup", &["encode", &bad, &mz]), &[]);
+    for threads in ["1", "2"] {
+        assert_failed(
+            &run("dedup", &["encode", "--threads", threads, &bad, &mz]),
+            &[],
+        );
+    }
     assert_eq!(std::fs::read(&mz).unwrap(), encoded, "OUT.mz clobbered");
     let missing = dir.path("missing.mig");
     assert_failed(&run("dedup", &["encode", &missing, &mz]), &["missing.mig"]);
