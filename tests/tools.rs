@@ -488,6 +488,33 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
     assert_eq!(dir.files(), ["in.mz", "out.mig"]);
 }
 
+/// An output that is not a file (a pipe here; `/dev/null` alike) is written into,
+/// not renamed over: the pipe gets the bytes and stays a pipe.
+#[test]
+fn an_output_that_is_not_a_file_is_written_not_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = Scratch::new("dedup-pipe");
+    let (fifo, mz) = (dir.path("pipe"), dir.path("file.mz"));
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    assert_ok(&run(
+        "dedup",
+        &["encode", "--threads", "1", QEMU_10_0, &fifo],
+    ));
+    // checked before the join: a pipe renamed over would leave the reader waiting
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let through_the_pipe = reader.join().unwrap();
+    assert_ok(&run("dedup", &["encode", "--threads", "1", QEMU_10_0, &mz]));
+    assert!(through_the_pipe == std::fs::read(&mz).unwrap());
+}
+
 /// `dedup encode` takes a multifd channel file as well as a main channel, and the
 /// decode gives it back whole.
 #[test]
