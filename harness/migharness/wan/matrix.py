@@ -16,6 +16,10 @@ CONFIGS = {
     "ms-seen":     {"label": "migstream fill,seen", "proxy": ["--resolvers", "fill,seen"]},
     "ms-catalog":  {"label": "migstream fill,seen+catalog", "proxy": ["--resolvers", "fill,seen"],
                     "catalog": "local"},
+    # the same with a quarter of the default credit window: what the window costs in
+    # downtime (QEMU bytes in flight when QEMU stops the VM) and in pace
+    "ms-catalog-w4": {"label": "migstream fill,seen+catalog, 4 MiB credit",
+                      "proxy": ["--resolvers", "fill,seen", "--credit-window", "4"], "catalog": "local"},
     "ms-dht":      {"label": "migstream fill,seen+Redis ring", "proxy": ["--resolvers", "fill,seen"],
                     "catalog": "dht"},
     # multifd, 4 channels: QEMU alone (no compression, zstd), and through the proxies
