@@ -9,30 +9,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod support;
+
+use support::example_binary;
+
 const QEMU_7_2: &str = "testdata/qemu-7.2-pc-paused.mig";
 const QEMU_10_0: &str = "testdata/qemu-10.0-q35-paused.mig";
 
-/// The built example `name`.
-fn example(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let bin = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "{} missing: run through `cargo test`, or `cargo build --examples` first",
-        bin.display()
-    );
-    bin
-}
-
 /// Runs example `name` with `args` from the crate's root, no stdin.
 fn run(name: &str, args: &[&str]) -> Output {
-    Command::new(example(name))
+    Command::new(example_binary(name))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
@@ -52,20 +38,22 @@ fn stderr(out: &Output) -> String {
 /// every one of `words`.
 #[track_caller]
 fn assert_usage_error(out: &Output, words: &[&str]) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    for word in words {
-        assert!(err.contains(word), "{word:?} not in: {err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    assert_exit(out, 2, words);
 }
 
 /// Asserts `out` failed (status 1, the program's own error) with `words` in its
 /// message.
 #[track_caller]
 fn assert_failed(out: &Output, words: &[&str]) {
+    assert_exit(out, 1, words);
+}
+
+/// Asserts `out` exited with `status`, without a panic, and a message on stderr
+/// holding every one of `words`.
+#[track_caller]
+fn assert_exit(out: &Output, status: i32, words: &[&str]) {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(out.status.code(), Some(status), "stderr: {err}");
     for word in words {
         assert!(err.contains(word), "{word:?} not in: {err}");
     }
@@ -604,7 +592,7 @@ async fn run_into_closed_pipe(name: &str, args: &[&str]) -> Output {
     let (writer, reader) = tokio::net::unix::pipe::pipe().unwrap();
     drop(reader);
     let writer = writer.into_blocking_fd().unwrap();
-    let child = Command::new(example(name))
+    let child = Command::new(example_binary(name))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
