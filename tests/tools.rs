@@ -104,6 +104,18 @@ impl Drop for Scratch {
     }
 }
 
+/// Where a destination's templates come from (`templates::DhtArgs`): the flags of
+/// `dedup decode` and `proxy destination`.
+const RING_FLAGS: &[&str] = &[
+    "--catalog",
+    "--dht",
+    "--replicas",
+    "--dht-catalog",
+    "--redis-ca",
+    "--redis-cert",
+    "--redis-key",
+];
+
 #[test]
 fn help_and_version_of_every_example_and_subcommand() {
     let commands: &[(&str, &[&str])] = &[
@@ -154,19 +166,7 @@ fn help_and_version_of_every_example_and_subcommand() {
                 "OUT.mz",
             ],
         ),
-        (
-            "dedup",
-            &["decode"],
-            &[
-                "--catalog",
-                "--dht",
-                "--replicas",
-                "--dht-catalog",
-                "--redis-ca",
-                "--redis-cert",
-                "--redis-key",
-            ],
-        ),
+        ("dedup", &["decode"], RING_FLAGS),
         ("catalog", &[], &["build", "info", "push", "verify"]),
         (
             "catalog",
@@ -189,16 +189,7 @@ fn help_and_version_of_every_example_and_subcommand() {
         (
             "proxy",
             &["destination"],
-            &[
-                "--catalog",
-                "--dht",
-                "--replicas",
-                "--dht-catalog",
-                "--redis-ca",
-                "--redis-cert",
-                "--redis-key",
-                "--template-cooldown",
-            ],
+            &[RING_FLAGS, &["--template-cooldown"]].concat(),
         ),
     ];
     for (name, sub, words) in listed {
@@ -261,34 +252,33 @@ fn unknown_flags_are_refused_not_taken_for_files() {
 
 #[test]
 fn a_missing_or_bad_value_names_the_option() {
-    // at the end of the line
-    assert_usage_error(
-        &run("dedup", &["encode", QEMU_7_2, "out.mz", "--catalog"]),
-        &["--catalog"],
-    );
-    assert_usage_error(&run("catalog", &["build", "--threshold"]), &["--threshold"]);
-    // before another option: that one is not swallowed as the value
-    assert_usage_error(
-        &run(
+    // (example, arguments, words the usage error must name)
+    let usage_errors: &[(&str, &[&str], &[&str])] = &[
+        // at the end of the line
+        (
+            "dedup",
+            &["encode", QEMU_7_2, "out.mz", "--catalog"],
+            &["--catalog"],
+        ),
+        ("catalog", &["build", "--threshold"], &["--threshold"]),
+        // before another option: that one is not swallowed as the value
+        (
             "dedup",
             &["decode", "--catalog", "--dht", "redis://h:1", "a", "b"],
+            &["--catalog"],
         ),
-        &["--catalog"],
-    );
-    assert_usage_error(
-        &run("catalog", &["push", "--nodes", "--replicas", "2", "c"]),
-        &["--nodes"],
-    );
-    // a value that does not parse: the option and the value
-    assert_usage_error(
-        &run(
+        (
+            "catalog",
+            &["push", "--nodes", "--replicas", "2", "c"],
+            &["--nodes"],
+        ),
+        // a value that does not parse: the option and the value
+        (
             "catalog",
             &["build", "--threshold", "two", "--out", "c", QEMU_7_2],
+            &["--threshold", "two"],
         ),
-        &["--threshold", "two"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "catalog",
             &[
                 "build",
@@ -300,22 +290,19 @@ fn a_missing_or_bad_value_names_the_option() {
                 "c",
                 QEMU_7_2,
             ],
+            &["--count", "pages", "inputs", "occurrences"],
         ),
-        &["--count", "pages", "inputs", "occurrences"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "dedup",
             &["encode", "--lz4-acceleration", "fast", QEMU_7_2, "o"],
+            &["--lz4-acceleration", "fast"],
         ),
-        &["--lz4-acceleration", "fast"],
-    );
-    assert_usage_error(
-        &run("demo", &["--qemu", "--workload", "sleep"]),
-        &["--workload", "sleep"],
-    );
-    assert_usage_error(
-        &run(
+        (
+            "demo",
+            &["--qemu", "--workload", "sleep"],
+            &["--workload", "sleep"],
+        ),
+        (
             "dedup",
             &[
                 "decode",
@@ -326,19 +313,15 @@ fn a_missing_or_bad_value_names_the_option() {
                 "a",
                 "b",
             ],
+            &["--dht-catalog", "abc", "64 hex digits"],
         ),
-        &["--dht-catalog", "abc", "64 hex digits"],
-    );
-    // --catalog or --dht, and the pairs that go together
-    assert_usage_error(
-        &run(
+        // --catalog or --dht, and the pairs that go together
+        (
             "dedup",
             &["decode", "--catalog", "c", "--dht", "redis://h:1", "a", "b"],
+            &["--catalog", "--dht"],
         ),
-        &["--catalog", "--dht"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "dedup",
             &[
                 "decode",
@@ -349,16 +332,17 @@ fn a_missing_or_bad_value_names_the_option() {
                 "a",
                 "b",
             ],
+            &["--redis-key"],
         ),
-        &["--redis-key"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "dedup",
             &["encode", "--zstd", "3", "--lz4-acceleration", "2", "a", "b"],
+            &["--zstd", "--lz4-acceleration"],
         ),
-        &["--zstd", "--lz4-acceleration"],
-    );
+    ];
+    for (name, args, words) in usage_errors {
+        assert_usage_error(&run(name, args), words);
+    }
     // checked once parsed: still named
     assert_failed(
         &run("dedup", &["decode", "--redis-ca", "ca.pem", "a", "b"]),
@@ -496,19 +480,9 @@ fn dedup_round_trip_of_a_multifd_channel_file() {
 fn catalog_build_info_and_an_empty_catalog() {
     let dir = Scratch::new("catalog");
     let cat = dir.path("c.cat");
+    let build = |args: &[&str]| run("catalog", &[&["build", "--out", &cat], args].concat());
     // two inputs: no page is in three of them
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "3",
-            "--out",
-            &cat,
-            QEMU_7_2,
-            QEMU_10_0,
-        ],
-    );
+    let out = build(&["--threshold", "3", QEMU_7_2, QEMU_10_0]);
     assert_failed(
         &out,
         &[
@@ -520,52 +494,18 @@ fn catalog_build_info_and_an_empty_catalog() {
     assert!(dir.files().is_empty(), "{:?}", dir.files());
     // nor does an existing catalog get replaced by an empty one
     std::fs::write(&cat, b"the operator's catalog").unwrap();
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "3",
-            "--out",
-            &cat,
-            QEMU_7_2,
-            QEMU_10_0,
-        ],
-    );
+    let out = build(&["--threshold", "3", QEMU_7_2, QEMU_10_0]);
     assert_failed(&out, &["no page reaches the threshold"]);
     assert_eq!(std::fs::read(&cat).unwrap(), b"the operator's catalog");
     // a failing input: nothing written either
     let missing = dir.path("missing.mig");
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "1",
-            "--out",
-            &cat,
-            QEMU_7_2,
-            &missing,
-        ],
-    );
+    let out = build(&["--threshold", "1", QEMU_7_2, &missing]);
     assert_failed(&out, &["missing.mig"]);
     assert_eq!(std::fs::read(&cat).unwrap(), b"the operator's catalog");
     assert_eq!(dir.files(), ["c.cat"]);
 
     // every page of one stream, once: a catalog, the lines as before
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "1",
-            "--count",
-            "occurrences",
-            "--out",
-            &cat,
-            QEMU_7_2,
-        ],
-    );
+    let out = build(&["--threshold", "1", "--count", "occurrences", QEMU_7_2]);
     assert_ok(&out);
     let lines = stdout(&out);
     assert!(
