@@ -22,7 +22,7 @@
 use bytes::BytesMut;
 
 use super::Limits;
-use super::drive;
+use super::drive::{self, Phase as _};
 mod config;
 mod position;
 mod ram;
@@ -272,7 +272,7 @@ impl QemuDecoder {
 
     /// Whether the stream has reached its EOF record.
     pub fn is_finished(&self) -> bool {
-        drive::Phase::may_end(&self.phase)
+        self.phase.may_end()
     }
 
     /// Decodes the next record from the front of `src`, or asks for more bytes.
