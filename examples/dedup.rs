@@ -28,9 +28,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use clap::{Args, Parser, Subcommand};
-use migstream::dedup::{
-    Compression, DedupDecoder, DedupEncoder, EncoderInput, Stats, available_threads,
-};
+use migstream::dedup::{DedupDecoder, DedupEncoder, EncoderInput, Stats, available_threads};
 use migstream::qemu::QemuDecoder;
 use migstream::qemu::multifd::{self, MultifdDecoder};
 use migstream::relay::{self, Progress};
@@ -39,6 +37,8 @@ use migstream::template::TemplateIndex;
 use tokio::io::BufWriter;
 use tokio_util::codec::Decoder;
 
+#[path = "support/compression.rs"]
+mod compression;
 #[path = "support/out.rs"]
 mod out;
 #[path = "support/output.rs"]
@@ -50,6 +50,7 @@ mod support;
 #[path = "support/templates.rs"]
 mod templates;
 
+use compression::CompressionArgs;
 use out::outln;
 use output::Output;
 use pipe::{read_on_a_thread, write_on_a_thread};
@@ -79,17 +80,8 @@ struct EncodeArgs {
     /// Template catalog file: its pages are sent as references.
     #[arg(long, value_name = "FILE")]
     catalog: Option<String>,
-    /// zstd batches at this level (with the zstd feature).
-    #[arg(
-        long,
-        value_name = "LEVEL",
-        allow_negative_numbers = true,
-        conflicts_with = "lz4_acceleration"
-    )]
-    zstd: Option<i32>,
-    /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
-    #[arg(long, value_name = "N")]
-    lz4_acceleration: Option<u32>,
+    #[command(flatten)]
+    compression: CompressionArgs,
     /// Threads compressing batches (the same output whatever the number) [default: the cores, at most 4].
     #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
     threads: usize,
@@ -130,18 +122,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Encode(a) => {
-            let mut enc = match &a.catalog {
+            let enc = match &a.catalog {
                 Some(path) => DedupEncoder::with_templates(Arc::new(
                     TemplateIndex::load(path).map_err(|e| format!("--catalog {path}: {e}"))?,
                 )),
                 None => DedupEncoder::with_default_resolvers(),
             };
-            match (a.zstd, a.lz4_acceleration) {
-                (Some(level), _) => enc = with_zstd(enc, level)?,
-                (None, Some(n)) => enc = enc.with_compression(Compression::Lz4Accelerated(n)),
-                (None, None) => {}
-            }
-            encode(&a.input, &a.output, enc.with_threads(a.threads), a.threads)
+            let enc = enc
+                .with_compression(a.compression.compression()?)
+                .with_threads(a.threads);
+            encode(&a.input, &a.output, enc, a.threads)
         }
         Command::Decode(a) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -153,16 +143,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             })
         }
     }
-}
-
-#[cfg(feature = "zstd")]
-fn with_zstd(enc: DedupEncoder, level: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
-    Ok(enc.with_compression(Compression::Zstd(level)))
-}
-
-#[cfg(not(feature = "zstd"))]
-fn with_zstd(_: DedupEncoder, _: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
-    Err("--zstd needs the zstd feature: cargo run --release --features zstd --example dedup".into())
 }
 
 /// Encodes the file `input` into `output`: on this thread alone (`threads` 1), or

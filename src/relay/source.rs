@@ -128,21 +128,14 @@ pub(super) enum Carried<'a> {
 }
 
 /// [`source`] for any of the connections of migration `session`.
-pub(super) async fn carry<QR, QW, LR, LW>(
-    qemu: (QR, QW),
-    link: (LR, LW),
+pub(super) async fn carry(
+    (from_qemu, mut to_qemu): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    (from_link, mut to_link): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
     config: &SourceConfig,
     progress: &Progress,
     session: [u8; 16],
     carried: Carried<'_>,
-) -> Result<Report>
-where
-    QR: AsyncRead + Unpin,
-    QW: AsyncWrite + Unpin,
-    LR: AsyncRead + Unpin,
-    LW: AsyncWrite + Unpin,
-{
-    let ((from_qemu, mut to_qemu), (from_link, mut to_link)) = (qemu, link);
+) -> Result<Report> {
     let activity = Activity::new();
     let mut replies = Replies::new(from_link, &activity);
     let greeting = tokio::time::timeout(config.timeouts.handshake, replies.next("its greeting"))
