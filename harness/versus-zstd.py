@@ -18,7 +18,10 @@ format: file, qemu, machine, workload, ..., ram_bytes, bytes). For each stream:
   to measure a lever), and `zstd -1 -T1 -c` (one thread, the whole stream),
   alternately, N times each (default 3); the best (least) CPU of each is kept.
   CPU = user + system time of the child process (os.wait4's rusage). Both write
-  their output to a file in the work directory; bytes = that file's size.
+  their output to a new file in the work directory (the last run's is removed
+  first, so neither pays for truncating it), by default on /dev/shm: `dedup`
+  fsyncs its output and `zstd -c` does not, and a disk's flush is not the codec's
+  work. Bytes = that file's size.
 - `dedup decode --catalog CAT` of the encoded file must give back the stream,
   byte for byte.
 
@@ -89,6 +92,9 @@ def measure(examples, work, row, catalog, runs, encode_args):
               row["path"], dedup]
     cpu = {"dedup": [], "zstd": []}
     for _ in range(runs):
+        for out in (dedup, zstd):
+            if os.path.exists(out):
+                os.remove(out)
         cpu["dedup"].append(cpu_of(encode, os.devnull))
         cpu["zstd"].append(cpu_of(["zstd", "-1", "-T1", "-c", "-q", row["path"]], zstd))
     back = os.path.join(work, "back.mig")
@@ -111,10 +117,12 @@ def main():
                     help="extra argument for dedup encode (repeatable), e.g. --encode-arg=--zstd=-1")
     ap.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                     help="only the streams whose file name contains one of these")
-    ap.add_argument("--work", help="directory for catalogs and outputs (default: a temporary one)")
+    ap.add_argument("--work", help="directory for catalogs and outputs (default: a new one in "
+                    "/dev/shm, or in the system's temporary directory without /dev/shm)")
     ap.add_argument("--examples", default=os.path.join(REPO, "target", "release", "examples"))
     a = ap.parse_args()
-    work = a.work or tempfile.mkdtemp(prefix="versus-zstd-")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    work = a.work or tempfile.mkdtemp(prefix="versus-zstd-", dir=shm)
     os.makedirs(work, exist_ok=True)
 
     with open("/proc/loadavg") as f:
