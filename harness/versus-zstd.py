@@ -117,14 +117,21 @@ def main():
                     help="extra argument for dedup encode (repeatable), e.g. --encode-arg=--zstd=-1")
     ap.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                     help="only the streams whose file name contains one of these")
-    ap.add_argument("--work", help="directory for catalogs and outputs (default: a new one in "
-                    "/dev/shm, or in the system's temporary directory without /dev/shm)")
+    ap.add_argument("--work", help="directory for catalogs and outputs, kept (default: a new one "
+                    "in /dev/shm, or in the system's temporary directory without /dev/shm, "
+                    "removed at the end)")
     ap.add_argument("--examples", default=os.path.join(REPO, "target", "release", "examples"))
     a = ap.parse_args()
+    if a.work:
+        os.makedirs(a.work, exist_ok=True)
+        return compare(a, a.work)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    work = a.work or tempfile.mkdtemp(prefix="versus-zstd-", dir=shm)
-    os.makedirs(work, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="versus-zstd-", dir=shm) as work:
+        return compare(a, work)
 
+
+def compare(a, work):
+    """Prints the table for every stream of a.captures; 1 if a round trip failed."""
     with open("/proc/loadavg") as f:
         print(f"load before: {f.read().strip()}", file=sys.stderr)
     print(f"dedup encode --catalog CAT {' '.join(a.encode_arg)} | zstd -1 -T1 | best of {a.runs}\n")
