@@ -27,6 +27,11 @@
 //!   of the decoder's (`DedupDecoder::with_threads`) while the bench's thread
 //!   restores pages.
 //!
+//! - `dedup_threads/encode-N`: `dedup_encode` with the default resolvers, batches
+//!   compressed on N threads ([`DedupEncoder::with_threads`]; 1: on the caller's).
+//!   Under `MIGSTREAM_BENCH_CPU_TIME` it times the caller's thread alone: what is
+//!   left on the critical path once the batches go to the other threads.
+//!
 //! - `dedup_floor/*`: what either end cannot avoid on the same case, as the ceiling
 //!   of the two above. `hash_source`: the running digest (XXH3-128) over the QEMU
 //!   bytes and the frames, plus a BLAKE3 fingerprint per seen-before and template
@@ -393,6 +398,23 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
                     )
                 });
             }
+        }
+    }
+    group.finish();
+
+    let mut group = support::flat_group(c, "dedup_threads", 2, 10);
+    for case in cases.iter().filter(|case| case.catalog.is_none()) {
+        let mut sink = BytesMut::with_capacity(2 * SINK);
+        group.throughput(Throughput::Bytes(case.qemu.len() as u64));
+        for threads in [1, 2, 4] {
+            let id = BenchmarkId::new(format!("encode-{threads}"), case.stream);
+            group.bench_function(id, |b| {
+                b.iter_batched(
+                    || case.encoder().with_threads(threads),
+                    |enc| encode(&case.records, enc, &mut sink),
+                    BatchSize::PerIteration,
+                )
+            });
         }
     }
     group.finish();

@@ -26,9 +26,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use clap::{Args, Parser, Subcommand};
-use migstream::dedup::{Compression, DedupDecoder, DedupEncoder, EncoderInput, Stats};
+use migstream::dedup::{DedupDecoder, DedupEncoder, EncoderInput, Stats, available_threads};
 use migstream::qemu::QemuDecoder;
 use migstream::qemu::multifd::{self, MultifdDecoder};
 use migstream::relay::{self, Progress};
@@ -37,17 +37,23 @@ use migstream::template::TemplateIndex;
 use tokio::io::BufWriter;
 use tokio_util::codec::Decoder;
 
+#[path = "support/compression.rs"]
+mod compression;
 #[path = "support/out.rs"]
 mod out;
 #[path = "support/output.rs"]
 mod output;
+#[path = "support/pipe.rs"]
+mod pipe;
 #[path = "support/mod.rs"]
 mod support;
 #[path = "support/templates.rs"]
 mod templates;
 
+use compression::CompressionArgs;
 use out::outln;
 use output::Output;
+use pipe::{read_on_a_thread, write_on_a_thread};
 use support::{READ, read_into};
 use templates::{DhtArgs, template_store};
 
@@ -74,17 +80,11 @@ struct EncodeArgs {
     /// Template catalog file: its pages are sent as references.
     #[arg(long, value_name = "FILE")]
     catalog: Option<String>,
-    /// zstd batches at this level (with the zstd feature).
-    #[arg(
-        long,
-        value_name = "LEVEL",
-        allow_negative_numbers = true,
-        conflicts_with = "lz4_acceleration"
-    )]
-    zstd: Option<i32>,
-    /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
-    #[arg(long, value_name = "N")]
-    lz4_acceleration: Option<u32>,
+    #[command(flatten)]
+    compression: CompressionArgs,
+    /// Threads compressing batches (the same output whatever the number) [default: the cores, at most 4].
+    #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
+    threads: usize,
     /// The QEMU migration stream to read.
     #[arg(value_name = "IN.mig")]
     input: String,
@@ -122,18 +122,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Encode(a) => {
-            let mut enc = match &a.catalog {
+            let enc = match &a.catalog {
                 Some(path) => DedupEncoder::with_templates(Arc::new(
                     TemplateIndex::load(path).map_err(|e| format!("--catalog {path}: {e}"))?,
                 )),
                 None => DedupEncoder::with_default_resolvers(),
             };
-            match (a.zstd, a.lz4_acceleration) {
-                (Some(level), _) => enc = with_zstd(enc, level)?,
-                (None, Some(n)) => enc = enc.with_compression(Compression::Lz4Accelerated(n)),
-                (None, None) => {}
-            }
-            encode(&a.input, &a.output, enc)
+            let enc = enc
+                .with_compression(a.compression.compression()?)
+                .with_threads(a.threads);
+            encode(&a.input, &a.output, enc, a.threads)
         }
         Command::Decode(a) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -147,36 +145,40 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-#[cfg(feature = "zstd")]
-fn with_zstd(enc: DedupEncoder, level: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
-    Ok(enc.with_compression(Compression::Zstd(level)))
-}
-
-#[cfg(not(feature = "zstd"))]
-fn with_zstd(_: DedupEncoder, _: i32) -> Result<DedupEncoder, Box<dyn std::error::Error>> {
-    Err("--zstd needs the zstd feature: cargo run --release --features zstd --example dedup".into())
-}
-
+/// Encodes the file `input` into `output`: on this thread alone (`threads` 1), or
+/// with the files read and written on threads of their own.
 fn encode(
     input: &str,
     output: &str,
     mut enc: DedupEncoder,
+    threads: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut file = File::open(input).map_err(|e| format!("{input}: {e}"))?;
     let (partial, mut out) = Output::create(output).map_err(|e| format!("{output}: {e}"))?;
-    let mut buf = BytesMut::with_capacity(2 * READ);
-    let at_end = read_into(&mut file, &mut buf)? == 0;
-    // a main channel (QEVM) or a multifd channel file (harness/capture-multifd.py)
-    let channel = multifd::wire::is_channel_start(&buf) == Some(true);
-    let read = (&mut file, &mut buf, at_end);
-    let mut wire = match channel {
-        true => encode_records(MultifdDecoder::new(), read, &mut enc, &mut out)?,
-        false => encode_records(QemuDecoder::new(), read, &mut enc, &mut out)?,
-    };
-    enc.finish(&mut wire)?;
-    out.write_all(&wire)?;
-    drop(out);
+    if threads == 1 {
+        let read = |buf: &mut BytesMut| read_into(&mut file, buf);
+        encode_file(read, |frames| out.write_all(&frames), &mut enc)?;
+    } else {
+        let pieces = read_on_a_thread(file, READ);
+        let (to_writer, writer) = write_on_a_thread(out);
+        let read = |buf: &mut BytesMut| match pieces.recv() {
+            Ok(piece) => piece.map(|piece| {
+                buf.extend_from_slice(&piece);
+                piece.len()
+            }),
+            Err(_) => Ok(0),
+        };
+        let write = |frames: Bytes| {
+            let gone = || std::io::Error::other("the writing thread failed");
+            to_writer.send(frames).map_err(|_| gone())
+        };
+        let encoded = encode_file(read, write, &mut enc);
+        drop(to_writer);
+        // the writer's own error first: a failed send only says it stopped
+        writer.join().map_err(|_| "the writing thread panicked")??;
+        encoded?;
+    }
     partial.commit().map_err(|e| format!("{output}: {e}"))?;
     report(
         enc.stats(),
@@ -187,14 +189,39 @@ fn encode(
     Ok(())
 }
 
-/// Reads the records of `file` (`buf` holds what was read so far, `at_end` whether
-/// that was all) into `enc`, writing its frames to `out` as they come; returns what
+/// Encodes what `read` appends to a buffer (how many bytes; 0 at the end), a main
+/// channel or a multifd channel file (harness/capture-multifd.py), giving `write`
+/// the frames as they come, and the END frame.
+fn encode_file(
+    mut read: impl FnMut(&mut BytesMut) -> std::io::Result<usize>,
+    mut write: impl FnMut(Bytes) -> std::io::Result<()>,
+    enc: &mut DedupEncoder,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut buf = BytesMut::with_capacity(2 * READ);
+    let at_end = read(&mut buf)? == 0;
+    let channel = multifd::wire::is_channel_start(&buf) == Some(true);
+    let input = (&mut read, &mut buf, at_end);
+    let mut wire = match channel {
+        true => encode_records(MultifdDecoder::new(), input, enc, &mut write)?,
+        false => encode_records(QemuDecoder::new(), input, enc, &mut write)?,
+    };
+    enc.finish(&mut wire)?;
+    write(wire.freeze())?;
+    Ok(())
+}
+
+/// Reads the records of the input (`buf` holds what was read so far, `at_end`
+/// whether that was all) into `enc`, writing its frames as they come; returns what
 /// is left to write.
 fn encode_records<D, T>(
     mut records: D,
-    (file, buf, mut at_end): (&mut File, &mut BytesMut, bool),
+    (read, buf, mut at_end): (
+        &mut impl FnMut(&mut BytesMut) -> std::io::Result<usize>,
+        &mut BytesMut,
+        bool,
+    ),
     enc: &mut DedupEncoder,
-    out: &mut impl Write,
+    write: &mut impl FnMut(Bytes) -> std::io::Result<()>,
 ) -> Result<BytesMut, Box<dyn std::error::Error>>
 where
     D: Decoder<Item = T, Error = migstream::Error>,
@@ -209,11 +236,10 @@ where
         match record {
             Some(record) => record.encode_into(enc, &mut wire)?,
             None if at_end => return Ok(wire),
-            None => at_end = read_into(file, buf)? == 0,
+            None => at_end = read(buf)? == 0,
         }
         if wire.len() >= READ {
-            out.write_all(&wire)?;
-            wire.clear();
+            write(wire.split().freeze())?;
         }
     }
 }

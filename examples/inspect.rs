@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             eprintln!("inspect: stdout: {e}");
             return ExitCode::FAILURE;
         }
-        ok &= report.roundtrip_ok().unwrap_or(true);
+        ok &= report.walked().roundtrip_ok.unwrap_or(true);
     }
     if ok {
         ExitCode::SUCCESS
@@ -93,14 +93,11 @@ fn main() -> ExitCode {
 trait Shown {
     fn print(&self, path: &str) -> io::Result<()>;
     fn to_json(&self, path: &str) -> Value;
-    /// With `--roundtrip`, whether re-encoding gave the file back.
-    fn roundtrip_ok(&self) -> Option<bool>;
+    fn walked(&self) -> &Walked;
 }
 
 #[derive(Default)]
 struct Report {
-    bytes: u64,
-    records: u64,
     machine: Option<String>,
     blocks: Vec<(String, u64)>,
     pages: BTreeMap<&'static str, u64>,
@@ -111,8 +108,7 @@ struct Report {
     opaque_bytes: u64,
     vmdesc_bytes: Option<u64>,
     devices: Vec<String>,
-    roundtrip_ok: Option<bool>,
-    seconds: f64,
+    walked: Walked,
 }
 
 /// Which pages of each RAM block were sent already, to count re-sent pages.
@@ -150,18 +146,34 @@ fn inspect(path: &str, roundtrip: bool) -> Result<Report, Box<dyn std::error::Er
         QemuEncoder::new(),
         |record| report.count(record, &mut sent, &mut section_names),
     )?;
-    (report.bytes, report.records) = (walked.bytes, walked.records);
-    (report.roundtrip_ok, report.seconds) = (walked.roundtrip_ok, walked.seconds);
+    report.walked = walked;
     Ok(report)
 }
 
 /// What reading a file through a codec gave: its bytes and records, and with
 /// `--roundtrip` whether re-encoding gave the file back.
+#[derive(Default)]
 struct Walked {
     bytes: u64,
     records: u64,
     roundtrip_ok: Option<bool>,
     seconds: f64,
+}
+
+impl Walked {
+    /// With `--roundtrip`, its outcome (and the decode rate).
+    fn print_roundtrip(&self, path: &str) -> io::Result<()> {
+        match self.roundtrip_ok {
+            Some(true) => outln!(
+                "roundtrip ok {} bytes {} records {:.2} GB/s",
+                self.bytes,
+                self.records,
+                self.bytes as f64 / self.seconds / 1e9
+            ),
+            Some(false) => outln!("roundtrip FAILED: re-encoded bytes differ from {path}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Reads `path` through `dec` in [`READ`]-byte pieces (memory stays bounded),
@@ -187,12 +199,7 @@ where
     };
     let (mut buf, mut out) = (BytesMut::with_capacity(2 * READ), BytesMut::new());
     let mut expected = vec![0; READ];
-    let mut walked = Walked {
-        bytes: 0,
-        records: 0,
-        roundtrip_ok: None,
-        seconds: 0.0,
-    };
+    let mut walked = Walked::default();
     let mut at_end = false;
     loop {
         let record = match at_end {
@@ -304,12 +311,16 @@ impl Report {
 }
 
 impl Shown for Report {
-    fn roundtrip_ok(&self) -> Option<bool> {
-        self.roundtrip_ok
+    fn walked(&self) -> &Walked {
+        &self.walked
     }
 
     fn print(&self, path: &str) -> io::Result<()> {
-        outln!("{path}: {} bytes, {} records", self.bytes, self.records)?;
+        outln!(
+            "{path}: {} bytes, {} records",
+            self.walked.bytes,
+            self.walked.records
+        )?;
         outln!(
             "  machine      {}",
             self.machine.as_deref().unwrap_or("(no configuration)")
@@ -342,18 +353,7 @@ impl Shown for Report {
             )?,
             None => outln!("  vmdesc       none")?,
         }
-        if let Some(ok) = self.roundtrip_ok {
-            let rate = self.bytes as f64 / self.seconds / 1e9;
-            match ok {
-                true => outln!(
-                    "roundtrip ok {} bytes {} records {rate:.2} GB/s",
-                    self.bytes,
-                    self.records
-                )?,
-                false => outln!("roundtrip FAILED: re-encoded bytes differ from {path}")?,
-            }
-        }
-        Ok(())
+        self.walked.print_roundtrip(path)
     }
 
     fn to_json(&self, path: &str) -> Value {
@@ -369,8 +369,8 @@ impl Shown for Report {
             .collect();
         json!({
             "file": path,
-            "bytes": self.bytes,
-            "records": self.records,
+            "bytes": self.walked.bytes,
+            "records": self.walked.records,
             "machine": self.machine,
             "ram_blocks": self.blocks.iter().map(|(n, l)| json!({"name": n, "bytes": l})).collect::<Vec<_>>(),
             "pages": self.pages,
@@ -380,8 +380,8 @@ impl Shown for Report {
             "device_state_bytes": self.opaque_bytes,
             "vmdesc_bytes": self.vmdesc_bytes,
             "devices": self.devices,
-            "roundtrip_ok": self.roundtrip_ok,
-            "seconds": self.seconds,
+            "roundtrip_ok": self.walked.roundtrip_ok,
+            "seconds": self.walked.seconds,
         })
     }
 }
@@ -431,8 +431,6 @@ fn is_channel_file(path: &str) -> io::Result<bool> {
 /// What one multifd channel carried.
 #[derive(Default)]
 struct ChannelReport {
-    bytes: u64,
-    records: u64,
     channel_id: Option<u8>,
     packets: u64,
     sync: u64,
@@ -444,8 +442,7 @@ struct ChannelReport {
     methods: BTreeMap<String, u64>,
     device_state_packets: u64,
     device_state_bytes: u64,
-    roundtrip_ok: Option<bool>,
-    seconds: f64,
+    walked: Walked,
 }
 
 fn inspect_channel(
@@ -460,8 +457,7 @@ fn inspect_channel(
         MultifdEncoder::new(),
         |record| report.count(record),
     )?;
-    (report.bytes, report.records) = (walked.bytes, walked.records);
-    (report.roundtrip_ok, report.seconds) = (walked.roundtrip_ok, walked.seconds);
+    report.walked = walked;
     Ok(report)
 }
 
@@ -493,15 +489,15 @@ impl ChannelReport {
 }
 
 impl Shown for ChannelReport {
-    fn roundtrip_ok(&self) -> Option<bool> {
-        self.roundtrip_ok
+    fn walked(&self) -> &Walked {
+        &self.walked
     }
 
     fn print(&self, path: &str) -> io::Result<()> {
         outln!(
             "{path}: {} bytes, {} records (multifd channel)",
-            self.bytes,
-            self.records
+            self.walked.bytes,
+            self.walked.records
         )?;
         match self.channel_id {
             Some(id) => outln!("  channel      {id}")?,
@@ -530,26 +526,15 @@ impl Shown for ChannelReport {
                 self.device_state_bytes
             )?;
         }
-        if let Some(ok) = self.roundtrip_ok {
-            let rate = self.bytes as f64 / self.seconds / 1e9;
-            match ok {
-                true => outln!(
-                    "roundtrip ok {} bytes {} records {rate:.2} GB/s",
-                    self.bytes,
-                    self.records
-                )?,
-                false => outln!("roundtrip FAILED: re-encoded bytes differ from {path}")?,
-            }
-        }
-        Ok(())
+        self.walked.print_roundtrip(path)
     }
 
     fn to_json(&self, path: &str) -> Value {
         json!({
             "file": path,
             "kind": "multifd channel",
-            "bytes": self.bytes,
-            "records": self.records,
+            "bytes": self.walked.bytes,
+            "records": self.walked.records,
             "channel_id": self.channel_id,
             "packets": self.packets,
             "sync_packets": self.sync,
@@ -559,8 +544,8 @@ impl Shown for ChannelReport {
             "compression": self.methods,
             "device_state_packets": self.device_state_packets,
             "device_state_bytes": self.device_state_bytes,
-            "roundtrip_ok": self.roundtrip_ok,
-            "seconds": self.seconds,
+            "roundtrip_ok": self.walked.roundtrip_ok,
+            "seconds": self.walked.seconds,
         })
     }
 }

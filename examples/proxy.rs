@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use migstream::dedup::{Compression, Resolvers, Stats};
+use migstream::dedup::{Resolvers, Stats, available_threads};
 use migstream::relay::net::{Conn, Endpoint};
 use migstream::relay::tls::{TlsClient, TlsIdentity, TlsServer};
 use migstream::relay::{
@@ -37,9 +37,12 @@ use migstream::relay::{
 };
 use migstream::template::{Catalog, TemplateIndex};
 
+#[path = "support/compression.rs"]
+mod compression;
 #[path = "support/templates.rs"]
 mod templates;
 
+use compression::CompressionArgs;
 use templates::{DhtArgs, template_store};
 
 #[derive(Parser)]
@@ -133,21 +136,15 @@ struct SourceArgs {
     /// Resolvers to run, from fill,xbzrle,seen; none for LZ4 alone [default: all].
     #[arg(long, value_name = "LIST")]
     resolvers: Option<String>,
-    /// zstd batches at this level (with the zstd feature).
-    #[arg(
-        long,
-        value_name = "LEVEL",
-        allow_negative_numbers = true,
-        conflicts_with = "lz4_acceleration"
-    )]
-    zstd: Option<i32>,
-    /// migstream's own LZ4 encoder probing every N-th position at first: less CPU, a few % more bytes.
-    #[arg(long, value_name = "N")]
-    lz4_acceleration: Option<u32>,
+    #[command(flatten)]
+    compression: CompressionArgs,
     /// MiB of QEMU stream taken in beyond what the destination acknowledged: QEMU
     /// then sees the link's pace when it decides to stop the VM.
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     credit_window: u64,
+    /// Threads compressing a migration's main channel [default: the cores, at most 4].
+    #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -289,11 +286,7 @@ fn source_proxy(
     identity: Option<&TlsIdentity>,
     timeouts: Timeouts,
 ) -> Result<SourceProxy, BoxError> {
-    let compression = match (a.zstd, a.lz4_acceleration) {
-        (Some(level), _) => zstd_compression(level)?,
-        (None, Some(n)) => Compression::Lz4Accelerated(n),
-        (None, None) => Compression::Lz4,
-    };
+    let compression = a.compression.compression()?;
     let templates = match &a.common.catalog {
         Some(path) if a.hold_catalog => Some(Arc::new(TemplateIndex::holding(Arc::new(
             Catalog::load(path)?,
@@ -336,7 +329,8 @@ fn source_proxy(
         .with_resolvers(resolvers)
         .with_compression(compression)
         .with_timeouts(timeouts)
-        .with_credit_window(a.credit_window << 20);
+        .with_credit_window(a.credit_window << 20)
+        .with_threads(a.threads);
     Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common)))
 }
 
@@ -358,16 +352,6 @@ async fn destination_proxy(
     Ok(DestinationProxy::new(config, qemu, tls)
         .with_limits(limits(&a.common))
         .with_template_cooldown(Duration::from_secs_f64(a.template_cooldown)))
-}
-
-#[cfg(feature = "zstd")]
-fn zstd_compression(level: i32) -> Result<Compression, BoxError> {
-    Ok(Compression::Zstd(level))
-}
-
-#[cfg(not(feature = "zstd"))]
-fn zstd_compression(_level: i32) -> Result<Compression, BoxError> {
-    Err("--zstd needs the zstd feature (cargo run --features zstd ...)".into())
 }
 
 impl Proxy {

@@ -16,138 +16,20 @@ and a clean kernel log. NAME.json holds the details (versions, machine, caps, pa
 as QEMU applied them, files, relay counts, checks). On failure nothing is left at
 NAME.*: the partial files go to the run directory, whose path is printed.
 
-Reuses harness/lab.py (VM, QMP, the relay, the checks) by import and changes nothing
-in it; MIGSTREAM_LAB_DIR names the lab (default <repo>/target/qemu-lab). Only
+Built on harness/migharness (VM, QMP, the relay, the checks), as lab.py is;
+MIGSTREAM_LAB_DIR names the lab (default <repo>/target/qemu-lab). Only
 processes started here are ever signalled, by PID; every wait is bounded.
 """
 import argparse
-import glob
 import json
 import os
-import shutil
 import signal
-import socket
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lab  # noqa: E402
-
-MULTIFD_MAGIC = bytes.fromhex("11223344")
-
-
-class SplitRelay(lab.Relay):
-    """lab.Relay (accept, forward both ways, totals, finish) whose source->destination
-    bytes of EVERY connection go to a file of their own, `<prefix>.conn<index>`;
-    `kind` is set from the first 4 bytes: main, multifd or other. Overrides
-    lab.Relay._pump, which lab.Relay._accept calls as _pump(src, dst, info, forward)."""
-
-    def __init__(self, dst_port, prefix):
-        self.prefix = prefix
-        super().__init__(dst_port, None)
-
-    def conn_file(self, index):
-        return "%s.conn%d" % (self.prefix, index)
-
-    def _pump(self, a, b, info, forward):
-        out, head = None, b""
-        try:
-            if forward:
-                out = open(self.conn_file(info["index"]), "wb")
-            while True:
-                data = a.recv(1 << 20)
-                if not data:
-                    break
-                if out:
-                    out.write(data)
-                    if info["kind"] is None:
-                        head += data[:4]
-                        if len(head) >= 4:
-                            info["kind"] = {lab.QEVM: "main", MULTIFD_MAGIC: "multifd"}.get(head[:4], "other")
-                b.sendall(data)
-                info["src_to_dst" if forward else "dst_to_src"] += len(data)
-            if forward:
-                info["eof"] = True
-                info["closed_s"] = round(time.monotonic() - self.t0, 3)
-        except OSError as e:
-            if not self.stopping:
-                self.errors.append("connection %d %s: %s" % (info["index"], "src->dst" if forward else "dst->src", e))
-        finally:
-            if out:
-                out.close()
-            try:
-                b.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-
-def name_files(relay, prefix, checks):
-    """Renames each connection's file after what it carries; returns the file list."""
-    files, ids = [], []
-    for c in relay.conns:
-        part = relay.conn_file(c["index"])
-        size = os.path.getsize(part) if os.path.exists(part) else 0
-        with open(part, "rb") as f:
-            head = f.read(25)
-        entry = {"connection": c["index"], "kind": c["kind"], "bytes": size,
-                 "complete": bool(c["eof"]) and size == c["src_to_dst"]}
-        if c["kind"] == "main":
-            path = prefix + ".main.mig"
-        elif c["kind"] == "multifd" and len(head) == 25:
-            entry["channel_id"] = head[24]
-            ids.append(head[24])
-            path = "%s.ch%d.mfd" % (prefix, head[24])
-        else:
-            path = "%s.other%d.bin" % (prefix, c["index"])
-        if os.path.exists(path):
-            checks["channel_ids_distinct"] = False
-            path += ".dup%d" % c["index"]
-        os.rename(part, path)
-        entry["file"] = os.path.basename(path)
-        files.append(entry)
-    return files, sorted(ids)
-
-
-def run(a, rundir, vms):
-    prefix = os.path.abspath(a.out)
-    for pattern in (".json", ".main.mig", ".ch*.mfd"):
-        for old in glob.glob(glob.escape(prefix) + pattern):
-            raise lab.Fail("%s exists: remove the old capture first" % old)
-    caps, params = lab.parse_caps(a), lab.parse_params(a)
-    caps["multifd"] = True
-    params["multifd-channels"] = a.channels
-    a.qemu = a.src_qemu or a.qemu
-    dst_ver = a.dst_qemu or a.qemu
-    dst, port = lab.start_destination(a, rundir, vms, "dst", dst_ver, caps, params)
-    src, ready = lab.start_source(a, rundir, vms, caps, params)
-    eff = {"src": lab.effective_params(src), "dst": lab.effective_params(dst)}
-    relay = SplitRelay(port, os.path.join(rundir, "capture"))
-    vms.append(relay)
-    lab.log("relay 127.0.0.1:%d -> destination 127.0.0.1:%d, every connection saved" % (relay.port, port))
-    info = lab.migrate(src, "tcp:127.0.0.1:%d" % relay.port, a.timeout)
-    drained = relay.finish(60)
-
-    checks = {"relay_drained": drained, "relay_no_errors": not relay.errors}
-    files, ids = name_files(relay, os.path.join(rundir, os.path.basename(prefix)), checks)
-    checks["one_main_channel"] = sum(1 for f in files if f["kind"] == "main") == 1
-    checks["no_other_connections"] = all(f["kind"] in ("main", "multifd") for f in files)
-    checks["multifd_channel_ids"] = ids == list(range(a.channels))
-    checks["captures_complete"] = all(f["complete"] and f["bytes"] > 0 for f in files)
-    after = lab.check_arrival(a, src, dst, info, ready, checks)
-    checks.setdefault("channel_ids_distinct", True)
-    meta = lab.base_meta(a, src, prefix, "multifd-live", caps, params, ready)
-    del meta["file"]
-    meta.update(name=os.path.basename(prefix), channels=a.channels, files=files, src_qemu=a.qemu,
-                dst_qemu=dst_ver, dst_qemu_version=dst.version, check_sum=after,
-                migration=lab.summary(info), connections=relay.conns, relay_errors=relay.errors,
-                checks=checks, wire=relay.totals(), effective_params=eff)
-    ok = lab.report_failed(a, checks, relay.errors or info.get("error-desc", ""))
-    if ok:
-        for f in files:
-            os.rename(os.path.join(rundir, f["file"]), os.path.join(os.path.dirname(prefix), f["file"]))
-    else:
-        meta["run_dir"] = rundir
-    return meta, ok
+from migharness import assets
+from migharness.common import Fail
+from migharness.multifd import capture_multifd
+from migharness.session import run_in_rundir
 
 
 def main():
@@ -175,21 +57,19 @@ def main():
     ap.add_argument("--accel", default="tcg")
     ap.add_argument("--keep-run", action="store_true", help="keep the run dir (logs) even on success")
     a = ap.parse_args()
-    # what lab.py's helpers read from its own options
+    # what the checks read from lab.py's options
     a.min_dirty_syncs = a.min_xbzrle_pages = 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # still runs the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # still runs the cleanup
     try:
         if not 1 <= a.channels <= 255:
-            raise lab.Fail("--channels %d: 1 to 255" % a.channels)
-        for v in {a.src_qemu or a.qemu, a.dst_qemu or a.src_qemu or a.qemu}:
-            lab.qemu_binary(v)
-    except lab.Fail as e:
+            raise Fail("--channels %d: 1 to 255" % a.channels)
+        assets.require({a.src_qemu or a.qemu, a.dst_qemu or a.src_qemu or a.qemu})
+    except Fail as e:
         print("ERROR: %s" % e, file=sys.stderr)
         return 1
-    rundir = lab.make_rundir("multifd")
-    vms, ok, meta = [], False, None
-    try:
-        meta, ok = run(a, rundir, vms)
+
+    def body(rundir, vms):
+        meta, ok = capture_multifd(a, rundir, vms)
         meta["ok"] = ok
         with open(os.path.abspath(a.out) + ".json", "w") as f:
             json.dump(meta, f, indent=1)
@@ -199,22 +79,10 @@ def main():
             a.workload, a.channels, json.dumps({k: v for k, v in meta["params"].items() if k != "max-bandwidth"}),
             meta["ready_sum"], meta["check_sum"], m.get("total-time"),
             " ".join("%s:%d" % (f["file"], f["bytes"]) for f in meta["files"])))
-    except lab.Fail as e:
-        print("ERROR: %s" % e, file=sys.stderr)
-    except KeyboardInterrupt:
-        print("ERROR: interrupted", file=sys.stderr)
-    finally:
-        for vm in reversed(vms):
-            vm.stop()
-        if not ok:      # never leave an unverified capture where a good one is expected
-            json_path = os.path.abspath(a.out) + ".json"
-            if os.path.exists(json_path):
-                shutil.move(json_path, os.path.join(rundir, os.path.basename(json_path)))
-        if ok and not a.keep_run:
-            shutil.rmtree(rundir, ignore_errors=True)
-        else:
-            print("run dir (logs%s): %s" % ("" if ok else ", failed capture", rundir), file=sys.stderr)
-    return 0 if ok else 1
+        return ok
+
+    # never leave an unverified capture where a good one is expected
+    return run_in_rundir("multifd", body, a.keep_run, (os.path.abspath(a.out) + ".json",), "capture")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@
 #                                  -data, seabios); bin/qemu-system-x86_64 = wrapper
 #   guest/initramfs.cpio.gz        static busybox + guest-init.sh as /init
 # System changes (root, only if missing): apt packages busybox-static cpio openssl
-# python3 redis-server (the DHT tests' store nodes) and the shared libraries the
-# two QEMUs link against; an apt source for
+# python3 redis-server (the DHT tests' store nodes) zstd (versus-zstd.py's
+# reference) and the shared libraries the two QEMUs link against; an apt source for
 # bookworm-backports on the machine's own Debian mirror (QEMU 10.0 lives there).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAB=${MIGSTREAM_LAB_DIR:-$(dirname "$HERE")/target/qemu-lab}
-PKGS=(busybox-static cpio python3 redis-server openssl)
+PKGS=(busybox-static cpio python3 redis-server openssl zstd)
 KPKG=linux-image-cloud-amd64
 BPO_LIST=/etc/apt/sources.list.d/migstream-bookworm-backports.list
 

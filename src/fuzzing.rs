@@ -5,6 +5,7 @@
 //! exactly the bytes it consumed, however the input was split into reads.
 
 use bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::qemu::{Limits, QemuDecoder, QemuEncoder};
 use crate::xbzrle::{self, Delta};
@@ -25,11 +26,33 @@ pub fn qemu_decode(data: &[u8]) {
         max_vmdesc_len: 4096,
         ..Limits::default()
     };
-    let mut dec = QemuDecoder::with_limits(limits);
-    let mut enc = QemuEncoder::new();
-    let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
+    round_trip(
+        QemuDecoder::with_limits(limits),
+        QemuEncoder::new(),
+        QemuDecoder::offset,
+        input,
+        read,
+    );
+}
+
+/// Decodes `input` fed in reads of `read` bytes and re-encodes every record: after
+/// each record the output must be as long as what the decoder consumed (`offset`),
+/// and at the end equal to the input it consumed. Gives the records and the error
+/// that stopped the decoder, if any.
+fn round_trip<D, E>(
+    mut dec: D,
+    mut enc: E,
+    offset: fn(&D) -> u64,
+    input: &[u8],
+    read: usize,
+) -> (Vec<D::Item>, Option<crate::Error>)
+where
+    D: Decoder<Error = crate::Error>,
+    E: for<'r> Encoder<&'r D::Item, Error = crate::Error>,
+{
+    let (mut buf, mut out, mut records) = (BytesMut::new(), BytesMut::new(), Vec::new());
     let mut fed = 0;
-    loop {
+    let err = loop {
         let at_end = fed == input.len();
         let step = match at_end {
             true => dec.decode_eof(&mut buf),
@@ -41,23 +64,25 @@ pub fn qemu_decode(data: &[u8]) {
                     .expect("a decoded record encodes");
                 assert_eq!(
                     out.len() as u64,
-                    dec.offset(),
+                    offset(&dec),
                     "encoded length != consumed length"
                 );
+                records.push(record);
             }
             Ok(None) if !at_end => {
                 let end = (fed + read).min(input.len());
                 buf.extend_from_slice(&input[fed..end]);
                 fed = end;
             }
-            Ok(None) | Err(_) => break,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
         }
-    }
-    assert_eq!(
-        &out[..],
-        &input[..out.len()],
+    };
+    assert!(
+        out[..] == input[..out.len()],
         "re-encoded bytes differ from the input"
     );
+    (records, err)
 }
 
 /// XBZRLE both ways. `data[0]` picks the page size (64 << n bytes, up to 4 KiB).
@@ -292,7 +317,7 @@ fn dedup_round(wire: &[u8], read: usize) -> (Vec<u8>, Option<crate::Error>) {
 /// each record, and the records and the error (kind, offset, field) must be the same
 /// as when the whole input is decoded at once.
 pub fn multifd_decode(data: &[u8]) {
-    use crate::qemu::multifd::{ChannelRecord, Limits, MultifdDecoder, MultifdEncoder};
+    use crate::qemu::multifd::{Limits, MultifdDecoder, MultifdEncoder};
     let Some((&seed, input)) = data.split_first() else {
         return;
     };
@@ -305,43 +330,16 @@ pub fn multifd_decode(data: &[u8]) {
         ..Limits::default()
     };
     let run = |read: usize| {
-        let mut dec = MultifdDecoder::with_limits(limits.clone());
-        let mut enc = MultifdEncoder::new();
-        let (mut buf, mut out, mut records) = (BytesMut::new(), BytesMut::new(), Vec::new());
-        let mut fed = 0;
-        let err = loop {
-            let at_end = fed == input.len();
-            let step = match at_end {
-                true => dec.decode_eof(&mut buf),
-                false => dec.decode(&mut buf),
-            };
-            match step {
-                Ok(Some(record)) => {
-                    enc.encode(&record, &mut out)
-                        .expect("a decoded record encodes");
-                    assert_eq!(
-                        out.len() as u64,
-                        dec.offset(),
-                        "encoded length != consumed length"
-                    );
-                    records.push(record);
-                }
-                Ok(None) if !at_end => {
-                    let end = (fed + read).min(input.len());
-                    buf.extend_from_slice(&input[fed..end]);
-                    fed = end;
-                }
-                Ok(None) => break None,
-                Err(e) => break Some((e.kind(), e.offset(), e.field())),
-            }
-        };
-        assert!(
-            out[..] == input[..out.len()],
-            "re-encoded bytes differ from the input"
+        let (records, err) = round_trip(
+            MultifdDecoder::with_limits(limits.clone()),
+            MultifdEncoder::new(),
+            MultifdDecoder::offset,
+            input,
+            read,
         );
-        (records, err)
+        (records, err.map(|e| (e.kind(), e.offset(), e.field())))
     };
-    let (records, err): (Vec<ChannelRecord>, _) = run(read);
+    let (records, err) = run(read);
     let (whole, whole_err) = run(input.len().max(1));
     assert!(records == whole, "records depend on the read size");
     assert_eq!(err, whole_err, "the error depends on the read size");

@@ -350,23 +350,33 @@ fn qemu72_dirty_xbzrle() {
 #[test]
 #[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
 fn qemu72_to_qemu10_machine_72() {
-    let r = migrate(
-        "qemu7.2to10-pc-i440fx-7.2-fill",
-        &[
-            "--src-qemu",
-            "7.2",
-            "--dst-qemu",
-            "10",
-            "--machine",
-            "pc-i440fx-7.2",
-            "-w",
-            "fill",
-            "--ram-tail-kib",
-            "8",
-        ],
+    qemu72_to_qemu10("qemu7.2to10-pc-i440fx-7.2-fill", &[]);
+}
+
+/// Migrates a `fill` guest (`--ram-tail-kib 8`: see `qemu72_dirty_xbzrle`) from
+/// QEMU 7.2 to 10.0 with 7.2's machine type on both, with lab.py's `extra`
+/// arguments, and checks that both ran as asked.
+fn qemu72_to_qemu10(name: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--src-qemu",
+        "7.2",
+        "--dst-qemu",
+        "10",
+        "--machine",
+        "pc-i440fx-7.2",
+        "-w",
+        "fill",
+        "--ram-tail-kib",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    let r = migrate(name, &args);
+    assert_eq!(r["machine_type"], "pc-i440fx-7.2", "{name}");
+    assert!(
+        r["dst_qemu_version"].as_str().unwrap().starts_with("10."),
+        "{name}"
     );
-    assert_eq!(r["machine_type"], "pc-i440fx-7.2");
-    assert!(r["dst_qemu_version"].as_str().unwrap().starts_with("10."));
+    r
 }
 
 /// The stream of an idle guest, made once per test process with `lab.py
@@ -431,18 +441,7 @@ fn captured_catalog() -> &'static Path {
 #[ignore = "needs QEMU (harness/setup.sh) and MIGSTREAM_PROXY: scripts/test.sh runs it"]
 fn qemu10_template_catalog() {
     let arg = format!("--catalog {}", captured_catalog().display());
-    let r = qemu10(
-        "qemu10-idle-catalog",
-        "idle",
-        &[
-            "--src-proxy-arg",
-            &arg,
-            "--dst-proxy-arg",
-            &arg,
-            "--min-proxy-pages",
-            "template=1",
-        ],
-    );
+    let r = qemu10("qemu10-idle-catalog", "idle", &template_args(&arg, &arg));
     assert!(pages(&r, "template") > 0, "pages {}", r["pages"]);
 }
 
@@ -452,19 +451,21 @@ fn qemu10_template_catalog() {
 #[ignore = "needs QEMU (harness/setup.sh), redis-server and MIGSTREAM_PROXY: scripts/test.sh runs it"]
 fn qemu10_templates_from_a_redis_ring() {
     let (_servers, src, dst) = ring_of_the_catalog("qemu10_templates_from_a_redis_ring", "ring");
-    let r = qemu10(
-        "qemu10-idle-dht",
-        "idle",
-        &[
-            "--src-proxy-arg",
-            &src,
-            "--dst-proxy-arg",
-            &dst,
-            "--min-proxy-pages",
-            "template=1",
-        ],
-    );
+    let r = qemu10("qemu10-idle-dht", "idle", &template_args(&src, &dst));
     assert!(pages(&r, "template") > 0, "pages {}", r["pages"]);
+}
+
+/// lab.py arguments that give the source and destination proxies these options and
+/// fail the migration unless some page travels as a template reference.
+fn template_args<'a>(src: &'a str, dst: &'a str) -> [&'a str; 6] {
+    [
+        "--src-proxy-arg",
+        src,
+        "--dst-proxy-arg",
+        dst,
+        "--min-proxy-pages",
+        "template=1",
+    ]
 }
 
 /// Three real Redis servers (in `out_dir()/dir`) holding the captured catalog, two
@@ -898,19 +899,7 @@ fn qemu10_multifd_dirty_legacy_zero_pages() {
 fn qemu10_multifd_template_catalog() {
     let name = "qemu10-multifd-idle-catalog";
     let arg = format!("--catalog {}", captured_catalog().display());
-    let (r, pages) = qemu10_multifd(
-        name,
-        "idle",
-        "multifd",
-        &[
-            "--src-proxy-arg",
-            &arg,
-            "--dst-proxy-arg",
-            &arg,
-            "--min-proxy-pages",
-            "template=1",
-        ],
-    );
+    let (r, pages) = qemu10_multifd(name, "idle", "multifd", &template_args(&arg, &arg));
     assert_eq!(r["proxies"]["src"]["templates"], true, "{name}");
     assert!(kind(&pages, "template") > 0, "{name}: {pages:?}");
 }
@@ -923,19 +912,7 @@ fn qemu10_multifd_templates_from_a_redis_ring() {
     let name = "qemu10-multifd-idle-dht";
     let (_servers, src, dst) =
         ring_of_the_catalog("qemu10_multifd_templates_from_a_redis_ring", "ring-multifd");
-    let (r, pages) = qemu10_multifd(
-        name,
-        "idle",
-        "multifd",
-        &[
-            "--src-proxy-arg",
-            &src,
-            "--dst-proxy-arg",
-            &dst,
-            "--min-proxy-pages",
-            "template=1",
-        ],
-    );
+    let (r, pages) = qemu10_multifd(name, "idle", "multifd", &template_args(&src, &dst));
     assert_eq!(r["proxies"]["dst"]["templates"], true, "{name}");
     assert!(kind(&pages, "template") > 0, "{name}: {pages:?}");
 }
@@ -963,22 +940,8 @@ fn qemu72_multifd_fill() {
 fn qemu72_to_qemu10_multifd_machine_72() {
     let name = "qemu7.2to10-multifd-pc-i440fx-7.2-fill";
     let channels = multifd(2);
-    let mut args = vec![
-        "--src-qemu",
-        "7.2",
-        "--dst-qemu",
-        "10",
-        "--machine",
-        "pc-i440fx-7.2",
-        "-w",
-        "fill",
-        "--ram-tail-kib",
-        "8",
-    ];
-    args.extend(channels.iter().map(String::as_str));
-    let r = migrate(name, &args);
-    assert_eq!(r["machine_type"], "pc-i440fx-7.2");
-    assert!(r["dst_qemu_version"].as_str().unwrap().starts_with("10."));
+    let channels: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let r = qemu72_to_qemu10(name, &channels);
     let pages = multifd_channels(name, &r, 2);
     assert_fill(name, &pages);
 }

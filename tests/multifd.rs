@@ -117,6 +117,35 @@ struct Raw<'a> {
 }
 
 impl Raw<'_> {
+    /// A SYNC packet without pages as QEMU 10.0 sends it: nothing allocated, no
+    /// block name, no offsets.
+    fn sync(num: u64) -> Self {
+        Raw {
+            flags: 1,
+            pages_alloc: 0,
+            normal: 0,
+            next: 0,
+            num,
+            zero: 0,
+            block: "",
+            slots: vec![],
+            data: vec![],
+        }
+    }
+
+    /// QEMU 10.0's packet of zero pages only, at these offsets, after this one.
+    fn zero_pages(&self, num: u64, slots: Vec<u64>) -> Self {
+        Raw {
+            normal: 0,
+            next: 0,
+            num,
+            zero: slots.len() as u32,
+            slots,
+            data: vec![],
+            ..self.clone()
+        }
+    }
+
     fn bytes(&self) -> Vec<u8> {
         let mut p = Vec::new();
         for v in [
@@ -220,25 +249,8 @@ fn qemu10_nocomp() -> Vec<u8> {
         slots: vec![0x10_0000, 0x10_2000, 0x10_1000, 0x10_3000, 0x10_4000],
         data: pages(&[7, 8]),
     };
-    let b = Raw {
-        normal: 0,
-        next: 0,
-        num: 2,
-        zero: 4,
-        slots: vec![0, 0x1000, 0x2000, 0x3000],
-        data: vec![],
-        ..a.clone()
-    };
-    let sync = Raw {
-        flags: 1,
-        pages_alloc: 0,
-        zero: 0,
-        num: 5,
-        block: "",
-        slots: vec![],
-        ..b.clone()
-    };
-    [greeting(0), a.bytes(), b.bytes(), sync.bytes()].concat()
+    let b = a.zero_pages(2, vec![0, 0x1000, 0x2000, 0x3000]);
+    [greeting(0), a.bytes(), b.bytes(), Raw::sync(5).bytes()].concat()
 }
 
 /// QEMU 10.0 with zstd: the payload is `next_packet_size` opaque bytes of the
@@ -257,25 +269,8 @@ fn qemu10_zstd() -> Vec<u8> {
         slots: vec![0x7000, 0x8000, 0xa000, 0x9000],
         data: stream,
     };
-    let b = Raw {
-        normal: 0,
-        next: 0,
-        num: 3,
-        zero: 2,
-        slots: vec![0xb000, 0xc000],
-        data: vec![],
-        ..a.clone()
-    };
-    let sync = Raw {
-        flags: 1,
-        pages_alloc: 0,
-        zero: 0,
-        num: 4,
-        block: "",
-        slots: vec![],
-        ..b.clone()
-    };
-    [greeting(1), a.bytes(), b.bytes(), sync.bytes()].concat()
+    let b = a.zero_pages(3, vec![0xb000, 0xc000]);
+    [greeting(1), a.bytes(), b.bytes(), Raw::sync(4).bytes()].concat()
 }
 
 /// QEMU 7.2 with zstd: SYNC on a compressed packet with pages, and a SYNC packet
@@ -315,18 +310,7 @@ fn qemu10_device_state() -> Vec<u8> {
     dev.extend(0u32.to_be_bytes());
     dev.extend(300u32.to_be_bytes());
     dev.extend((0..300u32).map(|i| i as u8));
-    let sync = Raw {
-        flags: 1,
-        pages_alloc: 0,
-        normal: 0,
-        next: 0,
-        num: 9,
-        zero: 0,
-        block: "",
-        slots: vec![],
-        data: vec![],
-    };
-    [greeting(2), dev, sync.bytes()].concat()
+    [greeting(2), dev, Raw::sync(9).bytes()].concat()
 }
 
 fn goldens() -> Vec<(&'static str, Vec<u8>)> {

@@ -9,30 +9,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod support;
+
+use support::example_binary;
+
 const QEMU_7_2: &str = "testdata/qemu-7.2-pc-paused.mig";
 const QEMU_10_0: &str = "testdata/qemu-10.0-q35-paused.mig";
 
-/// The built example `name`.
-fn example(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let bin = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "{} missing: run through `cargo test`, or `cargo build --examples` first",
-        bin.display()
-    );
-    bin
-}
-
 /// Runs example `name` with `args` from the crate's root, no stdin.
 fn run(name: &str, args: &[&str]) -> Output {
-    Command::new(example(name))
+    Command::new(example_binary(name))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
@@ -52,20 +38,22 @@ fn stderr(out: &Output) -> String {
 /// every one of `words`.
 #[track_caller]
 fn assert_usage_error(out: &Output, words: &[&str]) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    for word in words {
-        assert!(err.contains(word), "{word:?} not in: {err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    assert_exit(out, 2, words);
 }
 
 /// Asserts `out` failed (status 1, the program's own error) with `words` in its
 /// message.
 #[track_caller]
 fn assert_failed(out: &Output, words: &[&str]) {
+    assert_exit(out, 1, words);
+}
+
+/// Asserts `out` exited with `status`, without a panic, and a message on stderr
+/// holding every one of `words`.
+#[track_caller]
+fn assert_exit(out: &Output, status: i32, words: &[&str]) {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(out.status.code(), Some(status), "stderr: {err}");
     for word in words {
         assert!(err.contains(word), "{word:?} not in: {err}");
     }
@@ -115,6 +103,18 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Where a destination's templates come from (`templates::DhtArgs`): the flags of
+/// `dedup decode` and `proxy destination`.
+const RING_FLAGS: &[&str] = &[
+    "--catalog",
+    "--dht",
+    "--replicas",
+    "--dht-catalog",
+    "--redis-ca",
+    "--redis-cert",
+    "--redis-key",
+];
 
 #[test]
 fn help_and_version_of_every_example_and_subcommand() {
@@ -166,19 +166,7 @@ fn help_and_version_of_every_example_and_subcommand() {
                 "OUT.mz",
             ],
         ),
-        (
-            "dedup",
-            &["decode"],
-            &[
-                "--catalog",
-                "--dht",
-                "--replicas",
-                "--dht-catalog",
-                "--redis-ca",
-                "--redis-cert",
-                "--redis-key",
-            ],
-        ),
+        ("dedup", &["decode"], RING_FLAGS),
         ("catalog", &[], &["build", "info", "push", "verify"]),
         (
             "catalog",
@@ -201,16 +189,7 @@ fn help_and_version_of_every_example_and_subcommand() {
         (
             "proxy",
             &["destination"],
-            &[
-                "--catalog",
-                "--dht",
-                "--replicas",
-                "--dht-catalog",
-                "--redis-ca",
-                "--redis-cert",
-                "--redis-key",
-                "--template-cooldown",
-            ],
+            &[RING_FLAGS, &["--template-cooldown"]].concat(),
         ),
     ];
     for (name, sub, words) in listed {
@@ -273,34 +252,33 @@ fn unknown_flags_are_refused_not_taken_for_files() {
 
 #[test]
 fn a_missing_or_bad_value_names_the_option() {
-    // at the end of the line
-    assert_usage_error(
-        &run("dedup", &["encode", QEMU_7_2, "out.mz", "--catalog"]),
-        &["--catalog"],
-    );
-    assert_usage_error(&run("catalog", &["build", "--threshold"]), &["--threshold"]);
-    // before another option: that one is not swallowed as the value
-    assert_usage_error(
-        &run(
+    // (example, arguments, words the usage error must name)
+    let usage_errors: &[(&str, &[&str], &[&str])] = &[
+        // at the end of the line
+        (
+            "dedup",
+            &["encode", QEMU_7_2, "out.mz", "--catalog"],
+            &["--catalog"],
+        ),
+        ("catalog", &["build", "--threshold"], &["--threshold"]),
+        // before another option: that one is not swallowed as the value
+        (
             "dedup",
             &["decode", "--catalog", "--dht", "redis://h:1", "a", "b"],
+            &["--catalog"],
         ),
-        &["--catalog"],
-    );
-    assert_usage_error(
-        &run("catalog", &["push", "--nodes", "--replicas", "2", "c"]),
-        &["--nodes"],
-    );
-    // a value that does not parse: the option and the value
-    assert_usage_error(
-        &run(
+        (
+            "catalog",
+            &["push", "--nodes", "--replicas", "2", "c"],
+            &["--nodes"],
+        ),
+        // a value that does not parse: the option and the value
+        (
             "catalog",
             &["build", "--threshold", "two", "--out", "c", QEMU_7_2],
+            &["--threshold", "two"],
         ),
-        &["--threshold", "two"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "catalog",
             &[
                 "build",
@@ -312,22 +290,19 @@ fn a_missing_or_bad_value_names_the_option() {
                 "c",
                 QEMU_7_2,
             ],
+            &["--count", "pages", "inputs", "occurrences"],
         ),
-        &["--count", "pages", "inputs", "occurrences"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "dedup",
             &["encode", "--lz4-acceleration", "fast", QEMU_7_2, "o"],
+            &["--lz4-acceleration", "fast"],
         ),
-        &["--lz4-acceleration", "fast"],
-    );
-    assert_usage_error(
-        &run("demo", &["--qemu", "--workload", "sleep"]),
-        &["--workload", "sleep"],
-    );
-    assert_usage_error(
-        &run(
+        (
+            "demo",
+            &["--qemu", "--workload", "sleep"],
+            &["--workload", "sleep"],
+        ),
+        (
             "dedup",
             &[
                 "decode",
@@ -338,19 +313,15 @@ fn a_missing_or_bad_value_names_the_option() {
                 "a",
                 "b",
             ],
+            &["--dht-catalog", "abc", "64 hex digits"],
         ),
-        &["--dht-catalog", "abc", "64 hex digits"],
-    );
-    // --catalog or --dht, and the pairs that go together
-    assert_usage_error(
-        &run(
+        // --catalog or --dht, and the pairs that go together
+        (
             "dedup",
             &["decode", "--catalog", "c", "--dht", "redis://h:1", "a", "b"],
+            &["--catalog", "--dht"],
         ),
-        &["--catalog", "--dht"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "dedup",
             &[
                 "decode",
@@ -361,16 +332,17 @@ fn a_missing_or_bad_value_names_the_option() {
                 "a",
                 "b",
             ],
+            &["--redis-key"],
         ),
-        &["--redis-key"],
-    );
-    assert_usage_error(
-        &run(
+        (
             "dedup",
             &["encode", "--zstd", "3", "--lz4-acceleration", "2", "a", "b"],
+            &["--zstd", "--lz4-acceleration"],
         ),
-        &["--zstd", "--lz4-acceleration"],
-    );
+    ];
+    for (name, args, words) in usage_errors {
+        assert_usage_error(&run(name, args), words);
+    }
     // checked once parsed: still named
     assert_failed(
         &run("dedup", &["decode", "--redis-ca", "ca.pem", "a", "b"]),
@@ -430,8 +402,22 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
     );
     assert_eq!(dir.files(), ["in.mz", "out.mig"]);
 
-    // damage in the middle, and a cut: the decoder finds both
+    // the same bytes on one thread (files read and written on it too) and on four
     let encoded = std::fs::read(&mz).unwrap();
+    let other = dir.path("other.mz");
+    for threads in ["1", "4"] {
+        assert_ok(&run(
+            "dedup",
+            &["encode", "--threads", threads, QEMU_10_0, &other],
+        ));
+        assert!(
+            std::fs::read(&other).unwrap() == encoded,
+            "--threads {threads}"
+        );
+    }
+    std::fs::remove_file(&other).unwrap();
+
+    // damage in the middle, and a cut: the decoder finds both
     let mut damaged = encoded.clone();
     let middle = damaged.len() / 2;
     for b in &mut damaged[middle..middle + 64] {
@@ -461,12 +447,44 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
     // encode: an input that is not a migration stream
     let bad = dir.path("bad.mig");
     std::fs::write(&bad, b"not a QEMU stream at all").unwrap();
-    assert_failed(&run("dedup", &["encode", &bad, &mz]), &[]);
+    for threads in ["1", "2"] {
+        assert_failed(
+            &run("dedup", &["encode", "--threads", threads, &bad, &mz]),
+            &[],
+        );
+    }
     assert_eq!(std::fs::read(&mz).unwrap(), encoded, "OUT.mz clobbered");
     let missing = dir.path("missing.mig");
     assert_failed(&run("dedup", &["encode", &missing, &mz]), &["missing.mig"]);
     std::fs::remove_file(&bad).unwrap();
     assert_eq!(dir.files(), ["in.mz", "out.mig"]);
+}
+
+/// An output that is not a file (a pipe here; `/dev/null` alike) is written into,
+/// not renamed over: the pipe gets the bytes and stays a pipe.
+#[test]
+fn an_output_that_is_not_a_file_is_written_not_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = Scratch::new("dedup-pipe");
+    let (fifo, mz) = (dir.path("pipe"), dir.path("file.mz"));
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    assert_ok(&run(
+        "dedup",
+        &["encode", "--threads", "1", QEMU_10_0, &fifo],
+    ));
+    // checked before the join: a pipe renamed over would leave the reader waiting
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let through_the_pipe = reader.join().unwrap();
+    assert_ok(&run("dedup", &["encode", "--threads", "1", QEMU_10_0, &mz]));
+    assert!(through_the_pipe == std::fs::read(&mz).unwrap());
 }
 
 /// `dedup encode` takes a multifd channel file as well as a main channel, and the
@@ -489,19 +507,9 @@ fn dedup_round_trip_of_a_multifd_channel_file() {
 fn catalog_build_info_and_an_empty_catalog() {
     let dir = Scratch::new("catalog");
     let cat = dir.path("c.cat");
+    let build = |args: &[&str]| run("catalog", &[&["build", "--out", &cat], args].concat());
     // two inputs: no page is in three of them
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "3",
-            "--out",
-            &cat,
-            QEMU_7_2,
-            QEMU_10_0,
-        ],
-    );
+    let out = build(&["--threshold", "3", QEMU_7_2, QEMU_10_0]);
     assert_failed(
         &out,
         &[
@@ -513,52 +521,18 @@ fn catalog_build_info_and_an_empty_catalog() {
     assert!(dir.files().is_empty(), "{:?}", dir.files());
     // nor does an existing catalog get replaced by an empty one
     std::fs::write(&cat, b"the operator's catalog").unwrap();
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "3",
-            "--out",
-            &cat,
-            QEMU_7_2,
-            QEMU_10_0,
-        ],
-    );
+    let out = build(&["--threshold", "3", QEMU_7_2, QEMU_10_0]);
     assert_failed(&out, &["no page reaches the threshold"]);
     assert_eq!(std::fs::read(&cat).unwrap(), b"the operator's catalog");
     // a failing input: nothing written either
     let missing = dir.path("missing.mig");
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "1",
-            "--out",
-            &cat,
-            QEMU_7_2,
-            &missing,
-        ],
-    );
+    let out = build(&["--threshold", "1", QEMU_7_2, &missing]);
     assert_failed(&out, &["missing.mig"]);
     assert_eq!(std::fs::read(&cat).unwrap(), b"the operator's catalog");
     assert_eq!(dir.files(), ["c.cat"]);
 
     // every page of one stream, once: a catalog, the lines as before
-    let out = run(
-        "catalog",
-        &[
-            "build",
-            "--threshold",
-            "1",
-            "--count",
-            "occurrences",
-            "--out",
-            &cat,
-            QEMU_7_2,
-        ],
-    );
+    let out = build(&["--threshold", "1", "--count", "occurrences", QEMU_7_2]);
     assert_ok(&out);
     let lines = stdout(&out);
     assert!(
@@ -585,7 +559,7 @@ async fn run_into_closed_pipe(name: &str, args: &[&str]) -> Output {
     let (writer, reader) = tokio::net::unix::pipe::pipe().unwrap();
     drop(reader);
     let writer = writer.into_blocking_fd().unwrap();
-    let child = Command::new(example(name))
+    let child = Command::new(example_binary(name))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())

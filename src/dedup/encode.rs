@@ -1,12 +1,13 @@
 //! The source side: QEMU records in, dedup frames out.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use twox_hash::XxHash3_128;
 
 use super::Stats;
 use super::compress::{Compression, Compressor};
 use super::entry::Entry;
 use super::wire::{self, DataHeader, End, Hello, codec};
+use super::workers::Workers;
 use crate::error::{Error, Result};
 use crate::qemu::multifd::{ChannelRecord, MultifdEncoder, Payload};
 use crate::qemu::{
@@ -24,6 +25,9 @@ use crate::template::CatalogId;
 /// bytes so far, and [`finish`](Self::finish) writes the END frame with the total.
 /// One encoder carries one QEMU connection: its first record says which
 /// ([`encode`](Self::encode) or [`encode_channel`](Self::encode_channel)).
+///
+/// Batches can be compressed on several threads ([`with_threads`](Self::with_threads));
+/// the frames are the same bytes whatever the number.
 pub struct DedupEncoder {
     page_size: usize,
     catalog: Option<CatalogId>,
@@ -34,16 +38,23 @@ pub struct DedupEncoder {
     qemu: QemuEncoder,
     multifd: MultifdEncoder,
     claims: Vec<Box<dyn Claim>>,
-    /// Raw entries of the batch being built.
-    batch: Vec<u8>,
+    /// The batch being built.
+    batch: Batch,
     /// QEMU bytes not yet put in an entry of `batch`.
     verbatim: BytesMut,
-    /// The QEMU record header of the page being put.
-    page_header: BytesMut,
-    /// Scratch for a resolver's body and for the compressed batch.
+    /// Where page record headers are written, each split off into the batch's QEMU
+    /// bytes.
+    page_headers: BytesMut,
+    /// Scratch for a resolver's body.
     body: Vec<u8>,
-    compressed: Vec<u8>,
+    compression: Compression,
+    /// Compresses on the caller's thread (one thread) ...
     compressor: Compressor,
+    /// ... or on these, once the first batch is sent (more threads).
+    workers: Option<Workers<Batch, Result<Compressed>>>,
+    threads: usize,
+    /// Buffers of frames gone out, for the next batches.
+    spare: Vec<Vec<u8>>,
     batch_target: usize,
     /// QEMU bytes the batch being built stands for.
     batch_qemu: usize,
@@ -78,6 +89,64 @@ pub const MAX_CHANNEL_FRAME_QEMU_BYTES: usize = 4 << 20;
 /// Default size at which a batch is compressed and sent.
 pub const DEFAULT_BATCH: usize = 256 * 1024;
 
+/// A batch on its way to becoming a DATA frame.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Its entries, uncompressed.
+    raw: Vec<u8>,
+    /// The QEMU bytes it stands for, in stream order, as they came: the running
+    /// digest takes them in when the frame is written, after the frames before it,
+    /// which may still be compressing on another thread.
+    qemu: Vec<Bytes>,
+    /// Whether it came after QEMU's EOF (FLAG_HOLD).
+    hold: bool,
+    /// A buffer for the compressed entries.
+    compressed: Vec<u8>,
+}
+
+/// A batch compressed: `compressed[..len]` with `codec`, or its raw entries stored.
+#[derive(Debug)]
+struct Compressed {
+    batch: Batch,
+    codec: u8,
+    len: usize,
+}
+
+/// Compresses a batch, keeping it stored where compression does not pay.
+fn compress(compressor: &mut Compressor, mut batch: Batch) -> Result<Compressed> {
+    let (codec, len) = compressor.compress(&batch.raw, &mut batch.compressed)?;
+    Ok(match len < batch.raw.len() {
+        true => Compressed { batch, codec, len },
+        false => Compressed {
+            len: batch.raw.len(),
+            batch,
+            codec: codec::STORED,
+        },
+    })
+}
+
+impl Compressed {
+    /// The frame's body.
+    fn body(&self) -> &[u8] {
+        match self.codec {
+            codec::STORED => &self.batch.raw,
+            _ => &self.batch.compressed[..self.len],
+        }
+    }
+}
+
+/// The most threads [`DedupEncoder::with_threads`] and
+/// [`DedupDecoder::with_threads`](super::DedupDecoder::with_threads) start, and the
+/// default of the proxies and the `dedup` tool: past four, the caller's own
+/// thread (resolvers, parsing, the digest) is the bottleneck.
+pub const MAX_THREADS: usize = 4;
+
+/// The cores this process may run on, at most [`MAX_THREADS`]: the proxies' and the
+/// `dedup` tool's default `--threads`.
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
+}
+
 impl DedupEncoder {
     /// An encoder whose resolvers are tried in the order given; pages none of them
     /// claims travel raw. Fails with [`Error::Config`](crate::Error::Config) if two
@@ -92,12 +161,15 @@ impl DedupEncoder {
             qemu: QemuEncoder::new(),
             multifd: MultifdEncoder::new(),
             claims,
-            batch: Vec::new(),
+            batch: Batch::default(),
             verbatim: BytesMut::new(),
-            page_header: BytesMut::new(),
+            page_headers: BytesMut::new(),
             body: Vec::new(),
-            compressed: Vec::new(),
+            compression: Compression::Lz4,
             compressor: Compressor::new(Compression::Lz4),
+            workers: None,
+            threads: 1,
+            spare: Vec::new(),
             batch_target: DEFAULT_BATCH,
             batch_qemu: 0,
             hasher: XxHash3_128::new(),
@@ -138,7 +210,21 @@ impl DedupEncoder {
 
     /// Sets how batches are compressed (default LZ4).
     pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
         self.compressor = Compressor::new(compression);
+        self
+    }
+
+    /// Compresses batches on `threads` threads of the encoder's own (1, the default:
+    /// on the caller's thread; at most [`MAX_THREADS`]). Resolvers, the running
+    /// digest and the frames' order stay on the caller's thread, and the frames are
+    /// the same bytes whatever the number. With more than one, a batch's frame is
+    /// appended to `dst` by a later call, once compressed ([`flush`](Self::flush)
+    /// and [`finish`](Self::finish) wait for every batch); up to two batches per
+    /// thread are in flight, each keeping its QEMU bytes (at most
+    /// [`MAX_FRAME_QEMU_BYTES`] and a record) until its frame is written.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.clamp(1, MAX_THREADS);
         self
     }
 
@@ -180,15 +266,15 @@ impl DedupEncoder {
                 self.start(dst);
                 self.put_verbatim();
                 // the destination rebuilds the record header from the entry's address
-                self.page_header.clear();
-                self.qemu.encode_page_header(addr, &mut self.page_header)?;
-                self.hasher.write(&self.page_header);
-                self.stats.qemu_bytes += self.page_header.len() as u64;
+                self.qemu.encode_page_header(addr, &mut self.page_headers)?;
+                let header = self.page_headers.split().freeze();
+                self.stats.qemu_bytes += header.len() as u64;
+                self.batch.qemu.push(header);
                 let at = PageAt {
                     block: &addr.block,
                     offset: addr.offset,
                 };
-                self.put_page(Page::new(at, data), addr.continued);
+                self.put_page(at, data, addr.continued);
             }
             other => {
                 self.hold |= matches!(other, Record::Eof);
@@ -232,7 +318,7 @@ impl DedupEncoder {
                         block: &packet.block,
                         offset,
                     };
-                    self.put_page(Page::new(at, data), false);
+                    self.put_page(at, data, false);
                 }
             }
             other => {
@@ -254,7 +340,7 @@ impl DedupEncoder {
             Some(0) | None => MAX_FRAME_QEMU_BYTES,
             Some(_) => MAX_CHANNEL_FRAME_QEMU_BYTES,
         };
-        if self.batch.len() + self.verbatim.len() >= self.batch_target
+        if self.batch.raw.len() + self.verbatim.len() >= self.batch_target
             || self.batch_qemu + self.verbatim.len() >= max_qemu
         {
             self.flush(dst)?;
@@ -262,29 +348,67 @@ impl DedupEncoder {
         Ok(())
     }
 
-    /// Sends what is pending as a DATA frame (e.g. when the QEMU side goes quiet).
-    /// Nothing before the first record: the HELLO says what the records are.
+    /// Sends what is pending as a DATA frame (e.g. when the QEMU side goes quiet),
+    /// after every batch still compressing. Nothing before the first record: the
+    /// HELLO says what the records are.
     pub fn flush(&mut self, dst: &mut BytesMut) -> Result<()> {
         if self.channel.is_none() {
             return Ok(());
         }
         self.start(dst);
         self.put_verbatim();
-        if self.batch.is_empty() {
+        self.send_batch(dst)?;
+        while let Some(compressed) = self.workers.as_mut().and_then(Workers::next) {
+            self.put_frame(compressed?, dst);
+        }
+        Ok(())
+    }
+
+    /// Compresses the batch being built, if any, and appends its frame to `dst`, or,
+    /// on threads, queues it and appends the frames of the batches compressed by now.
+    fn send_batch(&mut self, dst: &mut BytesMut) -> Result<()> {
+        if self.batch.raw.is_empty() {
             return Ok(());
         }
-        let (codec, n) = self
-            .compressor
-            .compress(&self.batch, &mut self.compressed)?;
-        let (codec, body) = match n < self.batch.len() {
-            true => (codec, &self.compressed[..n]),
-            false => (codec::STORED, &self.batch[..]),
+        let next = Batch {
+            raw: self.spare.pop().unwrap_or_default(),
+            compressed: self.spare.pop().unwrap_or_default(),
+            ..Batch::default()
         };
+        let mut batch = std::mem::replace(&mut self.batch, next);
+        batch.hold = self.hold;
+        self.batch_qemu = 0;
+        if self.threads == 1 {
+            let compressed = compress(&mut self.compressor, batch)?;
+            self.put_frame(compressed, dst);
+            return Ok(());
+        }
+        let compression = self.compression;
+        let workers = self.workers.get_or_insert_with(|| {
+            Workers::new(self.threads, move || Compressor::new(compression), compress)
+        });
+        if workers.is_full() {
+            let oldest = workers.next().expect("a full queue has an oldest job");
+            self.put_frame(oldest?, dst);
+        }
+        self.workers.as_mut().expect("started above").submit(batch);
+        while let Some(compressed) = self.workers.as_mut().and_then(Workers::try_next) {
+            self.put_frame(compressed?, dst);
+        }
+        Ok(())
+    }
+
+    /// Appends a compressed batch's DATA frame to `dst`: its QEMU bytes, then its
+    /// header and body, enter the running digest the frame carries.
+    fn put_frame(&mut self, compressed: Compressed, dst: &mut BytesMut) {
+        let body = compressed.body();
+        let batch = &compressed.batch;
+        batch.qemu.iter().for_each(|bytes| self.hasher.write(bytes));
         let before = dst.len();
         let mut header = DataHeader {
-            codec,
-            flags: if self.hold { wire::FLAG_HOLD } else { 0 },
-            raw_len: u32::try_from(self.batch.len()).expect("batches are a few MiB"),
+            codec: compressed.codec,
+            flags: if batch.hold { wire::FLAG_HOLD } else { 0 },
+            raw_len: u32::try_from(batch.raw.len()).expect("batches are a few MiB"),
             digest: [0; wire::FRAME_DIGEST],
         };
         self.hasher.write(&header.covered());
@@ -293,9 +417,14 @@ impl DedupEncoder {
         header.put(dst, body.len());
         dst.put_slice(body);
         self.stats.wire_bytes += (dst.len() - before) as u64;
-        self.batch.clear();
-        self.batch_qemu = 0;
-        Ok(())
+        let Batch {
+            mut raw,
+            mut compressed,
+            ..
+        } = compressed.batch;
+        raw.clear();
+        compressed.clear();
+        self.spare.extend([raw, compressed]);
     }
 
     /// Sends what is pending and the END frame. Call once, after the last record.
@@ -346,15 +475,15 @@ impl DedupEncoder {
         if self.verbatim.is_empty() {
             return;
         }
-        self.hasher.write(&self.verbatim);
         self.stats.qemu_bytes += self.verbatim.len() as u64;
         self.batch_qemu += self.verbatim.len();
-        Entry::Qemu(&self.verbatim).put(&mut self.batch);
-        self.verbatim.clear();
+        Entry::Qemu(&self.verbatim).put(&mut self.batch.raw);
+        self.batch.qemu.push(self.verbatim.split().freeze());
     }
 
     /// Appends a page entry: tag, address, body (see `docs/wire-format.md`).
-    fn put_page(&mut self, page: Page<'_>, continued: bool) {
+    fn put_page(&mut self, at: PageAt<'_>, data: &Bytes, continued: bool) {
+        let page = Page::new(at, data);
         let mut claimed = None;
         for c in &mut self.claims {
             self.body.clear();
@@ -375,7 +504,7 @@ impl DedupEncoder {
             block: (!same_block).then_some(page.at.block),
             body,
         };
-        entry.put(&mut self.batch);
+        entry.put(&mut self.batch.raw);
         if !same_block {
             self.last_block = Some(page.at.block.to_vec());
         }
@@ -384,8 +513,8 @@ impl DedupEncoder {
         for c in &mut self.claims {
             c.delivered(&page);
         }
-        self.hasher.write(page.data);
-        self.stats.qemu_bytes += page.data.len() as u64;
-        self.batch_qemu += page.data.len();
+        self.batch.qemu.push(data.clone());
+        self.stats.qemu_bytes += data.len() as u64;
+        self.batch_qemu += data.len();
     }
 }

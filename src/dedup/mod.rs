@@ -46,7 +46,6 @@ mod reply;
 mod resolvers;
 mod stats;
 mod stream;
-#[allow(dead_code)] // used by the encoder and decoder next
 mod workers;
 // the constants and layouts of `docs/wire-format.md`: for the crate's own benches
 // and fuzzing, not an API
@@ -56,7 +55,10 @@ pub mod wire;
 pub use codec::{EncoderInput, End};
 pub use compress::Compression;
 pub use decode::{Decoded, DedupDecoder};
-pub use encode::{DEFAULT_BATCH, DedupEncoder, MAX_CHANNEL_FRAME_QEMU_BYTES, MAX_FRAME_QEMU_BYTES};
+pub use encode::{
+    DEFAULT_BATCH, DedupEncoder, MAX_CHANNEL_FRAME_QEMU_BYTES, MAX_FRAME_QEMU_BYTES, MAX_THREADS,
+    available_threads,
+};
 pub use reply::{ACK_EVERY, MAX_REASON, MAX_RETURN_CHUNK, Reply, ReplyDecoder};
 pub use resolvers::{Resolvers, default_restores};
 pub use stats::Stats;

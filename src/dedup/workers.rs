@@ -82,11 +82,6 @@ impl<J: Send + 'static, R: Send + 'static> Workers<J, R> {
         self.in_flight.len() >= self.capacity()
     }
 
-    /// Jobs submitted whose results were not taken yet.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     /// Queues `job`. The caller keeps to [`capacity`](Self::capacity).
     pub(crate) fn submit(&mut self, job: J) {
         let (done, result) = mpsc::sync_channel(1);
@@ -147,7 +142,7 @@ mod tests {
             results.push(square);
         }
         assert_eq!(results, (0..40).map(|n| n * n).collect::<Vec<_>>());
-        assert_eq!(workers.in_flight(), 0);
+        assert!(workers.try_next().is_none());
     }
 
     #[test]

@@ -111,45 +111,21 @@ impl Manifest {
         let Some(head) = bytes.first_chunk::<{ format::HEADER_LEN }>() else {
             return Err(bad(bytes.len(), "shorter than a catalog header"));
         };
-        let format::Header {
-            page_size,
-            count,
-            id,
-        } = format::Header::parse(head)?;
-        let limit = max_templates.min(format::MAX_TEMPLATES);
-        if count > limit {
-            return Err(Error::LimitExceeded {
-                offset: 16,
-                field: "dht manifest template count",
-                value: count,
-                limit,
-            });
-        }
+        let header = format::Header::parse(head, max_templates)?;
         let table = &bytes[format::HEADER_LEN..];
-        if table.len() as u64 != count * FINGERPRINT_LEN as u64 {
+        if table.len() as u64 != header.count * FINGERPRINT_LEN as u64 {
             return Err(bad(
                 format::HEADER_LEN,
                 "table length differs from the count",
             ));
         }
-        if id != *expected {
+        if header.id != *expected {
             return Err(bad(24, "the manifest of another catalog"));
         }
-        let fingerprints: Vec<Fingerprint> = table
-            .chunks_exact(FINGERPRINT_LEN)
-            .map(|fp| Fingerprint(fp.try_into().expect("16 bytes")))
-            .collect();
-        if CatalogId::compute(page_size, &fingerprints) != id {
-            return Err(bad(24, "the table does not hash to the catalog id"));
-        }
-        if let Some(i) = fingerprints.windows(2).position(|w| w[0] >= w[1]) {
-            let at = format::HEADER_LEN + (i + 1) * FINGERPRINT_LEN;
-            return Err(bad(at, "fingerprint table not strictly ascending"));
-        }
         Ok(Self {
-            page_size,
-            fingerprints,
-            id,
+            page_size: header.page_size,
+            fingerprints: format::parse_table(&header, table)?,
+            id: header.id,
         })
     }
 }

@@ -30,6 +30,7 @@
 
 mod codec;
 mod decode;
+mod drive;
 mod encode;
 mod limits;
 pub mod multifd;

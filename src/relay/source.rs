@@ -34,6 +34,11 @@ pub struct SourceConfig {
     /// next to it swallowing its stream. Each multifd channel of a migration takes a
     /// quarter of it ([`MULTIFD_CHANNEL_SHARE`]).
     pub credit_window: u64,
+    /// Threads compressing the main channel's batches
+    /// ([`DedupEncoder::with_threads`]; 1, the default: the migration's task alone).
+    /// A multifd channel compresses on its own task: QEMU already spreads the pages
+    /// over the channels.
+    pub threads: usize,
 }
 
 /// The default [`SourceConfig::credit_window`]: 16 MiB of QEMU bytes, more than a
@@ -47,6 +52,7 @@ impl Default for SourceConfig {
             compression: Compression::Lz4,
             timeouts: Timeouts::default(),
             credit_window: DEFAULT_CREDIT_WINDOW,
+            threads: 1,
         }
     }
 }
@@ -74,6 +80,13 @@ impl SourceConfig {
     /// acknowledges every MiB).
     pub fn with_credit_window(mut self, bytes: u64) -> Self {
         self.credit_window = bytes.max(2 * ACK_EVERY);
+        self
+    }
+
+    /// Compressing the main channel's batches on this many threads (at most
+    /// [`MAX_THREADS`](crate::dedup::MAX_THREADS)).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.clamp(1, crate::dedup::MAX_THREADS);
         self
     }
 }
@@ -115,21 +128,14 @@ pub(super) enum Carried<'a> {
 }
 
 /// [`source`] for any of the connections of migration `session`.
-pub(super) async fn carry<QR, QW, LR, LW>(
-    qemu: (QR, QW),
-    link: (LR, LW),
+pub(super) async fn carry(
+    (from_qemu, mut to_qemu): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    (from_link, mut to_link): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
     config: &SourceConfig,
     progress: &Progress,
     session: [u8; 16],
     carried: Carried<'_>,
-) -> Result<Report>
-where
-    QR: AsyncRead + Unpin,
-    QW: AsyncWrite + Unpin,
-    LR: AsyncRead + Unpin,
-    LW: AsyncWrite + Unpin,
-{
-    let ((from_qemu, mut to_qemu), (from_link, mut to_link)) = (qemu, link);
+) -> Result<Report> {
     let activity = Activity::new();
     let mut replies = Replies::new(from_link, &activity);
     let greeting = tokio::time::timeout(config.timeouts.handshake, replies.next("its greeting"))
@@ -146,17 +152,20 @@ where
     }
     let templates = resolvers.templates.is_some();
     tracing::debug!(templates, "greeted by the destination");
+    // a migration's channels share about one window, and compress on their own
+    // tasks: QEMU already spreads its pages over them
+    let (window, threads) = match carried {
+        Carried::Main { .. } => (config.credit_window, config.threads),
+        Carried::Channel { .. } => (
+            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(2 * ACK_EVERY),
+            1,
+        ),
+    };
     let encoder = DedupEncoder::with_resolvers(&resolvers)?
         .with_compression(config.compression)
+        .with_threads(threads)
         .with_session(session);
     let (acked, acks) = watch::channel(0);
-    // a migration's channels share about one window: QEMU spreads its pages over them
-    let window = match carried {
-        Carried::Main { .. } => config.credit_window,
-        Carried::Channel { .. } => {
-            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(2 * ACK_EVERY)
-        }
-    };
     let credit = Credit {
         acked: acks,
         window,

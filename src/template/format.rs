@@ -76,8 +76,9 @@ impl Header {
         out
     }
 
-    /// Parses and checks the header fields on their own (also a DHT manifest's).
-    pub(crate) fn parse(b: &[u8; HEADER_LEN]) -> Result<Self> {
+    /// Parses and checks the header fields on their own (also a DHT manifest's),
+    /// with at most `max_templates` templates.
+    pub(crate) fn parse(b: &[u8; HEADER_LEN], max_templates: u64) -> Result<Self> {
         let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         if b[..8] != MAGIC {
             return Err(malformed(0, "catalog magic", "not \"MGSTCAT\\0\""));
@@ -98,8 +99,10 @@ impl Header {
             ));
         }
         let count = u64::from_be_bytes(b[16..24].try_into().expect("8 bytes"));
-        // beyond MAX_TEMPLATES only on 32-bit targets, where the file must fit in memory
-        let limit = MAX_TEMPLATES.min((usize::MAX as u64) / (FINGERPRINT_LEN as u64 + 65536));
+        // lower than MAX_TEMPLATES on 32-bit targets too, where the file must fit in memory
+        let limit = max_templates
+            .min(MAX_TEMPLATES)
+            .min((usize::MAX as u64) / (FINGERPRINT_LEN as u64 + 65536));
         if count > limit {
             return Err(Error::LimitExceeded {
                 offset: 16,
@@ -141,7 +144,7 @@ pub(super) fn read_head(
 ) -> Result<(Header, Vec<Fingerprint>)> {
     let mut raw = Vec::new();
     read_into(r, &mut raw, 0, HEADER_LEN as u64, "catalog header")?;
-    let header = Header::parse(raw[..].try_into().expect("header length"))?;
+    let header = Header::parse(raw[..].try_into().expect("header length"), MAX_TEMPLATES)?;
     if let Some(len) = file_len.filter(|&len| len < header.pages_offset()) {
         return Err(Error::Truncated {
             offset: len,
@@ -157,7 +160,14 @@ pub(super) fn read_head(
         table_len,
         "fingerprint table",
     )?;
-    let fingerprints: Vec<Fingerprint> = raw
+    Ok((header, parse_table(&header, &raw)?))
+}
+
+/// The fingerprint table of a catalog with this header (`table`: its `16 × count`
+/// bytes, the caller's invariant), checked as the file format requires (also a DHT
+/// manifest's): it hashes to the identity digest, and it is strictly ascending.
+pub(crate) fn parse_table(header: &Header, table: &[u8]) -> Result<Vec<Fingerprint>> {
+    let fingerprints: Vec<Fingerprint> = table
         .chunks_exact(FINGERPRINT_LEN)
         .map(|fp| Fingerprint(fp.try_into().expect("16 bytes")))
         .collect();
@@ -176,7 +186,7 @@ pub(super) fn read_head(
             "not strictly ascending",
         ));
     }
-    Ok((header, fingerprints))
+    Ok(fingerprints)
 }
 
 /// The page region in reads of one megabyte: the number of

@@ -10,7 +10,7 @@ pub mod synthetic;
 #[allow(unused_imports)] // not every test uses it
 pub use synthetic::random_pages;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use migstream::Error;
@@ -18,6 +18,25 @@ use migstream::qemu::{
     Command, ConfigSubsection, Configuration, MemSize, PageAddr, QemuDecoder, QemuEncoder,
     RamBlock, RamRecord, Record, SectionHeader,
 };
+
+/// The built example `name`, `target/<profile>/examples/<name>`: `cargo test` builds
+/// the examples with the tests.
+pub fn example_binary(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: run through `cargo test`, or `cargo build --examples` first",
+        bin.display()
+    );
+    bin
+}
 
 /// Encodes records into stream bytes.
 pub fn encode(records: &[Record]) -> Vec<u8> {

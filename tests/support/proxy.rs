@@ -9,21 +9,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/examples/proxy`, built by `cargo test` with the tests.
+/// The built `proxy` example.
 pub fn proxy_binary() -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let bin = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/proxy");
-    assert!(
-        bin.exists(),
-        "{} missing: run through `cargo test`",
-        bin.display()
-    );
-    bin
+    super::example_binary("proxy")
 }
 
 /// A proxy process, killed when dropped.

@@ -22,6 +22,7 @@
 use bytes::BytesMut;
 
 use super::Limits;
+use super::drive::{self, Phase as _};
 mod config;
 mod position;
 mod ram;
@@ -84,7 +85,7 @@ struct RamState {
 }
 
 #[derive(Debug)]
-enum Phase {
+pub(crate) enum Phase {
     Header,
     Configuration,
     TopLevel,
@@ -115,8 +116,9 @@ enum Phase {
     Failed,
 }
 
-impl Phase {
-    /// What the decoder was reading, for a truncation error.
+impl drive::Phase for Phase {
+    const FAILED: Self = Self::Failed;
+
     fn reading(&self) -> &'static str {
         match self {
             Self::Header => "file header",
@@ -130,102 +132,25 @@ impl Phase {
             Self::AfterEof | Self::Done | Self::Failed => "device description",
         }
     }
-}
 
-/// What one step of the state machine did.
-enum Step {
-    Emit(Record),
-    NeedMore,
-    Continue,
-}
-
-impl Default for QemuDecoder {
-    fn default() -> Self {
-        Self::new()
+    /// After the EOF record.
+    fn may_end(&self) -> bool {
+        matches!(self, Self::AfterEof | Self::Done)
     }
 }
 
-impl QemuDecoder {
-    /// A decoder for x86 streams (4 KiB target pages) with default [`Limits`].
-    pub fn new() -> Self {
-        Self::with_limits(Limits::default())
+type Step = drive::Step<Record>;
+
+impl drive::Machine for QemuDecoder {
+    type Phase = Phase;
+    type Record = Record;
+
+    fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
     }
 
-    /// A decoder with the given limits.
-    pub fn with_limits(limits: Limits) -> Self {
-        Self {
-            limits,
-            page_size: DEFAULT_PAGE_SIZE,
-            phase: Phase::Header,
-            pos: Position::default(),
-            ram: RamState::default(),
-        }
-    }
-
-    /// Sets the target page size for streams of targets other than x86 whose page
-    /// size is not announced in the configuration. Must be a power of two from 1 KiB
-    /// to 64 KiB.
-    pub fn with_page_size(mut self, page_size: usize) -> Self {
-        self.page_size = wire::checked_page_size(page_size);
-        self
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// Changes the limits; they apply from the next record on.
-    pub fn set_limits(&mut self, limits: Limits) {
-        self.limits = limits;
-    }
-
-    /// The target page size in force.
-    pub fn page_size(&self) -> usize {
-        self.page_size
-    }
-
-    /// Stream offset of the next byte to be consumed (= bytes consumed so far).
-    pub fn offset(&self) -> u64 {
-        self.pos.offset()
-    }
-
-    /// Whether the stream has reached its EOF record.
-    pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::AfterEof | Phase::Done)
-    }
-
-    /// Decodes the next record from the front of `src`, or asks for more bytes.
-    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Record>> {
-        self.run(src, false)
-    }
-
-    /// Like [`decode`](Self::decode), for when no more bytes will come: returns the
-    /// remaining records, then `Ok(None)` if the stream ended where a stream may end.
-    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Record>> {
-        match self.run(src, true)? {
-            Some(record) => Ok(Some(record)),
-            None if src.is_empty() && self.is_finished() => Ok(None),
-            None => {
-                let field = self.phase.reading();
-                self.phase = Phase::Failed;
-                Err(self.pos.truncated(src.len(), field))
-            }
-        }
-    }
-
-    fn run(&mut self, src: &mut BytesMut, at_end: bool) -> Result<Option<Record>> {
-        loop {
-            // A step that fails leaves `Failed` behind: every error is fatal.
-            let phase = std::mem::replace(&mut self.phase, Phase::Failed);
-            let (next, step) = self.step(phase, src, at_end)?;
-            self.phase = next;
-            match step {
-                Step::Emit(record) => return Ok(Some(record)),
-                Step::NeedMore => return Ok(None),
-                Step::Continue => {}
-            }
-        }
+    fn position(&self) -> Position {
+        self.pos
     }
 
     fn step(&mut self, phase: Phase, src: &mut BytesMut, at_end: bool) -> Result<(Phase, Step)> {
@@ -291,6 +216,74 @@ impl QemuDecoder {
                 .pos
                 .malformed(0, "stream", "the decoder failed earlier")),
         }
+    }
+}
+
+impl Default for QemuDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QemuDecoder {
+    /// A decoder for x86 streams (4 KiB target pages) with default [`Limits`].
+    pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// A decoder with the given limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        Self {
+            limits,
+            page_size: DEFAULT_PAGE_SIZE,
+            phase: Phase::Header,
+            pos: Position::default(),
+            ram: RamState::default(),
+        }
+    }
+
+    /// Sets the target page size for streams of targets other than x86 whose page
+    /// size is not announced in the configuration. Must be a power of two from 1 KiB
+    /// to 64 KiB.
+    pub fn with_page_size(mut self, page_size: usize) -> Self {
+        self.page_size = wire::checked_page_size(page_size);
+        self
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Changes the limits; they apply from the next record on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The target page size in force.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Stream offset of the next byte to be consumed (= bytes consumed so far).
+    pub fn offset(&self) -> u64 {
+        self.pos.offset()
+    }
+
+    /// Whether the stream has reached its EOF record.
+    pub fn is_finished(&self) -> bool {
+        self.phase.may_end()
+    }
+
+    /// Decodes the next record from the front of `src`, or asks for more bytes.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Record>> {
+        drive::run(self, src, false)
+    }
+
+    /// Like [`decode`](Self::decode), for when no more bytes will come: returns the
+    /// remaining records, then `Ok(None)` if the stream ended where a stream may end.
+    pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Record>> {
+        drive::run_eof(self, src)
     }
 
     fn header(&mut self, src: &mut BytesMut) -> Result<(Phase, Step)> {

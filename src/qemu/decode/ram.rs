@@ -9,7 +9,7 @@ use crate::qemu::record::{MemSize, PageAddr, RamBlock, RamRecord, Record};
 use crate::qemu::wire::{self, ram_flag};
 
 #[derive(Debug, Clone, Copy)]
-pub(super) enum PayloadKind {
+pub(crate) enum PayloadKind {
     Page,
     Xbzrle,
     Compressed,

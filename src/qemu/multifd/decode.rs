@@ -29,6 +29,7 @@ use crate::cursor::Cursor;
 use crate::error::Result;
 use crate::qemu::DEFAULT_PAGE_SIZE;
 use crate::qemu::decode::Position;
+use crate::qemu::drive;
 use crate::qemu::wire::checked_page_size;
 
 /// Decodes one multifd channel (the bytes of one connection, from its first byte)
@@ -55,7 +56,7 @@ pub struct MultifdDecoder {
 }
 
 #[derive(Debug)]
-enum Phase {
+pub(crate) enum Phase {
     Greeting,
     /// At a packet boundary: nothing of the next packet is known.
     Packet,
@@ -82,8 +83,9 @@ enum Phase {
     Failed,
 }
 
-impl Phase {
-    /// What the decoder was reading, for a truncation error.
+impl drive::Phase for Phase {
+    const FAILED: Self = Self::Failed;
+
     fn reading(&self) -> &'static str {
         match self {
             Self::Greeting => "channel greeting",
@@ -93,14 +95,14 @@ impl Phase {
             Self::DevicePayload { .. } => "device-state data",
         }
     }
+
+    /// Between two packets.
+    fn may_end(&self) -> bool {
+        matches!(self, Self::Packet)
+    }
 }
 
-/// What one step of the state machine did.
-enum Step {
-    Emit(ChannelRecord),
-    NeedMore,
-    Continue,
-}
+type Step = drive::Step<ChannelRecord>;
 
 /// A parsed RAM packet header, before the split.
 struct RamHead {
@@ -109,6 +111,64 @@ struct RamHead {
     name_len: usize,
     /// Bytes of page data after the header.
     payload_len: usize,
+}
+
+impl drive::Machine for MultifdDecoder {
+    type Phase = Phase;
+    type Record = ChannelRecord;
+
+    fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
+    }
+
+    fn position(&self) -> Position {
+        self.pos
+    }
+
+    /// A channel has no end record: `at_end` changes nothing.
+    fn step(&mut self, phase: Phase, src: &mut BytesMut, _at_end: bool) -> Result<(Phase, Step)> {
+        match phase {
+            Phase::Greeting => self.greeting(src),
+            Phase::Packet => self.prefix(src),
+            Phase::RamHeader { flags } => self.ram_header(src, flags),
+            Phase::RamPayload { mut packet, len } => {
+                if src.len() < len {
+                    return Ok((Phase::RamPayload { packet, len }, Step::NeedMore));
+                }
+                let data = self.pos.take(src, len);
+                packet.payload = self.payload(&packet, data, 0);
+                Ok((Phase::Packet, Step::Emit(ChannelRecord::Packet(packet))))
+            }
+            Phase::DeviceHeader { flags } => self.device_header(src, flags),
+            Phase::DevicePayload {
+                flags,
+                idstr,
+                instance_id,
+                len,
+            } => {
+                if src.len() < len {
+                    let phase = Phase::DevicePayload {
+                        flags,
+                        idstr,
+                        instance_id,
+                        len,
+                    };
+                    return Ok((phase, Step::NeedMore));
+                }
+                let data = self.pos.take(src, len);
+                let record = ChannelRecord::DeviceState(DeviceStatePacket {
+                    flags,
+                    idstr,
+                    instance_id,
+                    data,
+                });
+                Ok((Phase::Packet, Step::Emit(record)))
+            }
+            Phase::Failed => Err(self
+                .pos
+                .malformed(0, "channel", "the decoder failed earlier")),
+        }
+    }
 }
 
 impl Default for MultifdDecoder {
@@ -179,79 +239,13 @@ impl MultifdDecoder {
 
     /// Decodes the next record from the front of `src`, or asks for more bytes.
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ChannelRecord>> {
-        self.run(src)
+        drive::run(self, src, false)
     }
 
     /// Like [`decode`](Self::decode), for when no more bytes will come: returns the
     /// remaining records, then `Ok(None)` if the channel ended between two packets.
     pub fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<ChannelRecord>> {
-        match self.run(src)? {
-            Some(record) => Ok(Some(record)),
-            None if src.is_empty() && matches!(self.phase, Phase::Packet) => Ok(None),
-            None => {
-                let field = self.phase.reading();
-                self.phase = Phase::Failed;
-                Err(self.pos.truncated(src.len(), field))
-            }
-        }
-    }
-
-    fn run(&mut self, src: &mut BytesMut) -> Result<Option<ChannelRecord>> {
-        loop {
-            // A step that fails leaves `Failed` behind: every error is fatal.
-            let phase = std::mem::replace(&mut self.phase, Phase::Failed);
-            let (next, step) = self.step(phase, src)?;
-            self.phase = next;
-            match step {
-                Step::Emit(record) => return Ok(Some(record)),
-                Step::NeedMore => return Ok(None),
-                Step::Continue => {}
-            }
-        }
-    }
-
-    fn step(&mut self, phase: Phase, src: &mut BytesMut) -> Result<(Phase, Step)> {
-        match phase {
-            Phase::Greeting => self.greeting(src),
-            Phase::Packet => self.prefix(src),
-            Phase::RamHeader { flags } => self.ram_header(src, flags),
-            Phase::RamPayload { mut packet, len } => {
-                if src.len() < len {
-                    return Ok((Phase::RamPayload { packet, len }, Step::NeedMore));
-                }
-                let data = self.pos.take(src, len);
-                packet.payload = self.payload(&packet, data, 0);
-                Ok((Phase::Packet, Step::Emit(ChannelRecord::Packet(packet))))
-            }
-            Phase::DeviceHeader { flags } => self.device_header(src, flags),
-            Phase::DevicePayload {
-                flags,
-                idstr,
-                instance_id,
-                len,
-            } => {
-                if src.len() < len {
-                    let phase = Phase::DevicePayload {
-                        flags,
-                        idstr,
-                        instance_id,
-                        len,
-                    };
-                    return Ok((phase, Step::NeedMore));
-                }
-                let data = self.pos.take(src, len);
-                let record = ChannelRecord::DeviceState(DeviceStatePacket {
-                    flags,
-                    idstr,
-                    instance_id,
-                    data,
-                });
-                Ok((Phase::Packet, Step::Emit(record)))
-            }
-            Phase::Failed => Err(self
-                .pos
-                .malformed(0, "channel", "the decoder failed earlier")),
-        }
+        drive::run_eof(self, src)
     }
 
     fn greeting(&mut self, src: &mut BytesMut) -> Result<(Phase, Step)> {
