@@ -22,7 +22,10 @@
 //!   `Compression::Lz4Accelerated(4)`: the same entries, other LZ4 blocks.
 //! - `dedup_decode/*`: the dedup stream is encoded once, outside the timing; each
 //!   iteration gets a fresh copy of it (untimed setup) and a fresh decoder, and
-//!   decodes it whole; the QEMU bytes handed out are dropped.
+//!   decodes it whole; the QEMU bytes handed out are dropped. `threads/1` decodes
+//!   on the bench's thread alone, `threads/2` decompresses batches on two threads
+//!   of the decoder's (`DedupDecoder::with_threads`) while the bench's thread
+//!   restores pages.
 //!
 //! - `dedup_threads/encode-N`: `dedup_encode` with the default resolvers, batches
 //!   compressed on N threads ([`DedupEncoder::with_threads`]; 1: on the caller's).
@@ -131,6 +134,14 @@ impl Case {
             Some((catalog, _)) => DedupDecoder::with_templates(catalog.clone()),
             None => DedupDecoder::with_default_resolvers(),
         }
+    }
+
+    /// How a decode bench is named: by resolvers and decompressing threads.
+    fn decode_id(&self, threads: usize) -> BenchmarkId {
+        BenchmarkId::new(
+            format!("{}/threads/{threads}", self.resolvers()),
+            self.stream,
+        )
     }
 }
 
@@ -411,17 +422,22 @@ fn bench<M: Measurement>(c: &mut Criterion<M>, cases: &[Case]) {
     let mut group = support::flat_group(c, "dedup_decode", 2, 10);
     for case in cases {
         group.throughput(Throughput::Bytes(case.qemu.len() as u64));
-        group.bench_function(BenchmarkId::new(case.resolvers(), case.stream), |b| {
-            b.iter_batched(
-                || (BytesMut::from(&case.wire[..]), case.decoder()),
-                |(wire, mut dec)| {
-                    let n = decode(wire, &mut dec);
-                    assert_eq!(n, case.qemu.len(), "QEMU bytes out");
-                    dec
-                },
-                BatchSize::PerIteration,
-            )
-        });
+        for threads in [1, 2] {
+            group.bench_function(case.decode_id(threads), |b| {
+                b.iter_batched(
+                    || {
+                        let wire = BytesMut::from(&case.wire[..]);
+                        (wire, case.decoder().with_threads(threads))
+                    },
+                    |(wire, mut dec)| {
+                        let n = decode(wire, &mut dec);
+                        assert_eq!(n, case.qemu.len(), "QEMU bytes out");
+                        dec
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
     }
     group.finish();
 

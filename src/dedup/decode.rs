@@ -3,7 +3,7 @@
 use bytes::{Bytes, BytesMut};
 use twox_hash::XxHash3_128;
 
-use super::compress::Decompressor;
+use super::ahead::{Ahead, Batch, Decompressed, Frame, Taken};
 use super::entry::{Entry, EntryReader};
 use super::wire::{self, DataHeader, End, Hello, frame};
 use super::{Limits, Stats};
@@ -20,6 +20,13 @@ use crate::template::CatalogId;
 /// the same bytes: a corrupted, reordered or dropped frame, a wrong page from a store,
 /// a resolver bug, all fail here before a byte of the frame is released.
 /// [`decode_eof`](Self::decode_eof) fails unless the END frame confirmed the total.
+///
+/// It takes whole frames off its input ahead of the one it restores: to decompress
+/// their batches on other threads ([`with_threads`](Self::with_threads)), and so that
+/// the pages the next frame lacks are fetched while this one is restored
+/// ([`Decoded::Fetch`]). Restoring, the digest and every check stay in stream
+/// order on the caller's thread: the QEMU bytes, and the error and its offset on a
+/// bad stream, are the same whatever the threads and however the input is split.
 pub struct DedupDecoder {
     limits: Limits,
     page_size: usize,
@@ -35,16 +42,24 @@ pub struct DedupDecoder {
     offset: u64,
     /// Stream offset of the frame being decoded.
     frame_at: u64,
-    /// The batch of the DATA frame being restored, decompressed.
-    raw: Vec<u8>,
-    decompressor: Decompressor,
+    /// Frames taken off the input, not yet staged.
+    ahead: Ahead,
+    /// The DATA frame to restore next.
+    current: Option<Staged>,
+    /// The DATA frame after it, prepared ahead so that its pages are fetched while
+    /// `current` is restored.
+    next: Option<Staged>,
+    /// A resolver waited for pages in this stream: the next frame's batch is worth
+    /// waiting for, to prepare it ahead.
+    fetching: bool,
     /// The block of the last page entry, which PAGE_SAME_BLOCK refers to.
     block: Option<Bytes>,
     /// Where QEMU bytes are rebuilt.
     out: BytesMut,
     /// QEMU bytes of HOLD frames, released when END confirms the stream.
     held: BytesMut,
-    hold_started: bool,
+    /// A DATA frame taken had HOLD set: every later one must.
+    hold_taken: bool,
     hasher: XxHash3_128,
     stats: Stats,
 }
@@ -56,19 +71,36 @@ const MAX_CHANNEL: u16 = 256;
 enum Phase {
     /// Before the HELLO.
     Hello,
-    /// Between frames.
+    /// Between the HELLO and the END frame.
     Frames,
-    /// A DATA frame decompressed into `DedupDecoder::raw` whose pages are not
-    /// restored yet: its resolvers may wait for pages to be fetched. Holds the
-    /// frame's header and stored batch, which its digest covers.
-    Restoring { header: DataHeader, stored: Bytes },
     /// After the END frame verified the stream.
     Done,
     /// After an error: every call fails.
     Failed,
 }
 
+/// A DATA frame taken off the input and decompressed, staged to be restored.
+struct Staged {
+    at: u64,
+    header: DataHeader,
+    /// The stored batch, which the frame's digest covers.
+    stored: Bytes,
+    /// The batch decompressed.
+    raw: Vec<u8>,
+    /// Once every resolver is ready for its pages: at least the QEMU bytes it stands
+    /// for ([`DedupDecoder::prepare`]).
+    ready: Option<usize>,
+}
+
 /// What one call of [`DedupDecoder::decode`] gives.
+///
+/// A driver with a resolver that fetches pages (a DHT store) has its
+/// [`Fetch`](crate::resolve::Fetch) fetch them whenever the decoder gives
+/// [`Fetch`](Self::Fetch). The decoder never restores a frame whose pages are not
+/// all in (its resolvers' [`Restore::prepare`] says so): a driver that fetches late
+/// gets [`Fetch`](Self::Fetch) again rather than wrong bytes, and one that never
+/// fetches gets no further. See `relay::decode_stream` for a driver that overlaps
+/// fetching with restoring and writing out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Decoded {
@@ -76,9 +108,14 @@ pub enum Decoded {
     Qemu(Bytes),
     /// The input holds no whole frame: read more, then call again.
     NeedInput,
-    /// A resolver waits for pages of the current frame ([`Restore::prepare`]): have
-    /// its [`Fetch`](crate::resolve::Fetch) fetch them, then call again (no input
-    /// is needed for that).
+    /// A resolver waits for pages ([`Restore::prepare`]), of the frame to restore
+    /// next or of the one after it: have its [`Fetch`](crate::resolve::Fetch) fetch
+    /// them (no input is needed for that). Either await the fetch and call again, or
+    /// while the fetch runs keep calling [`decode`](DedupDecoder::decode) and
+    /// writing out the [`Qemu`](Self::Qemu) bytes it gives, while
+    /// [`is_waiting`](DedupDecoder::is_waiting) is false and until it gives anything
+    /// else: the frames before the one that waits are restored meanwhile. Then
+    /// await the fetch and call again.
     Fetch,
     /// The END frame verified the whole stream: nothing more comes.
     Done,
@@ -113,12 +150,14 @@ impl DedupDecoder {
             catalog: None,
             offset: 0,
             frame_at: 0,
-            raw: Vec::new(),
-            decompressor: Decompressor::default(),
+            ahead: Ahead::new(1),
+            current: None,
+            next: None,
+            fetching: false,
             block: None,
             out: BytesMut::new(),
             held: BytesMut::new(),
-            hold_started: false,
+            hold_taken: false,
             hasher: XxHash3_128::new(),
             stats: Stats::default(),
         })
@@ -134,6 +173,16 @@ impl DedupDecoder {
     /// Sets the limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Decompresses batches on `threads` threads of its own, taking whole frames
+    /// off the input ahead of the one it restores, up to a few MiB per thread
+    /// (stored and decompressed; one frame more at most). 1, the default,
+    /// decompresses on the caller's thread and starts none. The output, and the
+    /// errors and their offsets, are the same for any number. Set before decoding.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.ahead = Ahead::new(threads);
         self
     }
 
@@ -156,6 +205,16 @@ impl DedupDecoder {
     /// Whether the END frame arrived and confirmed the whole stream.
     pub fn is_complete(&self) -> bool {
         matches!(self.phase, Phase::Done)
+    }
+
+    /// Whether the frame to restore next waits for pages to be fetched: decoding
+    /// again before the fetch completed gives [`Decoded::Fetch`] again. After a
+    /// [`Decoded::Fetch`] false if the pages are wanted by the frame after it, whose
+    /// fetch can overlap restoring this one.
+    pub fn is_waiting(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|frame| frame.ready.is_none())
     }
 
     /// Decodes what `src` holds up to the next thing the caller must do: write out
@@ -200,37 +259,90 @@ impl DedupDecoder {
                         reason: "bytes after the END frame",
                     });
                 }
-                Phase::Restoring { .. } => match self.restore_staged()? {
-                    Some(bytes) => return Ok(Decoded::Qemu(bytes)),
-                    None if matches!(self.phase, Phase::Restoring { .. }) => {
-                        return Ok(Decoded::Fetch);
-                    }
-                    None => continue,
-                },
-                Phase::Hello | Phase::Frames => {}
-            }
-            let Some((kind, payload)) = self.take_frame(src)? else {
-                return Ok(Decoded::NeedInput);
-            };
-            match (kind, &self.phase) {
-                (frame::HELLO, Phase::Hello) => {
+                Phase::Hello => {
+                    let Some((at, _, payload)) = self.take_frame(src)? else {
+                        return Ok(Decoded::NeedInput);
+                    };
+                    self.frame_at = at;
                     self.on_hello(&payload)?;
                     self.phase = Phase::Frames;
+                    continue;
                 }
-                (frame::DATA, Phase::Frames) => self.on_data(payload)?,
-                (frame::END, Phase::Frames) => {
-                    self.on_end(&payload)?;
-                    self.phase = Phase::Done;
-                    let held = self.held.split().freeze();
-                    if !held.is_empty() {
-                        return Ok(Decoded::Qemu(held));
-                    }
-                }
-                (frame::HELLO | frame::DATA | frame::END, _) => {
-                    return Err(self.malformed(0, "frame type", "out of order"));
-                }
-                _ => return Err(self.malformed(0, "frame type", "unknown")),
+                Phase::Frames => {}
             }
+            self.take_ahead(src);
+            let mut frame = match self.current.take() {
+                Some(frame) => frame,
+                None => match self.ahead.pop() {
+                    None => return Ok(Decoded::NeedInput),
+                    Some(Taken { at, frame }) => {
+                        self.frame_at = at;
+                        match frame {
+                            Frame::Data {
+                                header,
+                                stored,
+                                batch,
+                            } => self.stage(at, header, stored, batch)?,
+                            Frame::End(payload) => {
+                                self.on_end(&payload)?;
+                                self.phase = Phase::Done;
+                                let held = self.held.split().freeze();
+                                if !held.is_empty() {
+                                    return Ok(Decoded::Qemu(held));
+                                }
+                                continue;
+                            }
+                            Frame::Failed(e) => return Err(e),
+                        }
+                    }
+                },
+            };
+            self.frame_at = frame.at;
+            if frame.ready.is_none() {
+                frame.ready = self.prepare(&frame)?;
+                if frame.ready.is_none() {
+                    self.fetching = true;
+                    self.current = Some(frame);
+                    return Ok(Decoded::Fetch);
+                }
+            }
+            if self.next.is_none() && self.prepare_next(src) {
+                // fetched while `frame` is restored and written out
+                self.current = Some(frame);
+                return Ok(Decoded::Fetch);
+            }
+            let out = self.restore(frame)?;
+            self.current = self.next.take();
+            if let Some(bytes) = out {
+                return Ok(Decoded::Qemu(bytes));
+            }
+        }
+    }
+
+    /// Takes whole frames off `src` while the look-ahead has room, checking each
+    /// as far as can be done before its turn. What is wrong is queued, to be
+    /// reported after the frames before it are delivered.
+    fn take_ahead(&mut self, src: &mut BytesMut) {
+        while self.ahead.has_room() {
+            let (at, kind, payload) = match self.take_frame(src) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => return self.ahead.push_last(self.offset, Frame::Failed(e)),
+            };
+            let last = match kind {
+                frame::DATA => match self.check_data(at, &payload) {
+                    Ok(header) => {
+                        let stored = payload.slice(wire::DATA_HEADER..);
+                        self.ahead.push_data(at, header, stored);
+                        continue;
+                    }
+                    Err(e) => Frame::Failed(e),
+                },
+                frame::END => Frame::End(payload),
+                frame::HELLO => Frame::Failed(malformed(at, "frame type", "out of order")),
+                _ => Frame::Failed(malformed(at, "frame type", "unknown")),
+            };
+            self.ahead.push_last(at, last);
         }
     }
 
@@ -246,7 +358,10 @@ impl DedupDecoder {
             };
         }
         let result = match self.take_frame(src) {
-            Ok(Some((_, payload))) => self.on_hello(&payload).map(|()| self.hello),
+            Ok(Some((at, _, payload))) => {
+                self.frame_at = at;
+                self.on_hello(&payload).map(|()| self.hello)
+            }
             other => other.map(|_| None),
         };
         self.phase = match &result {
@@ -257,20 +372,24 @@ impl DedupDecoder {
         result
     }
 
-    /// Takes the next whole frame off `src`: its type and payload.
-    fn take_frame(&mut self, src: &mut BytesMut) -> Result<Option<(u8, Bytes)>> {
+    /// Takes the next whole frame off `src`: its stream offset, type and payload.
+    fn take_frame(&mut self, src: &mut BytesMut) -> Result<Option<(u64, u8, Bytes)>> {
         let Some((kind, len)) = wire::frame_header(src) else {
             return Ok(None);
         };
-        self.frame_at = self.offset;
+        let at = self.offset;
         if matches!(self.phase, Phase::Hello) && kind != frame::HELLO {
-            return Err(self.malformed(0, "first frame", "not a migstream dedup stream"));
+            return Err(malformed(at, "first frame", "not a migstream dedup stream"));
         }
         if kind == frame::HELLO && len != wire::HELLO_LEN {
-            return Err(self.malformed(1, "hello length", "not the length of a HELLO"));
+            return Err(malformed(
+                at + 1,
+                "hello length",
+                "not the length of a HELLO",
+            ));
         }
         if len > self.limits.max_frame {
-            return Err(self.limit(1, "frame length", len, self.limits.max_frame));
+            return Err(limit(at + 1, "frame length", len, self.limits.max_frame));
         }
         if src.len() < wire::FRAME_HEADER + len {
             src.reserve(wire::FRAME_HEADER + len - src.len());
@@ -282,7 +401,7 @@ impl DedupDecoder {
             .slice(wire::FRAME_HEADER..);
         self.offset += (wire::FRAME_HEADER + len) as u64;
         self.stats.wire_bytes += (wire::FRAME_HEADER + len) as u64;
-        Ok(Some((kind, payload)))
+        Ok(Some((at, kind, payload)))
     }
 
     fn on_hello(&mut self, p: &[u8]) -> Result<()> {
@@ -313,42 +432,106 @@ impl DedupDecoder {
         Ok(())
     }
 
-    /// Checks a DATA frame's header and decompresses its batch into `self.raw`; the
-    /// pages are restored by [`restore_staged`](Self::restore_staged).
-    fn on_data(&mut self, payload: Bytes) -> Result<()> {
-        let Some(header) = DataHeader::parse(&payload) else {
-            return Err(self.malformed(5, "data frame", "shorter than its header"));
+    /// Checks the header of the DATA frame at `at`, as it is taken off the input.
+    fn check_data(&mut self, at: u64, payload: &[u8]) -> Result<DataHeader> {
+        let Some(header) = DataHeader::parse(payload) else {
+            return Err(malformed(at + 5, "data frame", "shorter than its header"));
         };
         let hold = header.flags & wire::FLAG_HOLD != 0;
-        if header.flags & !wire::FLAG_HOLD != 0 || (self.hold_started && !hold) {
-            return Err(self.malformed(6, "data frame flags", "unknown, or HOLD cleared once set"));
+        if header.flags & !wire::FLAG_HOLD != 0 || (self.hold_taken && !hold) {
+            let reason = "unknown, or HOLD cleared once set";
+            return Err(malformed(at + 6, "data frame flags", reason));
         }
+        self.hold_taken = hold;
         let raw_len = header.raw_len as usize;
         if raw_len > self.limits.max_batch {
-            return Err(self.limit(7, "batch length", raw_len, self.limits.max_batch));
-        }
-        self.raw.resize(raw_len, 0);
-        let stored = payload.slice(wire::DATA_HEADER..);
-        if !self
-            .decompressor
-            .decompress(header.codec, &stored, &mut self.raw)?
-        {
-            return Err(self.malformed(
-                5 + wire::DATA_HEADER,
-                "data frame",
-                "batch does not decompress to its length",
+            return Err(limit(
+                at + 7,
+                "batch length",
+                raw_len,
+                self.limits.max_batch,
             ));
         }
-        self.phase = Phase::Restoring { header, stored };
-        Ok(())
+        Ok(header)
     }
 
-    /// Offers the staged frame's page bodies to their resolvers. When every page can
-    /// be restored now, returns at least how many QEMU bytes the frame stands for,
+    /// A DATA frame whose turn came, once its batch is known to decompress to its
+    /// length. Its resolvers hear of it ([`Restore::begin_frame`]).
+    fn stage(
+        &mut self,
+        at: u64,
+        header: DataHeader,
+        stored: Bytes,
+        batch: Batch,
+    ) -> Result<Staged> {
+        let Batch::Done(Decompressed { raw, outcome }) = batch else {
+            unreachable!("the look-ahead gives frames decompressed");
+        };
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                let reason = "batch does not decompress to its length";
+                return Err(malformed(
+                    at + 5 + wire::DATA_HEADER as u64,
+                    "data frame",
+                    reason,
+                ));
+            }
+            Err(Error::Unsupported { field, reason, .. }) => {
+                return Err(Error::Unsupported {
+                    offset: at + 5,
+                    field,
+                    reason,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        self.restores.iter_mut().for_each(|r| r.begin_frame());
+        Ok(Staged {
+            at,
+            header,
+            stored,
+            raw,
+            ready: None,
+        })
+    }
+
+    /// Stages the frame after the current one if it is in and decompressed, and
+    /// prepares it: true if it waits for pages, which can then be fetched while the
+    /// current frame is restored. A resolver's error here is left to the frame's
+    /// turn, when it is prepared again and reports it after the frames before it.
+    /// Until a resolver waited for pages, a batch still being decompressed is not
+    /// waited for: restoring the current frame overlaps its decompression then.
+    fn prepare_next(&mut self, src: &mut BytesMut) -> bool {
+        self.take_ahead(src);
+        let Some(Taken { at, frame }) = self.ahead.pop_ready(self.fetching) else {
+            return false;
+        };
+        let Frame::Data {
+            header,
+            stored,
+            batch,
+        } = frame
+        else {
+            unreachable!("pop_ready gives DATA frames");
+        };
+        let Ok(mut next) = self.stage(at, header, stored, batch) else {
+            unreachable!("pop_ready gives batches that decompressed");
+        };
+        let prepared = self.prepare(&next);
+        next.ready = prepared.as_ref().ok().copied().flatten();
+        self.next = Some(next);
+        let waits = matches!(prepared, Ok(None));
+        self.fetching |= waits;
+        waits
+    }
+
+    /// Offers a frame's page bodies to their resolvers. When every page can be
+    /// restored now, returns at least how many QEMU bytes the frame stands for,
     /// so that the output grows once instead of doubling (and copying) its way up
     /// to frames of many small page entries (fill pages, templates: up to 16 MiB).
-    fn prepare(&mut self) -> Result<Option<usize>> {
-        let mut r = EntryReader::new(&self.raw);
+    fn prepare(&mut self, frame: &Staged) -> Result<Option<usize>> {
+        let mut r = EntryReader::new(&frame.raw);
         let mut ready = true;
         let mut qemu_bytes = 0;
         loop {
@@ -362,29 +545,30 @@ impl DedupDecoder {
                     if let Some(i) = self.by_tag[usize::from(tag)] {
                         ready &= self.restores[usize::from(i)]
                             .prepare(body)
-                            .map_err(|e| e.in_frame(self.frame_at))?;
+                            .map_err(|e| e.in_frame(frame.at))?;
                     }
                     qemu_bytes += self.page_record_len(continued);
                 }
                 Ok(Some(Entry::Qemu(bytes))) => qemu_bytes += bytes.len(),
-                // restore_staged reports it, at its place among the pages
+                // `entries` reports it, at its place among the pages
                 Ok(None) | Err(_) => return Ok(ready.then_some(qemu_bytes)),
             }
         }
     }
 
-    /// Restores the staged frame's pages once its resolvers are ready (else leaves
-    /// it staged and gives `None`), and checks the frame's digest before its QEMU
-    /// bytes go anywhere. `None` also for a frame whose bytes are held until END.
-    fn restore_staged(&mut self) -> Result<Option<Bytes>> {
-        let Some(qemu_bytes) = self.prepare()? else {
-            return Ok(None);
-        };
-        let Phase::Restoring { header, stored } = std::mem::replace(&mut self.phase, Phase::Frames)
-        else {
-            unreachable!("restore_staged runs on a staged frame");
-        };
-        let out = self.entries(qemu_bytes)?;
+    /// Restores a prepared frame's pages, and checks the frame's digest before its
+    /// QEMU bytes go anywhere. `None` for a frame whose bytes are held until END.
+    fn restore(&mut self, frame: Staged) -> Result<Option<Bytes>> {
+        let Staged {
+            header,
+            stored,
+            raw,
+            ready,
+            ..
+        } = frame;
+        let out = self.entries(&raw, ready.expect("restore runs on a prepared frame"))?;
+        self.restores.iter_mut().for_each(|r| r.end_frame());
+        self.ahead.done(raw, stored.len());
         self.hasher.write(&header.covered());
         self.hasher.write(&stored);
         if wire::digest_bytes(&self.hasher) != header.digest {
@@ -405,14 +589,14 @@ impl DedupDecoder {
                 ));
             }
             self.held.extend_from_slice(&out);
-            self.hold_started = true;
             return Ok(None);
         }
         Ok(Some(out.freeze()).filter(|bytes| !bytes.is_empty()))
     }
 
-    /// Rebuilds the QEMU bytes of the batch in `self.raw`, about `qemu_bytes` of them.
-    fn entries(&mut self, qemu_bytes: usize) -> Result<BytesMut> {
+    /// Rebuilds the QEMU bytes of the decompressed batch `raw`, about `qemu_bytes`
+    /// of them.
+    fn entries(&mut self, raw: &[u8], qemu_bytes: usize) -> Result<BytesMut> {
         let offset = self.frame_at;
         let bad = |reason| Error::Malformed {
             offset,
@@ -423,8 +607,7 @@ impl DedupDecoder {
         let mut out = std::mem::take(&mut self.out);
         // a peer's frame reserves no more than the limit lets it have
         out.reserve(qemu_bytes.min(self.limits.max_output));
-        let raw = std::mem::take(&mut self.raw);
-        let mut r = EntryReader::new(&raw);
+        let mut r = EntryReader::new(raw);
         let frame_start = out.len();
         while let Some(entry) = r.entry().map_err(bad)? {
             // checked before the entry grows the output: the cap holds to the byte
@@ -506,7 +689,6 @@ impl DedupDecoder {
             self.hasher.write(&out[header..]);
             self.stats.count_page(tag);
         }
-        self.raw = raw;
         let bytes = out.split();
         self.out = out;
         Ok(bytes)
@@ -546,20 +728,30 @@ impl DedupDecoder {
 
     /// An error `at` bytes into the current frame.
     fn malformed(&self, at: usize, field: &'static str, reason: &'static str) -> Error {
-        Error::Malformed {
-            offset: self.frame_at + at as u64,
-            field,
-            reason,
-        }
+        malformed(self.frame_at + at as u64, field, reason)
     }
 
-    fn limit(&self, at: usize, field: &'static str, value: usize, limit: usize) -> Error {
-        Error::LimitExceeded {
-            offset: self.frame_at + at as u64,
-            field,
-            value: value as u64,
-            limit: limit as u64,
-        }
+    fn limit(&self, at: usize, field: &'static str, value: usize, cap: usize) -> Error {
+        limit(self.frame_at + at as u64, field, value, cap)
+    }
+}
+
+/// A malformed field at stream offset `offset`.
+fn malformed(offset: u64, field: &'static str, reason: &'static str) -> Error {
+    Error::Malformed {
+        offset,
+        field,
+        reason,
+    }
+}
+
+/// A field at stream offset `offset` beyond its limit.
+fn limit(offset: u64, field: &'static str, value: usize, limit: usize) -> Error {
+    Error::LimitExceeded {
+        offset,
+        field,
+        value: value as u64,
+        limit: limit as u64,
     }
 }
 
@@ -573,20 +765,40 @@ mod tests {
     /// A dedup stream of channel `channel`: HELLO, one DATA frame of `entries` with
     /// `flags` (its digest right for what the entries produce on a channel), no END.
     fn channel_stream(channel: u16, flags: u8, entries: &[Entry<'_>]) -> BytesMut {
+        let (mut out, mut hasher) = hello(channel);
+        data_frame(&mut out, &mut hasher, flags, entries);
+        out
+    }
+
+    /// A HELLO of channel `channel`, and the running digest after it.
+    fn hello(channel: u16) -> (BytesMut, XxHash3_128) {
         let mut out = BytesMut::new();
         Hello::new(4096, None)
             .in_session([1; 16], channel)
             .put(&mut out);
         let mut hasher = XxHash3_128::new();
         hasher.write(&out[wire::FRAME_HEADER..]);
+        (out, hasher)
+    }
+
+    /// Appends a stored DATA frame of `entries` to a channel's stream (pages of tag
+    /// RAW or 0x81 have their body as their bytes); returns its QEMU bytes.
+    fn data_frame(
+        out: &mut BytesMut,
+        hasher: &mut XxHash3_128,
+        flags: u8,
+        entries: &[Entry<'_>],
+    ) -> Vec<u8> {
         let mut batch = Vec::new();
+        let mut qemu = Vec::new();
         for entry in entries {
             entry.put(&mut batch);
             match *entry {
-                Entry::Qemu(bytes) => hasher.write(bytes),
-                Entry::Page { body, .. } => hasher.write(body),
+                Entry::Qemu(bytes) => qemu.extend_from_slice(bytes),
+                Entry::Page { body, .. } => qemu.extend_from_slice(body),
             }
         }
+        hasher.write(&qemu);
         let mut header = DataHeader {
             codec: wire::codec::STORED,
             flags,
@@ -595,10 +807,19 @@ mod tests {
         };
         hasher.write(&header.covered());
         hasher.write(&batch);
-        header.digest = wire::digest_bytes(&hasher);
-        header.put(&mut out, batch.len());
+        header.digest = wire::digest_bytes(hasher);
+        header.put(out, batch.len());
         out.put_slice(&batch);
-        out
+        qemu
+    }
+
+    /// Appends the END frame of a stream of `qemu_bytes`.
+    fn end_frame(out: &mut BytesMut, hasher: &XxHash3_128, qemu_bytes: usize) {
+        End {
+            qemu_bytes: qemu_bytes as u64,
+            digest: wire::digest_bytes(hasher),
+        }
+        .put(out);
     }
 
     fn first_error(mut stream: BytesMut) -> Error {
@@ -691,5 +912,335 @@ mod tests {
             matches!(big, Error::LimitExceeded { field: "frame length", limit, .. } if limit == 24 << 20),
             "{big}"
         );
+    }
+
+    /// The dedup stream of a QEMU capture in frames of 8 KiB batches, and the
+    /// capture.
+    fn capture() -> (Vec<u8>, &'static [u8]) {
+        static WIRE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let qemu = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/qemu-7.2-pc-paused.mig"
+        ));
+        let wire = WIRE.get_or_init(|| {
+            let mut records = crate::qemu::QemuDecoder::new();
+            let mut enc =
+                crate::dedup::DedupEncoder::with_default_resolvers().with_batch_size(8 << 10);
+            let (mut input, mut wire) = (BytesMut::from(&qemu[..]), BytesMut::new());
+            while let Some(record) = records.decode_eof(&mut input).unwrap() {
+                enc.encode(&record, &mut wire).unwrap();
+            }
+            enc.finish(&mut wire).unwrap();
+            wire.to_vec()
+        });
+        (wire.clone(), qemu)
+    }
+
+    /// What a decoder of `threads` threads gives for `wire` fed in pieces of the
+    /// sizes `steps` (in turn, again and again): the QEMU bytes, then the error, if
+    /// any, as printed with its offset.
+    fn run(threads: usize, wire: &[u8], steps: &[usize]) -> (Vec<u8>, Option<String>) {
+        let mut dec = DedupDecoder::with_default_resolvers().with_threads(threads);
+        let (mut src, mut out, mut fed) = (BytesMut::new(), Vec::new(), 0);
+        let mut steps = steps.iter().cycle();
+        loop {
+            let decoded = match fed == wire.len() {
+                true => dec.decode_eof(&mut src),
+                false => dec.decode(&mut src),
+            };
+            match decoded {
+                Ok(Decoded::Qemu(bytes)) => out.extend_from_slice(&bytes),
+                Ok(Decoded::NeedInput) => {
+                    let n = (*steps.next().unwrap()).min(wire.len() - fed);
+                    src.extend_from_slice(&wire[fed..fed + n]);
+                    fed += n;
+                }
+                Ok(Decoded::Done) => return (out, None),
+                Ok(Decoded::Fetch) => panic!("no resolver fetches"),
+                Err(e) => return (out, Some(format!("{e:?}"))),
+            }
+        }
+    }
+
+    const THREADS: [usize; 3] = [1, 2, 4];
+
+    /// The same bytes for any number of threads, the input whole or split at
+    /// every byte boundary.
+    #[test]
+    fn any_threads_and_any_split_give_the_same_bytes() {
+        let (wire, qemu) = capture();
+        assert!(wire.len() > 20 << 10, "several frames: {}", wire.len());
+        for threads in THREADS {
+            for step in [wire.len(), 1, 4093] {
+                let (out, error) = run(threads, &wire, &[step]);
+                assert_eq!(error, None, "{threads} threads, step {step}");
+                assert!(out == qemu, "{threads} threads, step {step}");
+            }
+        }
+    }
+
+    /// A corrupted or truncated stream fails alike for any number of threads: the
+    /// same bytes delivered first, the same error at the same offset.
+    #[test]
+    fn any_threads_fail_alike() {
+        let (wire, _) = capture();
+        let positions = (0..wire.len()).step_by(wire.len() / 150 + 1);
+        for at in positions {
+            let mut corrupted = wire.clone();
+            corrupted[at] ^= 0x55;
+            let expected = run(1, &corrupted, &[corrupted.len()]);
+            assert!(expected.1.is_some(), "a flip at {at} goes unseen");
+            for threads in THREADS {
+                for step in [corrupted.len(), 4093] {
+                    let got = run(threads, &corrupted, &[step]);
+                    assert_eq!(
+                        got.1, expected.1,
+                        "flip at {at}, {threads} threads, step {step}"
+                    );
+                    assert!(got.0 == expected.0, "flip at {at}, {threads} threads");
+                }
+            }
+            let truncated = &wire[..at];
+            let expected = run(1, truncated, &[truncated.len()]);
+            assert!(
+                expected.1.as_ref().is_some_and(|e| e.contains("Truncated")),
+                "{at}"
+            );
+            for threads in THREADS {
+                assert_eq!(run(threads, truncated, &[4093]), expected, "cut at {at}");
+            }
+        }
+    }
+
+    /// A batch that does not decompress is reported at its own frame, after the
+    /// frames before it are delivered, whatever the threads.
+    #[test]
+    fn a_bad_batch_fails_at_its_frame_after_the_frames_before() {
+        let (mut wire, _) = capture();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let (kind, len) = wire::frame_header(&wire[at..]).unwrap();
+            frames.push((at, kind));
+            at += wire::FRAME_HEADER + len;
+        }
+        let data: Vec<usize> = frames
+            .iter()
+            .filter(|(_, kind)| *kind == frame::DATA)
+            .map(|(at, _)| *at)
+            .collect();
+        let bad = data[data.len() / 2];
+        assert_eq!(wire[bad + 5], wire::codec::LZ4);
+        // an LZ4 literal run longer than the batch
+        wire[bad + 5 + wire::DATA_HEADER] = 0xff;
+        let reached = run(1, &wire[..bad], &[bad]).0;
+        for threads in THREADS {
+            let (out, error) = run(threads, &wire, &[wire.len()]);
+            let error = error.expect("the bad batch");
+            let offset = bad + 5 + wire::DATA_HEADER;
+            assert!(error.contains(&format!("offset: {offset}")), "{error}");
+            assert!(error.contains("does not decompress"), "{error}");
+            assert!(
+                out == reached,
+                "{threads} threads: the frames before it delivered"
+            );
+        }
+    }
+
+    /// A stream of `frames` DATA frames of `pages` raw pages each on channel 1, and
+    /// its QEMU bytes.
+    fn raw_stream(frames: usize, pages: usize) -> (BytesMut, Vec<u8>) {
+        let (mut out, mut hasher) = hello(1);
+        let mut qemu = Vec::new();
+        let pages: Vec<[u8; 4096]> = (0..pages).map(|i| [i as u8 | 1; 4096]).collect();
+        for _ in 0..frames {
+            let entries: Vec<Entry<'_>> = pages
+                .iter()
+                .enumerate()
+                .map(|(i, page)| Entry::Page {
+                    tag: tag::RAW,
+                    page: i as u64,
+                    continued: false,
+                    block: Some(b"pc.ram"),
+                    body: page,
+                })
+                .collect();
+            qemu.extend(data_frame(&mut out, &mut hasher, 0, &entries));
+        }
+        end_frame(&mut out, &hasher, qemu.len());
+        (out, qemu)
+    }
+
+    /// Frames taken ahead pass the byte budget by one frame at most, however much
+    /// input is there.
+    #[test]
+    fn the_look_ahead_is_bounded_in_bytes() {
+        // frames of 256 KiB and 2 MiB of pages, stored and decompressed
+        for pages in [32, 256] {
+            let (wire, qemu) = raw_stream(24, pages);
+            let frame = 2 * pages * (4096 + 16);
+            for threads in THREADS {
+                let mut dec = DedupDecoder::with_default_resolvers().with_threads(threads);
+                let (mut src, mut out, mut most) = (wire.clone(), Vec::new(), 0);
+                while let Decoded::Qemu(bytes) = dec.decode_eof(&mut src).unwrap() {
+                    out.extend_from_slice(&bytes);
+                    most = most.max(dec.ahead.bytes());
+                }
+                assert!(out == qemu);
+                let budget = dec.ahead.budget();
+                assert!(most <= budget + frame, "{threads} threads: {most} ahead");
+                // it does look ahead: the next frame is in when this one is handed
+                // out, and several once it has threads to use
+                assert!(most >= frame / 2, "{threads} threads: {most}");
+                assert!(
+                    threads == 1 || most > 2 * frame,
+                    "{threads} threads: {most}"
+                );
+            }
+        }
+    }
+
+    /// Pages of tag 0x81 can be restored only once fetched: the decoder's half.
+    #[derive(Clone, Default)]
+    struct Remote(std::sync::Arc<std::sync::Mutex<RemoteState>>);
+
+    #[derive(Default)]
+    struct RemoteState {
+        wanted: Vec<Vec<u8>>,
+        fetched: Vec<Vec<u8>>,
+        /// begin_frame and end_frame calls, as +1 and -1.
+        frames: Vec<i8>,
+    }
+
+    impl Remote {
+        fn fetch(&self) {
+            let mut state = self.0.lock().unwrap();
+            let wanted = std::mem::take(&mut state.wanted);
+            state.fetched.extend(wanted);
+        }
+    }
+
+    impl Restore for Remote {
+        fn tag(&self) -> u8 {
+            0x81
+        }
+        fn prepare(&mut self, body: &[u8]) -> Result<bool> {
+            let mut state = self.0.lock().unwrap();
+            let have = state.fetched.iter().any(|page| page == body);
+            if !have {
+                state.wanted.push(body.to_vec());
+            }
+            Ok(have)
+        }
+        fn begin_frame(&mut self) {
+            self.0.lock().unwrap().frames.push(1);
+        }
+        fn end_frame(&mut self) {
+            self.0.lock().unwrap().frames.push(-1);
+        }
+        fn restore(&mut self, _: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
+            let fetched = self.0.lock().unwrap().fetched.iter().any(|p| p == body);
+            assert!(fetched, "restored before fetched");
+            out.copy_from_slice(body)
+        }
+    }
+
+    /// The frame after the current one is prepared before the current one is
+    /// restored, so that its pages are fetched meanwhile; a frame whose pages are
+    /// not in is never restored, whether the driver fetches or not.
+    #[test]
+    fn the_next_frame_waits_for_its_pages_while_this_one_is_restored() {
+        let (mut wire, mut hasher) = hello(1);
+        let remote_page = [0x42; 4096];
+        let page = |tag, body| Entry::Page {
+            tag,
+            page: 0,
+            continued: false,
+            block: Some(b"pc.ram"),
+            body,
+        };
+        let first_remote = [0x41; 4096];
+        let a = data_frame(&mut wire, &mut hasher, 0, &[page(0x81, &first_remote)]);
+        let b = data_frame(&mut wire, &mut hasher, 0, &[page(0x81, &remote_page)]);
+        let c = data_frame(&mut wire, &mut hasher, 0, &[page(tag::RAW, &PAGE)]);
+        end_frame(&mut wire, &hasher, a.len() + b.len() + c.len());
+
+        let remote = Remote::default();
+        let mut dec = DedupDecoder::new(vec![Box::new(remote.clone())]).unwrap();
+        let mut src = wire.clone();
+        let mut next = |dec: &mut DedupDecoder| dec.decode_eof(&mut src).unwrap();
+        // A waits for its page
+        assert_eq!(next(&mut dec), Decoded::Fetch);
+        assert!(dec.is_waiting());
+        remote.fetch();
+        // now that a resolver fetches, B's pages are wanted before A is restored, and
+        // A does not wait for them
+        assert_eq!(next(&mut dec), Decoded::Fetch);
+        assert!(!dec.is_waiting());
+        // the driver did not fetch: A comes, B does not
+        assert_eq!(next(&mut dec), Decoded::Qemu(a.clone().into()));
+        assert!(dec.is_waiting());
+        assert_eq!(next(&mut dec), Decoded::Fetch);
+        assert_eq!(next(&mut dec), Decoded::Fetch);
+        remote.fetch();
+        assert_eq!(next(&mut dec), Decoded::Qemu(b.clone().into()));
+        assert_eq!(next(&mut dec), Decoded::Qemu(c.clone().into()));
+        assert_eq!(next(&mut dec), Decoded::Done);
+
+        // with threads, whether B is prepared before A is restored depends on when its
+        // batch is in: the bytes and the frames' bracketing do not
+        for threads in THREADS {
+            let remote = Remote::default();
+            let mut dec = DedupDecoder::new(vec![Box::new(remote.clone())])
+                .unwrap()
+                .with_threads(threads);
+            let (mut src, mut out) = (wire.clone(), Vec::new());
+            for _ in 0..10 {
+                match dec.decode_eof(&mut src).unwrap() {
+                    Decoded::Qemu(bytes) => out.extend_from_slice(&bytes),
+                    Decoded::Fetch => remote.fetch(),
+                    _ => break,
+                }
+            }
+            assert!(dec.is_complete(), "{threads} threads");
+            assert!(out == [&a[..], &b, &c].concat());
+            // every frame begun before it was prepared and ended once restored, at most
+            // two at once
+            let frames = remote.0.lock().unwrap().frames.clone();
+            let open: Vec<i8> = frames
+                .iter()
+                .scan(0, |open, step| {
+                    *open += step;
+                    Some(*open)
+                })
+                .collect();
+            assert_eq!(frames.len(), 6, "{frames:?}");
+            assert_eq!(frames[..2], [1, 1], "B begun before A ended: {frames:?}");
+            assert!(open.iter().all(|&n| (0..=2).contains(&n)), "{frames:?}");
+            assert_eq!(open.last(), Some(&0));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Any split of the input, any number of threads, a flipped byte or none: the
+        /// same bytes and the same error as one thread given the input whole.
+        #[test]
+        fn any_split_and_threads_decode_alike(
+            steps in proptest::collection::vec(1usize..20_000, 1..64),
+            threads in 1usize..=4,
+            flip in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+        ) {
+            let (mut wire, _) = capture();
+            if let Some(at) = flip {
+                let at = at.index(wire.len());
+                wire[at] ^= 0x20;
+            }
+            let expected = run(1, &wire, &[wire.len()]);
+            let got = run(threads, &wire, &steps);
+            proptest::prop_assert_eq!(&got.1, &expected.1);
+            proptest::prop_assert!(got.0 == expected.0);
+        }
     }
 }

@@ -27,7 +27,15 @@
 //! assert_eq!(&qemu_out[..], &qemu_stream[..]);
 //! # Ok::<(), migstream::Error>(())
 //! ```
+//!
+//! The decoder takes whole frames off its input ahead of the one it restores, within
+//! a few MiB: [`DedupDecoder::with_threads`] decompresses their batches on other
+//! threads, and a resolver that fetches pages from elsewhere (a DHT store) is asked
+//! for the next frame's pages before this one is restored, so that the fetch
+//! overlaps restoring and writing out ([`Decoded::Fetch`] says how to drive it). The
+//! output and its checks stay in stream order on the caller's thread.
 
+mod ahead;
 mod codec;
 mod compress;
 mod decode;

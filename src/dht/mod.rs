@@ -34,6 +34,8 @@
 //! loop {
 //!     match decoder.decode(&mut input)? {
 //!         Decoded::Qemu(qemu_bytes) => { /* to the destination QEMU */ }
+//!         // (`relay::decode_stream` restores the frames before the one that waits
+//!         // while it fetches: see `Decoded::Fetch`)
 //!         Decoded::Fetch => fetch.as_mut().expect("a fetcher").fetch().await?,
 //!         _ => break, // read more input, or the stream is complete
 //!     }

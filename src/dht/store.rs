@@ -11,14 +11,15 @@
 //!   not cached is recorded as wanted, and the decoder waits;
 //! - `fetch` gets every wanted page of the frame in one go (batched per node, with
 //!   failover, each page verified against its fingerprint), caches and pins them;
-//! - `restore` copies pinned pages. The pins are dropped when the next frame's
-//!   `prepare` starts, so a migration holds at most one frame's templates
-//!   (bounded by [`DhtOptions::max_frame_pages`]).
+//! - `restore` copies pinned pages. A frame's pins are dropped at its `end_frame`.
+//!   The decoder prepares one frame ahead of the one it restores, so that the next
+//!   frame's templates are fetched while this one is restored: a migration holds
+//!   the pins of two frames at most, each bounded by [`DhtOptions::max_frame_pages`].
 //!
 //! Pages are verified once, when fetched; the cache and the pins hold immutable
 //! verified bytes, so restoring a cached template costs a copy and no hash.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -176,12 +177,28 @@ impl TemplateStore for DhtTemplates {
 /// The state of one migration, shared by its `Restore` and `Fetch` halves.
 #[derive(Debug, Default)]
 struct Migration {
-    /// The pages of the frame being prepared or restored.
-    pinned: HashMap<Fingerprint, Bytes, ahash::RandomState>,
-    /// Templates of that frame neither pinned nor cached: what `fetch` gets.
+    /// The pages pinned for each frame begun and not ended, oldest first: the
+    /// frame being restored and the one prepared after it.
+    frames: VecDeque<Pins>,
+    /// Templates of the newest frame neither pinned nor cached: what `fetch` gets.
     wanted: HashSet<Fingerprint, ahash::RandomState>,
-    /// Set by `restore`: the next `prepare` starts a new frame.
-    restoring: bool,
+}
+
+type Pins = HashMap<Fingerprint, Bytes, ahash::RandomState>;
+
+impl Migration {
+    /// A page pinned for any frame begun.
+    fn pinned(&self, fp: &Fingerprint) -> Option<&Bytes> {
+        self.frames.iter().find_map(|pins| pins.get(fp))
+    }
+
+    /// Pins `page` for the newest frame: no longer wanted.
+    fn pin(&mut self, fp: Fingerprint, page: Bytes) {
+        self.wanted.remove(&fp);
+        if let Some(pins) = self.frames.back_mut() {
+            pins.insert(fp, page);
+        }
+    }
 }
 
 fn lock(m: &Mutex<Migration>) -> MutexGuard<'_, Migration> {
@@ -214,31 +231,40 @@ impl Restore for DhtRestore {
             return Ok(true); // `restore` reports it, at its place in the frame
         };
         let mut m = lock(&self.migration);
-        if m.restoring {
-            m.pinned.clear();
-            m.wanted.clear();
-            m.restoring = false;
-        }
-        if m.pinned.contains_key(&fp) {
+        if m.frames.back().is_some_and(|pins| pins.contains_key(&fp)) {
             return Ok(true);
         }
-        if let Some(page) = self.shared.cache().get(&fp) {
-            m.pinned.insert(fp, page);
+        // pinned for the frame before, or cached: pinned for this one too
+        let page = m.pinned(&fp).cloned();
+        if let Some(page) = page.or_else(|| self.shared.cache().get(&fp)) {
+            m.pin(fp, page);
             return Ok(true);
         }
         if !m.wanted.contains(&fp) {
             let limit = self.shared.options.max_frame_pages;
-            if m.pinned.len() + m.wanted.len() >= limit {
+            let held = m.frames.back().map_or(0, HashMap::len) + m.wanted.len();
+            if held >= limit {
                 return Err(Error::LimitExceeded {
                     offset: 0,
                     field: "distinct templates of one frame",
-                    value: (m.pinned.len() + m.wanted.len() + 1) as u64,
+                    value: (held + 1) as u64,
                     limit: limit as u64,
                 });
             }
             m.wanted.insert(fp);
         }
         Ok(false)
+    }
+
+    fn begin_frame(&mut self) {
+        let mut m = lock(&self.migration);
+        // what the frame before wanted is pinned by now: it was ready
+        m.wanted.clear();
+        m.frames.push_back(Pins::default());
+    }
+
+    fn end_frame(&mut self) {
+        lock(&self.migration).frames.pop_front();
     }
 
     fn restore(&mut self, _at: PageAt<'_>, body: &[u8], out: &mut PageOut<'_>) -> Result<()> {
@@ -257,9 +283,8 @@ impl Restore for DhtRestore {
                 reason: "the catalog's page size differs from the stream's",
             });
         }
-        let mut m = lock(&self.migration);
-        m.restoring = true;
-        let page = match m.pinned.get(&fp) {
+        let m = lock(&self.migration);
+        let page = match m.pinned(&fp) {
             Some(page) => page.clone(),
             None => match self.shared.cache().get(&fp) {
                 Some(page) => page,
@@ -294,9 +319,7 @@ impl Fetch for DhtFetch {
                 let mut missing = Vec::with_capacity(wanted.len());
                 for fp in wanted {
                     match cache.get(&fp) {
-                        Some(page) => {
-                            m.pinned.insert(fp, page);
-                        }
+                        Some(page) => m.pin(fp, page),
                         None => missing.push(fp),
                     }
                 }
@@ -311,7 +334,7 @@ impl Fetch for DhtFetch {
             let mut cache = self.shared.cache();
             for (fp, page) in pages {
                 cache.insert(fp, page.clone());
-                m.pinned.insert(fp, page);
+                m.pin(fp, page);
             }
             Ok(())
         })

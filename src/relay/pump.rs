@@ -1,6 +1,6 @@
 //! One direction of a link: a QEMU stream to a dedup stream, and back.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -129,7 +129,8 @@ where
 
 /// Reads a dedup stream from `wan` to its END frame, writes the verified QEMU bytes
 /// to `qemu`, and shuts `qemu`'s writing side down at the end. Whenever the decoder
-/// waits for pages ([`Decoded::Fetch`]), `fetch` fetches them.
+/// waits for pages ([`Decoded::Fetch`]), `fetch` fetches them, while the frames
+/// before the one that waits are restored and written out.
 pub async fn decode_stream<R, W>(
     wan: R,
     qemu: W,
@@ -167,24 +168,15 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (progress, activity) = (signals.progress, signals.activity);
     let mut eof = false;
     loop {
         let decoded = match eof {
             false => decoder.decode(&mut input)?,
             true => decoder.decode_eof(&mut input)?,
         };
-        if let Some(verified) = signals.verified {
-            // written to QEMU below, or held until END
-            let now = decoder.stats().qemu_bytes;
-            verified.send_if_modified(|v| std::mem::replace(v, now) != now);
-        }
+        report_verified(decoder, signals);
         match decoded {
-            Decoded::Qemu(bytes) => {
-                qemu.write_all(&bytes).await?;
-                activity.touch();
-                progress.set(decoder.stats());
-            }
+            Decoded::Qemu(bytes) => write_out(&mut qemu, decoder, bytes, signals).await?,
             Decoded::Fetch => {
                 let Some(fetch) = fetch.as_deref_mut() else {
                     return Err(Error::Config {
@@ -192,20 +184,60 @@ where
                         reason: "a resolver waits for pages but nothing fetches them".into(),
                     });
                 };
-                fetch.fetch().await?;
-                activity.touch();
+                let restore = async {
+                    // the fetch's requests go out before the decoder takes the thread
+                    tokio::task::yield_now().await;
+                    while !decoder.is_waiting() {
+                        let decoded = decoder.decode(&mut input)?;
+                        report_verified(decoder, signals);
+                        let Decoded::Qemu(bytes) = decoded else {
+                            break;
+                        };
+                        write_out(&mut qemu, decoder, bytes, signals).await?;
+                    }
+                    Ok::<_, Error>(())
+                };
+                let (fetched, restored) = tokio::join!(fetch.fetch(), restore);
+                // an error of the decoder is of a frame before the one fetched for
+                restored?;
+                fetched?;
+                signals.activity.touch();
             }
             // the source waits for the verdict: the link stays open after END
             Decoded::Done => break,
             Decoded::NeedInput => {
                 input.reserve(CHUNK);
                 eof = wan.read_buf(&mut input).await? == 0;
-                activity.touch();
+                signals.activity.touch();
             }
         }
     }
-    progress.set(decoder.stats());
+    signals.progress.set(decoder.stats());
     qemu.flush().await?;
     qemu.shutdown().await?;
+    Ok(())
+}
+
+/// Tells the return direction how many QEMU bytes the decoder verified: written
+/// to QEMU next, or held until END.
+fn report_verified(decoder: &DedupDecoder, signals: &Signals<'_>) {
+    if let Some(verified) = signals.verified {
+        let now = decoder.stats().qemu_bytes;
+        verified.send_if_modified(|v| std::mem::replace(v, now) != now);
+    }
+}
+
+/// Writes verified QEMU bytes out, and tells how far the decoder got. (`&mut`: a
+/// decoder is `Send` but not `Sync`, and a shared borrow held across the write
+/// would make the task's future not `Send`.)
+async fn write_out<W: AsyncWrite + Unpin>(
+    qemu: &mut W,
+    decoder: &mut DedupDecoder,
+    bytes: Bytes,
+    signals: &Signals<'_>,
+) -> Result<()> {
+    qemu.write_all(&bytes).await?;
+    signals.activity.touch();
+    signals.progress.set(decoder.stats());
     Ok(())
 }

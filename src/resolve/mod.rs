@@ -202,6 +202,18 @@ pub trait Restore: Send {
         Ok(true)
     }
 
+    /// Called before the first [`prepare`](Self::prepare) of a frame's pages. The
+    /// decoder prepares frames in stream order, and at most one ahead of the frame it
+    /// restores, so that fetching the next frame's pages overlaps restoring this
+    /// one: between a frame's `begin_frame` and its [`end_frame`](Self::end_frame)
+    /// the next frame may begin, be prepared and be fetched for. What a resolver
+    /// keeps for a frame it keeps until that frame's `end_frame`.
+    fn begin_frame(&mut self) {}
+
+    /// Called once every page of the oldest frame begun is restored, or the
+    /// decoder gave up on it: what was kept for that frame alone may go.
+    fn end_frame(&mut self) {}
+
     /// Called with every page delivered, whoever restored it, in stream order.
     fn delivered(&mut self, _page: &Page<'_>) {}
 
@@ -214,7 +226,10 @@ pub trait Restore: Send {
 ///
 /// An async driver of a [`DedupDecoder`](crate::dedup::DedupDecoder) calls `fetch`
 /// whenever the decoder asks for it ([`Decoded::Fetch`](crate::dedup::Decoded::Fetch)), then
-/// decodes again.
+/// decodes again; or decodes while the fetch runs, to restore the frames before the
+/// one that waits meanwhile (see [`Decoded::Fetch`](crate::dedup::Decoded::Fetch)).
+/// A fetch may therefore run while the paired `Restore` prepares and restores
+/// pages: their shared state must allow it.
 pub trait Fetch: Send {
     /// Fetches every page the paired `Restore` is waiting for. An error fails the
     /// migration (after the fetcher's own retries and replicas).
