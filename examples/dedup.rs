@@ -101,6 +101,9 @@ struct DecodeArgs {
     // the ring of Redis nodes to fetch templates from, instead of --catalog
     #[command(flatten)]
     dht: DhtArgs,
+    /// Threads decompressing batches [default: the cores, at most 4].
+    #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
+    threads: usize,
     /// The encoded file to read.
     #[arg(value_name = "IN.mz")]
     input: String,
@@ -134,12 +137,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             encode(&a.input, &a.output, enc, a.threads)
         }
         Command::Decode(a) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            // more threads: a template store's fetches also run beside the decoding
+            let runtime = match a.threads {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut multi = tokio::runtime::Builder::new_multi_thread();
+                    multi.worker_threads(n);
+                    multi
+                }
+            }
+            .enable_all()
+            .build()?;
             runtime.block_on(async {
                 let store = template_store(a.catalog.as_deref(), &a.dht).await?;
-                decode(&a.input, &a.output, store).await
+                decode(&a.input, &a.output, store, a.threads).await
             })
         }
     }
@@ -250,9 +261,10 @@ async fn decode(
     input: &str,
     output: &str,
     templates: Option<Arc<dyn TemplateStore>>,
+    threads: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    let (mut dec, mut fetch) = match &templates {
+    let (dec, mut fetch) = match &templates {
         Some(store) => {
             let (restore, fetch) = store.open();
             (
@@ -262,6 +274,7 @@ async fn decode(
         }
         None => (DedupDecoder::with_default_resolvers(), None),
     };
+    let mut dec = dec.with_threads(threads);
     let file = tokio::fs::File::open(input)
         .await
         .map_err(|e| format!("{input}: {e}"))?;

@@ -109,6 +109,10 @@ struct Common {
     /// Seconds to set up a connection (the link, QEMU).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     connect_timeout: f64,
+    /// Threads compressing (source) or decompressing (destination) a migration's
+    /// main channel [default: the cores, at most 4].
+    #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
+    threads: usize,
     /// Serve one migration and exit with its outcome.
     #[arg(long)]
     once: bool,
@@ -142,9 +146,6 @@ struct SourceArgs {
     /// then sees the link's pace when it decides to stop the VM.
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     credit_window: u64,
-    /// Threads compressing a migration's main channel [default: the cores, at most 4].
-    #[arg(long, value_name = "N", default_value_t = available_threads(), hide_default_value = true)]
-    threads: usize,
 }
 
 #[derive(Args)]
@@ -330,7 +331,7 @@ fn source_proxy(
         .with_compression(compression)
         .with_timeouts(timeouts)
         .with_credit_window(a.credit_window << 20)
-        .with_threads(a.threads);
+        .with_threads(a.common.threads);
     Ok(SourceProxy::new(config, to.clone(), tls).with_limits(limits(&a.common)))
 }
 
@@ -344,7 +345,9 @@ async fn destination_proxy(
         None => None,
     };
     let store = template_store(a.common.catalog.as_deref(), &a.dht).await?;
-    let mut config = DestinationConfig::default().with_timeouts(timeouts);
+    let mut config = DestinationConfig::default()
+        .with_timeouts(timeouts)
+        .with_threads(a.common.threads);
     if let Some(store) = store {
         config = config.with_templates(store);
     }

@@ -414,6 +414,14 @@ fn dedup_round_trip_and_a_failed_decode_leaves_no_output() {
             std::fs::read(&other).unwrap() == encoded,
             "--threads {threads}"
         );
+        assert_ok(&run(
+            "dedup",
+            &["decode", "--threads", threads, &mz, &other],
+        ));
+        assert!(
+            std::fs::read(&other).unwrap() == original,
+            "decode --threads {threads}"
+        );
     }
     std::fs::remove_file(&other).unwrap();
 

@@ -176,13 +176,16 @@ impl DedupDecoder {
         self
     }
 
-    /// Decompresses batches on `threads` threads of its own, taking whole frames
+    /// Decompresses batches on `threads` threads of its own (at most
+    /// [`MAX_THREADS`](super::MAX_THREADS)), taking whole frames
     /// off the input ahead of the one it restores, up to a few MiB per thread
     /// (stored and decompressed; one frame more at most). 1, the default,
     /// decompresses on the caller's thread and starts none. The output, and the
     /// errors and their offsets, are the same for any number. Set before decoding.
+    /// A multifd channel's stream keeps to the caller's thread (its HELLO says so):
+    /// QEMU already spreads the pages over the channels.
     pub fn with_threads(mut self, threads: usize) -> Self {
-        self.ahead = Ahead::new(threads);
+        self.ahead = Ahead::new(threads.clamp(1, super::MAX_THREADS));
         self
     }
 
@@ -424,6 +427,8 @@ impl DedupDecoder {
         self.page_size = hello.page_size as usize;
         if hello.channel > 0 {
             self.limits = self.limits.for_multifd_channel();
+            // QEMU spreads its pages over the channels: one thread each is enough
+            self.ahead = Ahead::new(1);
             self.restores
                 .iter_mut()
                 .for_each(|r| r.on_multifd_channel());
@@ -1047,28 +1052,33 @@ mod tests {
         }
     }
 
-    /// A stream of `frames` DATA frames of `pages` raw pages each on channel 1, and
-    /// its QEMU bytes.
+    /// A main channel's stream of `frames` DATA frames of `pages` pages of QEMU bytes
+    /// each, and its QEMU bytes.
     fn raw_stream(frames: usize, pages: usize) -> (BytesMut, Vec<u8>) {
-        let (mut out, mut hasher) = hello(1);
+        // the main channel's (a channel's decoder keeps to one thread), QEMU bytes
+        let (mut out, mut hasher) = hello(0);
         let mut qemu = Vec::new();
         let pages: Vec<[u8; 4096]> = (0..pages).map(|i| [i as u8 | 1; 4096]).collect();
         for _ in 0..frames {
-            let entries: Vec<Entry<'_>> = pages
-                .iter()
-                .enumerate()
-                .map(|(i, page)| Entry::Page {
-                    tag: tag::RAW,
-                    page: i as u64,
-                    continued: false,
-                    block: Some(b"pc.ram"),
-                    body: page,
-                })
-                .collect();
+            let entries: Vec<Entry<'_>> = pages.iter().map(|page| Entry::Qemu(page)).collect();
             qemu.extend(data_frame(&mut out, &mut hasher, 0, &entries));
         }
         end_frame(&mut out, &hasher, qemu.len());
         (out, qemu)
+    }
+
+    /// A multifd channel's stream keeps to the caller's thread whatever was asked:
+    /// QEMU already spreads the pages over its channels.
+    #[test]
+    fn a_channel_decodes_on_one_thread() {
+        for (channel, budget) in [(0, 4), (1, 1)] {
+            let (mut wire, hasher) = hello(channel);
+            end_frame(&mut wire, &hasher, 0);
+            let mut dec = DedupDecoder::with_default_resolvers().with_threads(4);
+            assert_eq!(dec.decode_eof(&mut wire).unwrap(), Decoded::Done);
+            let one = DedupDecoder::with_default_resolvers().ahead.budget();
+            assert_eq!(dec.ahead.budget(), budget * one, "channel {channel}");
+        }
     }
 
     /// Frames taken ahead pass the byte budget by one frame at most, however much

@@ -222,7 +222,9 @@ impl DedupEncoder {
     /// appended to `dst` by a later call, once compressed ([`flush`](Self::flush)
     /// and [`finish`](Self::finish) wait for every batch); up to two batches per
     /// thread are in flight, each keeping its QEMU bytes (at most
-    /// [`MAX_FRAME_QEMU_BYTES`] and a record) until its frame is written.
+    /// [`MAX_FRAME_QEMU_BYTES`] and a record) until its frame is written. A multifd
+    /// channel's stream keeps to the caller's thread: QEMU already spreads the pages
+    /// over the channels.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.clamp(1, MAX_THREADS);
         self
@@ -460,6 +462,8 @@ impl DedupEncoder {
         let channel = self.channel.unwrap_or(0);
         if channel > 0 {
             self.claims.iter_mut().for_each(|c| c.on_multifd_channel());
+            // QEMU spreads its pages over the channels: one thread each is enough
+            self.threads = 1;
         }
         let hello =
             Hello::new(self.page_size as u32, self.catalog).in_session(self.session, channel);

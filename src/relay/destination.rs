@@ -22,7 +22,7 @@ use crate::resolve::{Fetch, Restore, TemplateStore};
 type RestoreFactory = Arc<dyn Fn() -> Box<dyn Restore> + Send + Sync>;
 
 /// Where the destination end restores pages from, and what it lets a source do.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct DestinationConfig {
     /// The template store (local catalog or DHT ring), if any.
@@ -31,8 +31,24 @@ pub struct DestinationConfig {
     pub limits: Limits,
     /// How long to wait for the HELLO, and for progress.
     pub timeouts: Timeouts,
+    /// Threads decompressing the main channel's batches
+    /// ([`DedupDecoder::with_threads`]; 1, the default: on the migration's task).
+    /// A multifd channel decompresses on its own task.
+    pub threads: usize,
     /// Custom resolvers, besides the built-in ones.
     custom: Vec<RestoreFactory>,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        Self {
+            templates: None,
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            threads: 1,
+            custom: Vec::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for DestinationConfig {
@@ -41,6 +57,7 @@ impl std::fmt::Debug for DestinationConfig {
             .field("templates", &self.templates)
             .field("limits", &self.limits)
             .field("timeouts", &self.timeouts)
+            .field("threads", &self.threads)
             .field("custom", &self.custom.len())
             .finish()
     }
@@ -62,6 +79,13 @@ impl DestinationConfig {
     /// With these timeouts.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// Decompressing the main channel's batches on this many threads (at most
+    /// [`MAX_THREADS`](crate::dedup::MAX_THREADS)).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.clamp(1, crate::dedup::MAX_THREADS);
         self
     }
 
@@ -87,7 +111,9 @@ impl DestinationConfig {
         };
         let mut restores = default_restores(templates);
         restores.extend(self.custom.iter().map(|make| make()));
-        let mut decoder = DedupDecoder::new(restores)?.with_limits(self.limits.clone());
+        let mut decoder = DedupDecoder::new(restores)?
+            .with_limits(self.limits.clone())
+            .with_threads(self.threads);
         if let Some(id) = catalog {
             decoder = decoder.with_catalog_id(id);
         }

@@ -35,8 +35,8 @@ pub struct SourceConfig {
     /// quarter of it ([`MULTIFD_CHANNEL_SHARE`]).
     pub credit_window: u64,
     /// Threads compressing the main channel's batches
-    /// ([`DedupEncoder::with_threads`]; 1, the default: the migration's task alone).
-    /// A multifd channel compresses on its own task: QEMU already spreads the pages
+    /// ([`DedupEncoder::with_threads`]; 1, the default: on the migration's task). A
+    /// multifd channel compresses on its own task: QEMU already spreads the pages
     /// over the channels.
     pub threads: usize,
 }
@@ -152,18 +152,16 @@ pub(super) async fn carry(
     }
     let templates = resolvers.templates.is_some();
     tracing::debug!(templates, "greeted by the destination");
-    // a migration's channels share about one window, and compress on their own
-    // tasks: QEMU already spreads its pages over them
-    let (window, threads) = match carried {
-        Carried::Main { .. } => (config.credit_window, config.threads),
-        Carried::Channel { .. } => (
-            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(2 * ACK_EVERY),
-            1,
-        ),
+    // a migration's channels share about one window: QEMU spreads its pages over them
+    let window = match carried {
+        Carried::Main { .. } => config.credit_window,
+        Carried::Channel { .. } => {
+            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(2 * ACK_EVERY)
+        }
     };
     let encoder = DedupEncoder::with_resolvers(&resolvers)?
         .with_compression(config.compression)
-        .with_threads(threads)
+        .with_threads(config.threads)
         .with_session(session);
     let (acked, acks) = watch::channel(0);
     let credit = Credit {
