@@ -345,7 +345,7 @@ impl DedupEncoder {
         if self.batch.raw.len() + self.verbatim.len() >= self.batch_target
             || self.batch_qemu + self.verbatim.len() >= max_qemu
         {
-            self.flush(dst)?;
+            self.send_pending(dst)?;
         }
         Ok(())
     }
@@ -357,13 +357,19 @@ impl DedupEncoder {
         if self.channel.is_none() {
             return Ok(());
         }
-        self.start(dst);
-        self.put_verbatim();
-        self.send_batch(dst)?;
+        self.send_pending(dst)?;
         while let Some(compressed) = self.workers.as_mut().and_then(Workers::next) {
             self.put_frame(compressed?, dst);
         }
         Ok(())
+    }
+
+    /// Sends what is pending as a batch, without waiting for the batches still
+    /// compressing.
+    fn send_pending(&mut self, dst: &mut BytesMut) -> Result<()> {
+        self.start(dst);
+        self.put_verbatim();
+        self.send_batch(dst)
     }
 
     /// Compresses the batch being built, if any, and appends its frame to `dst`, or,

@@ -6,18 +6,47 @@
 //! used without tokio as well, and a job is a few hundred microseconds of CPU.
 //! At most [`Workers::capacity`] jobs are in flight: the caller takes the oldest
 //! result before it submits more, so the memory held stays bounded.
+//!
+//! Jobs go round the threads, each with a queue of its own, and both sides look
+//! for their next message for a moment before they sleep ([`SPIN`]). A job every
+//! few hundred microseconds, handed over through a sleeping thread, ran no faster
+//! on two threads than on one here: each wake-up put the woken thread on the
+//! waker's vCPU (1.2 vCPUs busy in `perf stat`, 1750 context switches for a
+//! 120 MB stream, and 40 % more wall time than one thread).
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// A job and where its result goes.
 type Queued<J, R> = (J, SyncSender<R>);
 
+/// How long a side polls for its next message before it sleeps: a few jobs' time,
+/// so a steady stream of jobs never sleeps, and an idle pool costs this much CPU
+/// once per pause.
+const SPIN: Duration = Duration::from_micros(500);
+
+/// The next message on `from`, polled for [`SPIN`] before sleeping; `None` once the
+/// sender is gone.
+fn receive<T>(from: &Receiver<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < SPIN {
+        match from.try_recv() {
+            Ok(message) => return Some(message),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    from.recv().ok()
+}
+
 /// Threads running `run(&mut state, job)`, each with a state of its own.
 pub(crate) struct Workers<J, R> {
-    queue: Option<Sender<Queued<J, R>>>,
+    /// Each thread's queue.
+    queues: Vec<Sender<Queued<J, R>>>,
+    /// The queue of the next job.
+    next_queue: usize,
     /// One receiver per job in flight, oldest first.
     in_flight: VecDeque<Receiver<R>>,
     threads: Vec<JoinHandle<()>>,
@@ -42,30 +71,25 @@ impl<J: Send + 'static, R: Send + 'static> Workers<J, R> {
     where
         S: Send + 'static,
     {
-        let (queue, jobs) = mpsc::channel::<Queued<J, R>>();
-        let jobs = Arc::new(Mutex::new(jobs));
-        let threads = (0..threads.max(1))
+        let (queues, threads) = (0..threads.max(1))
             .map(|i| {
-                let jobs = Arc::clone(&jobs);
+                let (queue, jobs) = mpsc::channel::<Queued<J, R>>();
                 let mut state = make_state();
-                std::thread::Builder::new()
+                let thread = std::thread::Builder::new()
                     .name(format!("migstream-batch-{i}"))
                     .spawn(move || {
-                        loop {
-                            // the lock is held only while waiting for the next job
-                            let next = jobs.lock().map(|jobs| jobs.recv());
-                            let Ok(Ok((job, done))) = next else {
-                                return;
-                            };
+                        while let Some((job, done)) = receive(&jobs) {
                             // the caller may have gone: nothing waits for the result then
                             let _ = done.send(run(&mut state, job));
                         }
                     })
-                    .expect("the OS starts a thread")
+                    .expect("the OS starts a thread");
+                (queue, thread)
             })
-            .collect();
+            .unzip();
         Self {
-            queue: Some(queue),
+            queues,
+            next_queue: 0,
             in_flight: VecDeque::new(),
             threads,
         }
@@ -85,11 +109,10 @@ impl<J: Send + 'static, R: Send + 'static> Workers<J, R> {
     /// Queues `job`. The caller keeps to [`capacity`](Self::capacity).
     pub(crate) fn submit(&mut self, job: J) {
         let (done, result) = mpsc::sync_channel(1);
-        self.queue
-            .as_ref()
-            .expect("the queue lives as long as the workers")
+        self.queues[self.next_queue]
             .send((job, done))
-            .expect("the workers outlive the queue");
+            .expect("the workers outlive their queues");
+        self.next_queue = (self.next_queue + 1) % self.queues.len();
         self.in_flight.push_back(result);
     }
 
@@ -103,14 +126,14 @@ impl<J: Send + 'static, R: Send + 'static> Workers<J, R> {
     /// The oldest job's result, waiting for it; `None` with nothing in flight.
     pub(crate) fn next(&mut self) -> Option<R> {
         let result = self.in_flight.pop_front()?;
-        Some(result.recv().expect("a worker answers every job"))
+        Some(receive(&result).expect("a worker answers every job"))
     }
 }
 
 impl<J, R> Drop for Workers<J, R> {
     fn drop(&mut self) {
-        // closing the queue ends each thread after its current job
-        self.queue = None;
+        // closing the queues ends each thread after its current job
+        self.queues.clear();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
