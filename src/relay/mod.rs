@@ -30,6 +30,12 @@
 //! authenticated and sent a valid HELLO, and every resource a peer can hold capped
 //! ([`ProxyLimits`]).
 //!
+//! A migration's futures nest deeply (proxy, group, link, pump, codec): in a debug
+//! build polling them takes close to the 2 MiB of stack tokio gives its worker
+//! threads by default, so a program built without optimisation should give them
+//! more (`tokio::runtime::Builder::thread_stack_size`; the `proxy` example uses
+//! 8 MiB). Release builds need a fraction of it.
+//!
 //! The proxies also carry multifd migrations: every QEMU connection of one (the
 //! main channel, then `multifd-channels` more) is served by its own call, on its own
 //! task, with a link connection of its own; the proxies group them by migration
