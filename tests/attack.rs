@@ -1556,17 +1556,21 @@ fn hostile_channels_memory_is_bounded_and_given_back() {
     let session = [0xe5; 16];
 
     // the destination QEMU: each of the migration's connections drained, its bytes
-    // counted until the proxy closes it
+    // counted until the proxy closes it, and all of them as they come
+    let drained = Arc::new(AtomicU64::new(0));
+    let all = Arc::clone(&drained);
     let drains = thread::spawn(move || {
         let conns: Vec<_> = (0..=CHANNELS)
             .map(|_| {
                 let mut conn = qemu.accept();
                 // idle while the other links are filled
                 conn.set_read_timeout(Some(IDLE)).unwrap();
+                let all = Arc::clone(&all);
                 thread::spawn(move || {
                     let (mut total, mut buf) = (0u64, vec![0u8; 1 << 20]);
                     while let Ok(n @ 1..) = conn.read(&mut buf) {
                         total += n as u64;
+                        all.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     total
                 })
@@ -1621,9 +1625,21 @@ fn hostile_channels_memory_is_bounded_and_given_back() {
         forged / MIB
     );
 
+    // what a link's acknowledgement counts (verified) reaches QEMU a moment later:
+    // written before the main channel's link goes, so the failure cuts nothing
+    let released = links[0].forger.released;
+    let channels: u64 = links[1..].iter().map(|l| l.forger.qemu_bytes).sum();
+    let deadline = Instant::now() + BOUND;
+    while drained.load(Ordering::Relaxed) < released + channels {
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged bytes not written in {BOUND:?}"
+        );
+        thread::sleep(POLL);
+    }
+
     // the main channel's link goes: the migration fails, and with it every channel
     let main = links.remove(0);
-    let released = main.forger.released;
     drop(main);
     let report = dst.reports(1).remove(0);
     eprintln!("{report}");
