@@ -43,7 +43,7 @@ pub struct DedupEncoder {
     /// QEMU bytes not yet put in an entry of `batch`.
     verbatim: BytesMut,
     /// Where page record headers are written, each split off into the batch's QEMU
-    /// bytes.
+    /// bytes: one allocation of [`PAGE_HEADERS_ROOM`] for thousands of them.
     page_headers: BytesMut,
     /// Scratch for a resolver's body.
     body: Vec<u8>,
@@ -88,6 +88,14 @@ pub const MAX_CHANNEL_FRAME_QEMU_BYTES: usize = 4 << 20;
 
 /// Default size at which a batch is compressed and sent.
 pub const DEFAULT_BATCH: usize = 256 * 1024;
+
+/// Room reserved at once for page record headers: a header split off a shared
+/// buffer costs no allocation of its own.
+const PAGE_HEADERS_ROOM: usize = 64 << 10;
+
+/// The longest page record header: address and flags, then a block name's length
+/// and its at most 255 bytes.
+const MAX_PAGE_HEADER: usize = 8 + 1 + 255;
 
 /// A batch on its way to becoming a DATA frame.
 #[derive(Debug, Default)]
@@ -268,6 +276,9 @@ impl DedupEncoder {
                 self.start(dst);
                 self.put_verbatim();
                 // the destination rebuilds the record header from the entry's address
+                if self.page_headers.capacity() < MAX_PAGE_HEADER {
+                    self.page_headers.reserve(PAGE_HEADERS_ROOM);
+                }
                 self.qemu.encode_page_header(addr, &mut self.page_headers)?;
                 let header = self.page_headers.split().freeze();
                 self.stats.qemu_bytes += header.len() as u64;
