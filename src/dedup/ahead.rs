@@ -70,7 +70,7 @@ fn decompress(decompressor: &mut Decompressor, (codec, stored, mut raw): Job) ->
 pub(super) struct Ahead {
     frames: VecDeque<Taken>,
     /// With more than one thread.
-    workers: Option<Workers<Job, Decompressed>>,
+    workers: Option<Workers<Job, Decompressed, Decompressor>>,
     /// With one thread.
     inline: Decompressor,
     /// Stored and decompressed bytes of the frames taken and not yet done with.
@@ -95,7 +95,8 @@ impl std::fmt::Debug for Ahead {
 }
 
 impl Ahead {
-    /// Look-ahead for `threads` decompressing threads; one decompresses inline.
+    /// Look-ahead for `threads` decompressing threads, the caller's among them; one
+    /// decompresses inline, when a frame is restored.
     pub(super) fn new(threads: usize) -> Self {
         let threads = threads.max(1);
         let workers =

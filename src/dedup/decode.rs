@@ -176,8 +176,8 @@ impl DedupDecoder {
         self
     }
 
-    /// Decompresses batches on `threads` threads of its own (at most
-    /// [`MAX_THREADS`](super::MAX_THREADS)), taking whole frames
+    /// Decompresses batches on `threads` threads, the caller's among them (at most
+    /// [`MAX_THREADS`](super::MAX_THREADS); `threads - 1` of its own), taking whole frames
     /// off the input ahead of the one it restores, up to a few MiB per thread
     /// (stored and decompressed; one frame more at most). 1, the default,
     /// decompresses on the caller's thread and starts none. The output, and the

@@ -48,13 +48,12 @@ pub struct DedupEncoder {
     /// Scratch for a resolver's body.
     body: Vec<u8>,
     compression: Compression,
-    /// Compresses on the caller's thread (one thread) ...
-    compressor: Compressor,
-    /// ... or on these, once the first batch is sent (more threads).
-    workers: Option<Workers<Batch, Result<Compressed>>>,
+    /// Compress the batches, once the first one is sent: on the caller's thread
+    /// alone, or on others too.
+    workers: Option<Workers<Batch, Result<Compressed>, Compressor>>,
     threads: usize,
-    /// Buffers of frames gone out, for the next batches.
-    spare: Vec<Vec<u8>>,
+    /// Buffers of frames gone out (the raw one cleared), for the next batches.
+    spare: Vec<(Vec<u8>, Vec<u8>)>,
     batch_target: usize,
     /// QEMU bytes the batch being built stands for.
     batch_qemu: usize,
@@ -174,7 +173,6 @@ impl DedupEncoder {
             page_headers: BytesMut::new(),
             body: Vec::new(),
             compression: Compression::Lz4,
-            compressor: Compressor::new(Compression::Lz4),
             workers: None,
             threads: 1,
             spare: Vec::new(),
@@ -219,20 +217,20 @@ impl DedupEncoder {
     /// Sets how batches are compressed (default LZ4).
     pub fn with_compression(mut self, compression: Compression) -> Self {
         self.compression = compression;
-        self.compressor = Compressor::new(compression);
         self
     }
 
-    /// Compresses batches on `threads` threads of the encoder's own (1, the default:
-    /// on the caller's thread; at most [`MAX_THREADS`]). Resolvers, the running
-    /// digest and the frames' order stay on the caller's thread, and the frames are
-    /// the same bytes whatever the number. With more than one, a batch's frame is
-    /// appended to `dst` by a later call, once compressed ([`flush`](Self::flush)
-    /// and [`finish`](Self::finish) wait for every batch); up to two batches per
-    /// thread are in flight, each keeping its QEMU bytes (at most
-    /// [`MAX_FRAME_QEMU_BYTES`] and a record) until its frame is written. A multifd
-    /// channel's stream keeps to the caller's thread: QEMU already spreads the pages
-    /// over the channels.
+    /// Compresses batches on `threads` threads, the caller's among them (1, the
+    /// default: the caller's alone; at most [`MAX_THREADS`]): `threads - 1` of the
+    /// encoder's own take batches in turn, and the caller compresses one itself when
+    /// they all have their next one waiting. Resolvers, the running digest and the
+    /// frames' order stay on the caller's thread, and the frames are the same bytes
+    /// whatever the number. With more than one, a batch's frame is appended to `dst`
+    /// by a later call, once compressed ([`flush`](Self::flush) and
+    /// [`finish`](Self::finish) wait for every batch); up to two batches per thread
+    /// are in flight, each keeping its QEMU bytes (at most [`MAX_FRAME_QEMU_BYTES`]
+    /// and a record) until its frame is written. A multifd channel's stream keeps to
+    /// the caller's thread: QEMU already spreads the pages over the channels.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.clamp(1, MAX_THREADS);
         self
@@ -383,25 +381,21 @@ impl DedupEncoder {
         self.send_batch(dst)
     }
 
-    /// Compresses the batch being built, if any, and appends its frame to `dst`, or,
-    /// on threads, queues it and appends the frames of the batches compressed by now.
+    /// Compresses the batch being built, if any, or queues it for another thread,
+    /// and appends the frames of the batches compressed by now to `dst`.
     fn send_batch(&mut self, dst: &mut BytesMut) -> Result<()> {
         if self.batch.raw.is_empty() {
             return Ok(());
         }
+        let (raw, compressed) = self.spare.pop().unwrap_or_default();
         let next = Batch {
-            raw: self.spare.pop().unwrap_or_default(),
-            compressed: self.spare.pop().unwrap_or_default(),
+            raw,
+            compressed,
             ..Batch::default()
         };
         let mut batch = std::mem::replace(&mut self.batch, next);
         batch.hold = self.hold;
         self.batch_qemu = 0;
-        if self.threads == 1 {
-            let compressed = compress(&mut self.compressor, batch)?;
-            self.put_frame(compressed, dst);
-            return Ok(());
-        }
         let compression = self.compression;
         let workers = self.workers.get_or_insert_with(|| {
             Workers::new(self.threads, move || Compressor::new(compression), compress)
@@ -438,12 +432,12 @@ impl DedupEncoder {
         self.stats.wire_bytes += (dst.len() - before) as u64;
         let Batch {
             mut raw,
-            mut compressed,
+            compressed,
             ..
         } = compressed.batch;
         raw.clear();
-        compressed.clear();
-        self.spare.extend([raw, compressed]);
+        // kept at its length: the next batch's compressor writes over it
+        self.spare.push((raw, compressed));
     }
 
     /// Sends what is pending and the END frame. Call once, after the last record.
