@@ -6,7 +6,8 @@ SRC_IP, DST_IP = "10.77.0.1", "10.77.0.2"
 # name -> (rate in bit/s, round-trip time in ms)
 LINKS = {"100m-40ms": (100_000_000, 40.0), "1g-10ms": (1_000_000_000, 10.0)}
 GUESTS = ("idle", "dup", "fill", "dirty")
-# name -> how it migrates. caps/params go to both QEMUs; "proxy" = source proxy options
+# name -> how it migrates. caps/params go to both QEMUs; "proxy" = source proxy
+# options, "both" = options of both proxies
 CONFIGS = {
     "direct":      {"label": "QEMU direct"},
     "xbzrle":      {"label": "QEMU xbzrle", "caps": {"xbzrle": True}},
@@ -20,6 +21,10 @@ CONFIGS = {
     # downtime (QEMU bytes in flight when QEMU stops the VM) and in pace
     "ms-catalog-w4": {"label": "migstream fill,seen+catalog, 4 MiB credit",
                       "proxy": ["--resolvers", "fill,seen", "--credit-window", "4"], "catalog": "local"},
+    # the same on one thread each (the caller's): what the batch threads cost or give
+    # on a host whose cores the guests and QEMUs share
+    "ms-catalog-t1": {"label": "migstream fill,seen+catalog, 1 thread", "proxy": ["--resolvers", "fill,seen"],
+                      "both": ["--threads", "1"], "catalog": "local"},
     "ms-dht":      {"label": "migstream fill,seen+Redis ring", "proxy": ["--resolvers", "fill,seen"],
                     "catalog": "dht"},
     # multifd, 4 channels: QEMU alone (no compression, zstd), and through the proxies

@@ -127,7 +127,7 @@ def run_one(link, guest, cname, o, workdir, catalog, pki):
             # the link runs over mutual TLS (the source checks the destination's
             # certificate for DST_IP, the address it dials), or --plaintext
             rec["proxy_link"] = "mutual TLS" if pki else "plaintext"
-            dextra, sextra = [], list(cfg["proxy"])
+            dextra, sextra = list(cfg.get("both", [])), list(cfg["proxy"]) + cfg.get("both", [])
             if cfg.get("catalog") == "local":
                 dextra += ["--catalog", catalog]
             elif cfg.get("catalog") == "dht":
