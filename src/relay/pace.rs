@@ -131,8 +131,9 @@ impl Pace {
             .clamp(MIN_WINDOW, self.max)
     }
 
-    /// The source has taken `qemu_bytes` in so far, starting to take the last of them
-    /// at `at` (not later: a round trip measured from there is never too short).
+    /// The source has taken `qemu_bytes` in so far, the last of them since `at` (when
+    /// it started taking them: a round trip measured from there is never too short,
+    /// and one too short would shrink a window that limits the pace).
     pub(super) fn taken(&mut self, qemu_bytes: u64, at: Instant) {
         self.probe_if_stale(at);
         if qemu_bytes <= self.taken {
@@ -182,10 +183,11 @@ impl Pace {
         }
     }
 
-    /// The pace of the current interval, the acknowledgement `at` in it, once it lasted
-    /// a round trip: acknowledgements come in bursts, and over a shorter interval one
-    /// burst would make a pace the link never had. An interval ends with the last
-    /// acknowledgement of the instant it reached a round trip, a burst's last.
+    /// Counts the acknowledgement that arrived `at` in the current interval, whose
+    /// pace counts once it lasted a round trip: acknowledgements come in bursts, and
+    /// over a shorter interval one burst would make a pace the link never had. An
+    /// interval ends with the last acknowledgement of the instant it reached a round
+    /// trip (a burst's last), so a burst is never split between two.
     fn pace_seen(&mut self, at: Instant) {
         let now = Mark {
             qemu_bytes: self.acked,
