@@ -118,17 +118,27 @@ impl Pace {
         if self.probe.is_some() {
             return MIN_WINDOW;
         }
-        let pace = self.paces.iter().copied().max().unwrap_or(0);
-        let Some(round_trip) = self.round_trip.filter(|_| pace > 0) else {
+        let (Some(round_trip), Some(pace)) = (self.round_trip(), self.pace()) else {
             return self.max;
         };
         let bytes = u128::from(pace)
             .saturating_mul(2)
-            .saturating_mul(round_trip.delay.as_nanos())
+            .saturating_mul(round_trip.as_nanos())
             / NANOS_PER_SECOND;
         u64::try_from(bytes)
             .unwrap_or(u64::MAX)
             .clamp(MIN_WINDOW, self.max)
+    }
+
+    /// The round trip, once an acknowledgement was seen.
+    pub(super) fn round_trip(&self) -> Option<Duration> {
+        self.round_trip.map(|rt| rt.delay)
+    }
+
+    /// The acknowledged pace in QEMU bytes per second, once an interval lasted a
+    /// round trip.
+    pub(super) fn pace(&self) -> Option<u64> {
+        self.paces.iter().copied().max().filter(|&pace| pace > 0)
     }
 
     /// The source has taken `qemu_bytes` in so far, the last of them since `at` (when

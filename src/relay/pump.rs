@@ -146,6 +146,16 @@ where
             });
         }
     }
+    if let Some(credit) = &credit {
+        // what the window was near the switchover, for who measures the downtime
+        let pace = &credit.pace;
+        tracing::debug!(
+            window = pace.window(),
+            round_trip = ?pace.round_trip(),
+            pace = pace.pace(),
+            "credit at the end of the stream"
+        );
+    }
     wan.shutdown().await?;
     Ok(Encoded {
         stats: frames.stats().clone(),
