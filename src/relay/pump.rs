@@ -126,6 +126,7 @@ where
                 }
             }
         }
+        // the next chunk's QEMU bytes are taken in from now on
         let started = Instant::now();
         let Some(chunk) =
             std::future::poll_fn(|cx| std::pin::Pin::new(&mut frames).poll_next(cx)).await
