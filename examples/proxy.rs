@@ -142,8 +142,9 @@ struct SourceArgs {
     resolvers: Option<String>,
     #[command(flatten)]
     compression: CompressionArgs,
-    /// MiB of QEMU stream taken in beyond what the destination acknowledged: QEMU
-    /// then sees the link's pace when it decides to stop the VM.
+    /// MiB of QEMU stream taken in beyond what the destination acknowledged, at most
+    /// (the window follows the link: about two round trips of its pace): QEMU then
+    /// sees the link's pace when it decides to stop the VM.
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     credit_window: u64,
 }

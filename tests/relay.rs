@@ -617,6 +617,56 @@ fn fill_pages_stream(pages: u64) -> Vec<u8> {
     support::encode(&records)
 }
 
+/// A destination that greets, sends `replies`, then reads everything and says
+/// nothing more: it returns its side of the return direction, open.
+async fn deaf_destination(
+    link: tokio::io::DuplexStream,
+    replies: &[Reply],
+) -> tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    let (mut from_source, mut to_source) = tokio::io::split(link);
+    let mut out = BytesMut::new();
+    Reply::Greeting { catalog: None }.encode(&mut out);
+    for reply in replies {
+        reply.encode(&mut out);
+    }
+    to_source.write_all(&out).await.unwrap();
+    tokio::io::copy(&mut from_source, &mut tokio::io::sink())
+        .await
+        .unwrap();
+    to_source
+}
+
+/// A destination acknowledging more QEMU bytes than there are (the largest count)
+/// gives the source no limit on what it takes in, and no overflow: it sends the
+/// stream whole, then waits for a verdict that never comes until its idle timeout.
+#[tokio::test]
+async fn an_acknowledgement_beyond_the_stream_overflows_nothing() {
+    let qemu = fill_pages_stream(4 << 10); // 16 MiB
+    let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(1));
+    let source = SourceConfig::default().with_timeouts(quick);
+    let (src_link, dst_link) = tokio::io::duplex(1 << 20);
+    let hostile = deaf_destination(
+        dst_link,
+        &[Reply::Ack {
+            qemu_bytes: u64::MAX,
+        }],
+    );
+    let progress = Progress::default();
+    let sent = relay::source(
+        (&qemu[..], tokio::io::sink()),
+        tokio::io::split(src_link),
+        &source,
+        &progress,
+    );
+    let ends = async { tokio::join!(sent, hostile) };
+    let (sent, _open) = tokio::time::timeout(std::time::Duration::from_secs(30), ends)
+        .await
+        .expect("the source gives up at its idle timeout");
+    let e = sent.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert_eq!(progress.snapshot().qemu_bytes, qemu.len() as u64);
+}
+
 /// The source takes in at most its credit window (plus one frame) of QEMU bytes
 /// beyond what the destination acknowledged: against a destination that reads
 /// everything and acknowledges nothing, it stops reading QEMU (and gives up at the
@@ -632,15 +682,7 @@ async fn the_source_takes_in_no_more_than_its_credit_window() {
         .with_timeouts(quick.clone());
 
     let (src_link, dst_link) = tokio::io::duplex(1 << 20);
-    let deaf = async move {
-        let (mut from_source, mut to_source) = tokio::io::split(dst_link);
-        let mut greeting = BytesMut::new();
-        Reply::Greeting { catalog: None }.encode(&mut greeting);
-        to_source.write_all(&greeting).await.unwrap();
-        let read = tokio::io::copy(&mut from_source, &mut tokio::io::sink()).await;
-        drop(to_source);
-        read
-    };
+    let deaf = deaf_destination(dst_link, &[]);
     let progress = Progress::default();
     let sent = relay::source(
         (&qemu[..], tokio::io::sink()),

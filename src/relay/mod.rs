@@ -84,6 +84,7 @@ mod activity;
 mod destination;
 mod group;
 pub mod net;
+mod pace;
 mod proxy;
 mod pump;
 mod source;

@@ -1,5 +1,7 @@
 //! One direction of a link: a QEMU stream to a dedup stream, and back.
 
+use std::time::Instant;
+
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -8,6 +10,7 @@ use tokio_util::codec::FramedRead;
 
 use super::Progress;
 use super::activity::Activity;
+use super::pace::Pace;
 use crate::dedup::{Decoded, DedupDecoder, DedupEncoder, DedupFrames, EncoderInput, Stats, wire};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
@@ -41,11 +44,30 @@ impl<'a> Signals<'a> {
     }
 }
 
-/// A source's credit: it takes no more QEMU bytes in while `window` of them are not
-/// acknowledged by the destination.
+/// A source's credit: it takes no more QEMU bytes in while a window of them is not
+/// acknowledged by the destination, a window that follows the pace of the link and
+/// of the destination ([`Pace`]).
 pub(super) struct Credit {
-    pub(super) acked: watch::Receiver<u64>,
-    pub(super) window: u64,
+    pub(super) acked: watch::Receiver<Acked>,
+    pub(super) pace: Pace,
+}
+
+/// The destination's last acknowledgement.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Acked {
+    pub(super) qemu_bytes: u64,
+    /// When it arrived.
+    pub(super) at: Instant,
+}
+
+impl Credit {
+    /// Whether `taken` QEMU bytes fill the window, after the last acknowledgement.
+    fn spent(&mut self, taken: u64) -> bool {
+        let acked = *self.acked.borrow_and_update();
+        self.pace.acked(acked.qemu_bytes, acked.at);
+        // a destination's count is a peer's number: no overflow
+        taken > acked.qemu_bytes.saturating_add(self.pace.window())
+    }
 }
 
 /// What an encoding direction reports at its end.
@@ -91,7 +113,7 @@ where
 {
     loop {
         if let Some(credit) = &mut credit {
-            while frames.stats().qemu_bytes > *credit.acked.borrow() + credit.window {
+            while credit.spent(frames.stats().qemu_bytes) {
                 // everything taken in goes out before waiting for the destination
                 if let Some(chunk) = frames.flush()? {
                     wan.write_all(&chunk).await?;
@@ -104,12 +126,17 @@ where
                 }
             }
         }
+        // the next chunk's QEMU bytes are taken in from now on
+        let started = Instant::now();
         let Some(chunk) =
             std::future::poll_fn(|cx| std::pin::Pin::new(&mut frames).poll_next(cx)).await
         else {
             break;
         };
         wan.write_all(&chunk?).await?;
+        if let Some(credit) = &mut credit {
+            credit.pace.taken(frames.stats().qemu_bytes, started);
+        }
         signals.activity.touch();
         signals.progress.set(frames.stats());
         if let Some(page_size) = signals.page_size {
@@ -119,6 +146,16 @@ where
                 known.replace(size) != Some(size)
             });
         }
+    }
+    if let Some(credit) = &credit {
+        // what the window was near the switchover, for who measures the downtime
+        let pace = &credit.pace;
+        tracing::debug!(
+            window = pace.window(),
+            round_trip = ?pace.round_trip(),
+            pace = pace.pace(),
+            "credit at the end of the stream"
+        );
     }
     wan.shutdown().await?;
     Ok(Encoded {

@@ -1,16 +1,17 @@
 //! The source end of a link: the source QEMU on one side, the link on the other.
 
+use std::time::Instant;
+
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
 
 use super::activity::Activity;
-use super::pump::{self, Credit, Signals};
+use super::pace::{MIN_WINDOW, Pace};
+use super::pump::{self, Acked, Credit, Signals};
 use super::{Progress, Report, Timeouts};
-use crate::dedup::{
-    ACK_EVERY, Compression, DedupEncoder, DedupFrames, Reply, ReplyDecoder, Resolvers,
-};
+use crate::dedup::{Compression, DedupEncoder, DedupFrames, Reply, ReplyDecoder, Resolvers};
 use crate::error::{Error, Result};
 use crate::qemu::QemuDecoder;
 use crate::qemu::multifd::MultifdDecoder;
@@ -27,12 +28,18 @@ pub struct SourceConfig {
     pub compression: Compression,
     /// How long to wait for the greeting, and for progress.
     pub timeouts: Timeouts,
-    /// QEMU bytes taken in from QEMU that the destination has not acknowledged yet,
-    /// at most (plus one frame): beyond it the source reads no more, so that QEMU
-    /// sees the pace of the link and of the destination, and its decision when to
-    /// stop the VM for the last round (the downtime) rests on that, not on a proxy
-    /// next to it swallowing its stream. Each multifd channel of a migration takes a
-    /// quarter of it ([`MULTIFD_CHANNEL_SHARE`]).
+    /// The most QEMU bytes taken in from QEMU that the destination has not
+    /// acknowledged yet (plus one frame): beyond its credit window the source reads
+    /// no more, so that QEMU sees the pace of the link and of the destination, and its
+    /// decision when to stop the VM for the last round (the downtime) rests on that,
+    /// not on a proxy next to it swallowing its stream. The window itself follows
+    /// the link: about two round trips of the pace the destination acknowledges (at
+    /// least 2 MiB; this field is its most, and the window until that pace is
+    /// known), so the link stays busy, and at the switchover the proxies hold about
+    /// two round trips of the stream, not a fixed amount that takes longer to drain
+    /// the slower the link.
+    /// Each multifd channel of a migration takes a quarter of it
+    /// ([`MULTIFD_CHANNEL_SHARE`]).
     pub credit_window: u64,
     /// Threads compressing the main channel's batches
     /// ([`DedupEncoder::with_threads`]; 1, the default: on the migration's task). A
@@ -41,8 +48,8 @@ pub struct SourceConfig {
     pub threads: usize,
 }
 
-/// The default [`SourceConfig::credit_window`]: 16 MiB of QEMU bytes, more than a
-/// 1 Gbit/s link with 10 ms of round trip carries in one, at any ratio.
+/// The default [`SourceConfig::credit_window`]: at most 16 MiB of QEMU bytes, more
+/// than a 1 Gbit/s link with 10 ms of round trip carries in two at ratios up to 6.
 pub const DEFAULT_CREDIT_WINDOW: u64 = 16 << 20;
 
 impl Default for SourceConfig {
@@ -76,10 +83,10 @@ impl SourceConfig {
         self
     }
 
-    /// With this credit window in QEMU bytes (at least 2 MiB: a destination
-    /// acknowledges every MiB).
+    /// With a credit window of this many QEMU bytes at most (at least 2 MiB: a
+    /// destination acknowledges every MiB).
     pub fn with_credit_window(mut self, bytes: u64) -> Self {
-        self.credit_window = bytes.max(2 * ACK_EVERY);
+        self.credit_window = bytes.max(MIN_WINDOW);
         self
     }
 
@@ -156,17 +163,20 @@ pub(super) async fn carry(
     let window = match carried {
         Carried::Main { .. } => config.credit_window,
         Carried::Channel { .. } => {
-            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(2 * ACK_EVERY)
+            (config.credit_window / MULTIFD_CHANNEL_SHARE as u64).max(MIN_WINDOW)
         }
     };
     let encoder = DedupEncoder::with_resolvers(&resolvers)?
         .with_compression(config.compression)
         .with_threads(config.threads)
         .with_session(session);
-    let (acked, acks) = watch::channel(0);
+    let (acked, acks) = watch::channel(Acked {
+        qemu_bytes: 0,
+        at: Instant::now(),
+    });
     let credit = Credit {
         acked: acks,
-        window,
+        pace: Pace::new(window),
     };
     let forward = async {
         let mut signals = Signals::new(progress, &activity);
@@ -199,9 +209,12 @@ pub(super) async fn carry(
                     activity.touch();
                 }
                 Reply::Ack { qemu_bytes } => {
-                    acked.send_if_modified(|a| {
-                        let more = qemu_bytes > *a;
-                        *a = (*a).max(qemu_bytes);
+                    acked.send_if_modified(|last| {
+                        let more = qemu_bytes > last.qemu_bytes;
+                        if more {
+                            let at = Instant::now();
+                            *last = Acked { qemu_bytes, at };
+                        }
                         more
                     });
                     activity.touch();
