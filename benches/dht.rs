@@ -18,13 +18,23 @@
 //! - `decode/ring-cold-sequential`: the same, each fetch awaited before decoding on.
 //! - `lookups/ring`: `Cluster::fetch` of 4096 templates (batched per node,
 //!   pipelined, every page verified), counted per template.
+//! - `cpu:` (after criterion's figures): CPU time, not wall time, per page of the
+//!   local decode and of the cold decode, and per template of a cold fetch in this
+//!   process and in the Redis servers: what the machine's load changes least, and
+//!   what bounds the cold path on a machine whose cores also run the servers.
 //!
-//! One tokio current-thread runtime drives the fetches, so decode and fetch share
-//! one core as in the local case; the Redis servers run on the other core. If
-//! `redis-server` is not installed, the bench says so and runs nothing.
+//! The ring is decoded as the destination proxy (`examples/proxy.rs`) does it: in
+//! a task of a multi-thread tokio runtime with a worker per core, so that the
+//! fetch's requests, replies and page checks run on another worker while the
+//! decoder restores the frame before. `MIGSTREAM_BENCH_DHT_THREADS=N` sets the
+//! workers; `0` is one current-thread runtime, where decode and fetch share one
+//! core (this bench's default until the DHT cold-path work). The Redis servers run
+//! where the scheduler puts them. If `redis-server` is not installed, the bench
+//! says so and runs nothing.
 //!
 //! ```text
 //! cargo bench --bench dht -- --noplot
+//! MIGSTREAM_BENCH_DHT_THREADS=0 cargo bench --bench dht -- --noplot    # current-thread
 //! MIGSTREAM_BENCH_STREAM=target/ratio/heldout-idle.mig \
 //! MIGSTREAM_BENCH_CATALOG=target/ratio/catalog.cat cargo bench --bench dht -- --noplot
 //! ```
@@ -141,13 +151,23 @@ async fn decode_ring(
     }
 }
 
-/// The QEMU bytes `decode_ring` gives, counted.
-async fn decode_ring_len(store: &DhtTemplates, wire: &Bytes, overlap: bool) -> usize {
-    let mut n = 0;
-    decode_ring(store, wire, overlap, |bytes| n += black_box(bytes).len())
-        .await
-        .expect("decodes");
-    n
+/// The QEMU bytes `decode_ring` gives, counted, decoding in a task of `runtime` as
+/// the destination proxy does.
+fn decode_ring_len(
+    runtime: &tokio::runtime::Runtime,
+    store: &DhtTemplates,
+    wire: &Bytes,
+    overlap: bool,
+) -> usize {
+    let (store, wire) = (store.clone(), wire.clone());
+    let decode = runtime.spawn(async move {
+        let mut n = 0;
+        decode_ring(&store, &wire, overlap, |bytes| n += black_box(bytes).len())
+            .await
+            .expect("decodes");
+        n
+    });
+    runtime.block_on(decode).expect("the decode task")
 }
 
 /// The QEMU bytes `decode_ring` gives, for the byte-identical check.
@@ -164,6 +184,71 @@ fn decode_local(catalog: &Arc<Catalog>, wire: &Bytes) -> usize {
         n += black_box(bytes).len();
     }
     n
+}
+
+/// CPU seconds (user and system, every thread) that process `pid`, or this one,
+/// has used: from `/proc`, in clock ticks of 1/100 s (Linux's `USER_HZ`); `None`
+/// without `/proc`.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_string(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(path).ok()?;
+    // the fields after the command name: state is the first, utime the 12th
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// The CPU time every restored template costs, whatever the load: the local decode
+/// per page of the stream, and a cold fetch (`Cluster::fetch` of the whole
+/// catalog) per template, in this process and in the Redis servers. Decoding cold
+/// costs the sum; on a machine of C cores shared with the servers it cannot run
+/// faster than the sum over C, nor than the local decode alone.
+fn cpu_budget(
+    runtime: &tokio::runtime::Runtime,
+    servers: &[RedisServer],
+    store: &DhtTemplates,
+    catalog: &Arc<Catalog>,
+    wire: &Bytes,
+) {
+    const ROUNDS: usize = 20;
+    let servers_cpu = || -> Option<f64> { servers.iter().map(|s| cpu_seconds(s.pid())).sum() };
+    let Some(start) = cpu_seconds(None) else {
+        println!("cpu: no /proc, not measured");
+        return;
+    };
+    let pages = (0..ROUNDS)
+        .map(|_| decode_local(catalog, wire))
+        .sum::<usize>()
+        / PAGE;
+    let local = cpu_seconds(None).expect("/proc") - start;
+    let fps = catalog.fingerprints();
+    let (client, server) = (cpu_seconds(None).expect("/proc"), servers_cpu());
+    for _ in 0..ROUNDS {
+        let pages = runtime
+            .block_on(store.cluster().fetch(fps, catalog.page_size()))
+            .expect("fetched");
+        assert_eq!(pages.len(), fps.len());
+    }
+    let client = cpu_seconds(None).expect("/proc") - client;
+    let server = server.zip(servers_cpu()).map(|(a, b)| b - a);
+    let cold = cpu_seconds(None).expect("/proc");
+    for _ in 0..ROUNDS {
+        store.clear_cache();
+        decode_ring_len(runtime, store, wire, true);
+    }
+    let cold = cpu_seconds(None).expect("/proc") - cold;
+    let per = |seconds: f64, n: usize| seconds * 1e6 / n as f64;
+    let fetched = ROUNDS * fps.len();
+    println!(
+        "cpu: local decode {:.2} us per page, cold decode {:.2} us per page here; cold fetch {:.2} us per template here + {} in the Redis servers",
+        per(local, pages),
+        per(cold, pages),
+        per(client, fetched),
+        server.map_or("?".to_string(), |s| format!("{:.2} us", per(s, fetched)))
+    );
 }
 
 /// A tuning knob from the environment.
@@ -205,12 +290,17 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut servers = RedisServer::start_many(&dir, 4);
     let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
-    let runtime = match env_usize("MIGSTREAM_BENCH_DHT_THREADS") {
+    let threads = env_usize("MIGSTREAM_BENCH_DHT_THREADS");
+    let runtime = match threads {
+        Some(0) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         Some(threads) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
             .build(),
-        None => tokio::runtime::Builder::new_current_thread()
+        // as the destination proxy: a worker per core
+        None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
     }
@@ -220,8 +310,13 @@ fn main() {
     options.batch = env_usize("MIGSTREAM_BENCH_DHT_BATCH").unwrap_or(options.batch);
     options.in_flight = env_usize("MIGSTREAM_BENCH_DHT_IN_FLIGHT").unwrap_or(options.in_flight);
     println!(
-        "options: {} keys per request, {} requests in flight",
-        options.batch, options.in_flight
+        "options: {} keys per request, {} requests in flight, {}",
+        options.batch,
+        options.in_flight,
+        match threads {
+            Some(0) => "a current-thread runtime".to_string(),
+            _ => format!("{} tokio workers", runtime.metrics().num_workers()),
+        }
     );
     let cluster = Arc::new(Cluster::redis(&urls, 2, options.clone()).expect("cluster"));
 
@@ -272,7 +367,7 @@ fn main() {
         });
         g.bench_function("ring-warm", |b| {
             b.iter(|| {
-                let n = runtime.block_on(decode_ring_len(&store, &wire, true));
+                let n = decode_ring_len(&runtime, &store, &wire, true);
                 assert_eq!(n, qemu.len())
             })
         });
@@ -281,7 +376,7 @@ fn main() {
                 b.iter_batched(
                     || store.clear_cache(),
                     |()| {
-                        let n = runtime.block_on(decode_ring_len(&store, &wire, overlap));
+                        let n = decode_ring_len(&runtime, &store, &wire, overlap);
                         assert_eq!(n, qemu.len())
                     },
                     BatchSize::PerIteration,
@@ -305,6 +400,7 @@ fn main() {
         g.finish();
     }
     c.final_summary();
+    cpu_budget(&runtime, &servers, &store, &catalog, &wire);
 
     // one of four nodes killed: the stream still decodes byte-identical
     servers[1].kill();
