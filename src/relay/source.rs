@@ -202,6 +202,10 @@ pub(super) async fn carry(
         encoded
     };
     let back = async {
+        // the acknowledgements end with this direction: a forward direction waiting
+        // for credit when the verdict came (the destination's last ACK can come after
+        // its DONE, or not at all) stops waiting, and ends
+        let acked = acked;
         loop {
             match replies.next("confirming the migration").await? {
                 Reply::Qemu(bytes) => {
