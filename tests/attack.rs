@@ -1107,12 +1107,14 @@ fn a_failing_destination_fails_the_source() {
     assert!(report["error"].as_str().unwrap().len() > 5, "{report}");
     assert_eq!(dst.reports(1)[0]["ok"], false);
 
-    // the destination QEMU goes away after 1000 bytes
+    // the destination QEMU goes away after 1000 bytes, of a stream larger than the
+    // sockets between them hold (64 MiB): its proxy cannot have written it all
+    // before, and it fails writing (a small stream could fit, and go through)
     let qemu = FakeQemu::new();
     let pki = Files::write("attack-qemu-gone");
     let mut dst = destination(&pki, &qemu, &[]);
     let mut src = source(&pki, &dst.addr(), &[]);
-    let sender = source_qemu(src.port, stream.clone());
+    let sender = source_qemu(src.port, support::fill_pages_stream(16 << 10));
     let mut conn = qemu.accept();
     let mut first = vec![0u8; 1000];
     conn.read_exact(&mut first).unwrap();

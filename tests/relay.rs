@@ -594,29 +594,6 @@ async fn a_silent_return_path_after_the_confirmation_fails_nothing() {
     assert!(delivered == qemu);
 }
 
-/// A QEMU stream of `pages` pages of 4 KiB, each filled with one byte value (fill
-/// pages: frames that stand for 16 MiB of QEMU bytes each, the most a frame does).
-fn fill_pages_stream(pages: u64) -> Vec<u8> {
-    let ram = 2;
-    let mut records = vec![
-        Record::Header,
-        Record::Configuration(migstream::qemu::Configuration {
-            machine: bytes::Bytes::from_static(b"pc-i440fx-10.0"),
-            subsections: vec![],
-        }),
-        Record::SectionStart(support::section(ram, "ram", 0, 4)),
-        support::mem_size(&[("pc.ram", pages * 4096)]),
-        Record::Ram(RamRecord::Eos),
-        Record::Footer { section_id: ram },
-        Record::SectionPart { section_id: ram },
-    ];
-    records.extend((0..pages).map(|i| support::page("pc.ram", i, i > 0, (i % 250) as u8 + 1)));
-    records.push(Record::Ram(RamRecord::Eos));
-    records.push(Record::Footer { section_id: ram });
-    records.push(Record::Eof);
-    support::encode(&records)
-}
-
 /// A destination that greets, sends `replies`, then reads everything and says
 /// nothing more: it returns its side of the return direction, open.
 async fn deaf_destination(
@@ -641,7 +618,7 @@ async fn deaf_destination(
 /// stream whole, then waits for a verdict that never comes until its idle timeout.
 #[tokio::test]
 async fn an_acknowledgement_beyond_the_stream_overflows_nothing() {
-    let qemu = fill_pages_stream(4 << 10); // 16 MiB
+    let qemu = support::fill_pages_stream(4 << 10); // 16 MiB
     let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(1));
     let source = SourceConfig::default().with_timeouts(quick);
     let (src_link, dst_link) = tokio::io::duplex(1 << 20);
@@ -675,7 +652,7 @@ async fn an_acknowledgement_beyond_the_stream_overflows_nothing() {
 #[tokio::test]
 async fn the_source_takes_in_no_more_than_its_credit_window() {
     const WINDOW: u64 = 4 << 20;
-    let qemu = fill_pages_stream(16 << 10); // 64 MiB
+    let qemu = support::fill_pages_stream(16 << 10); // 64 MiB
     let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(1));
     let source = SourceConfig::default()
         .with_credit_window(WINDOW)
@@ -745,7 +722,7 @@ async fn late_acks_lost(a: DuplexStream, b: DuplexStream, above: u64) {
 /// frame never arrives.
 #[tokio::test]
 async fn the_verdict_ends_a_source_waiting_for_credit() {
-    let qemu = fill_pages_stream((16 << 10) - 100); // 64 MiB, four frames
+    let qemu = support::fill_pages_stream((16 << 10) - 100); // 64 MiB, four frames
     let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(2));
     let source = SourceConfig::default()
         .with_credit_window(2 << 20)

@@ -201,6 +201,30 @@ pub fn sample_records() -> Vec<Record> {
     ]
 }
 
+/// A QEMU stream of `pages` pages of 4 KiB, each filled with one byte value (fill
+/// pages: frames that stand for 16 MiB of QEMU bytes each, the most a frame does),
+/// cheap to make at any size.
+pub fn fill_pages_stream(pages: u64) -> Vec<u8> {
+    let ram = 2;
+    let mut records = vec![
+        Record::Header,
+        Record::Configuration(Configuration {
+            machine: Bytes::from_static(b"pc-i440fx-10.0"),
+            subsections: vec![],
+        }),
+        Record::SectionStart(section(ram, "ram", 0, 4)),
+        mem_size(&[("pc.ram", pages * 4096)]),
+        Record::Ram(RamRecord::Eos),
+        Record::Footer { section_id: ram },
+        Record::SectionPart { section_id: ram },
+    ];
+    records.extend((0..pages).map(|i| page("pc.ram", i, i > 0, (i % 250) as u8 + 1)));
+    records.push(Record::Ram(RamRecord::Eos));
+    records.push(Record::Footer { section_id: ram });
+    records.push(Record::Eof);
+    encode(&records)
+}
+
 /// Whether `MIGSTREAM_BLESS` is set: the tests rewrite the golden files and fuzz
 /// seeds they make instead of checking them.
 pub fn bless() -> bool {
