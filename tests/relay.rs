@@ -613,6 +613,29 @@ async fn deaf_destination(
     to_source
 }
 
+/// A source migrating `qemu` to a [`deaf_destination`] that sends `replies`: the
+/// source's error (it must fail) and the QEMU bytes it took in.
+async fn against_a_deaf_destination(
+    qemu: &[u8],
+    source: &SourceConfig,
+    replies: &[Reply],
+) -> (migstream::Error, u64) {
+    let (src_link, dst_link) = tokio::io::duplex(1 << 20);
+    let deaf = deaf_destination(dst_link, replies);
+    let progress = Progress::default();
+    let sent = relay::source(
+        (qemu, tokio::io::sink()),
+        tokio::io::split(src_link),
+        source,
+        &progress,
+    );
+    let ends = async { tokio::join!(sent, deaf) };
+    let (sent, _open) = tokio::time::timeout(std::time::Duration::from_secs(30), ends)
+        .await
+        .expect("the source gives up at its idle timeout");
+    (sent.unwrap_err(), progress.snapshot().qemu_bytes)
+}
+
 /// A destination acknowledging more QEMU bytes than there are (the largest count)
 /// gives the source no limit on what it takes in, and no overflow: it sends the
 /// stream whole, then waits for a verdict that never comes until its idle timeout.
@@ -621,27 +644,12 @@ async fn an_acknowledgement_beyond_the_stream_overflows_nothing() {
     let qemu = support::fill_pages_stream(4 << 10); // 16 MiB
     let quick = Timeouts::default().with_idle(std::time::Duration::from_secs(1));
     let source = SourceConfig::default().with_timeouts(quick);
-    let (src_link, dst_link) = tokio::io::duplex(1 << 20);
-    let hostile = deaf_destination(
-        dst_link,
-        &[Reply::Ack {
-            qemu_bytes: u64::MAX,
-        }],
-    );
-    let progress = Progress::default();
-    let sent = relay::source(
-        (&qemu[..], tokio::io::sink()),
-        tokio::io::split(src_link),
-        &source,
-        &progress,
-    );
-    let ends = async { tokio::join!(sent, hostile) };
-    let (sent, _open) = tokio::time::timeout(std::time::Duration::from_secs(30), ends)
-        .await
-        .expect("the source gives up at its idle timeout");
-    let e = sent.unwrap_err();
+    let ack_all = Reply::Ack {
+        qemu_bytes: u64::MAX,
+    };
+    let (e, taken) = against_a_deaf_destination(&qemu, &source, &[ack_all]).await;
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
-    assert_eq!(progress.snapshot().qemu_bytes, qemu.len() as u64);
+    assert_eq!(taken, qemu.len() as u64);
 }
 
 /// The source takes in at most its credit window (plus one frame) of QEMU bytes
@@ -658,22 +666,8 @@ async fn the_source_takes_in_no_more_than_its_credit_window() {
         .with_credit_window(WINDOW)
         .with_timeouts(quick.clone());
 
-    let (src_link, dst_link) = tokio::io::duplex(1 << 20);
-    let deaf = deaf_destination(dst_link, &[]);
-    let progress = Progress::default();
-    let sent = relay::source(
-        (&qemu[..], tokio::io::sink()),
-        tokio::io::split(src_link),
-        &source,
-        &progress,
-    );
-    let ends = async { tokio::join!(sent, deaf) };
-    let (sent, _) = tokio::time::timeout(std::time::Duration::from_secs(30), ends)
-        .await
-        .expect("the source gives up at its idle timeout");
-    let e = sent.unwrap_err();
+    let (e, taken) = against_a_deaf_destination(&qemu, &source, &[]).await;
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
-    let taken = progress.snapshot().qemu_bytes;
     let most = WINDOW + migstream::dedup::MAX_FRAME_QEMU_BYTES as u64 + 4096;
     assert!(
         (WINDOW..=most).contains(&taken),

@@ -344,6 +344,15 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// The window, in MiB, within `tolerance` (a fraction) of `wanted`.
+    fn assert_window_near(m: &Migration, wanted: f64, tolerance: f64) {
+        let window = m.window_mib();
+        assert!(
+            (window - wanted).abs() < wanted * tolerance,
+            "window {window} MiB, wanted {wanted}"
+        );
+    }
+
     #[test]
     fn unknown_until_acknowledged_the_window_is_the_maximum() {
         let mut m = Migration::new(16 * MIB, UNLIMITED, 100 * MIB, ms(20));
@@ -357,12 +366,7 @@ mod tests {
         // QEMU writes slower than the link carries: the window does not limit it
         let mut m = Migration::new(64 * MIB, 200 * MIB, UNLIMITED, ms(20));
         m.run(Duration::from_secs(2));
-        let wanted = 2.0 * 200.0 * 0.020;
-        let window = m.window_mib();
-        assert!(
-            (window - wanted).abs() < wanted * 0.02,
-            "window {window} MiB"
-        );
+        assert_window_near(&m, 2.0 * 200.0 * 0.020, 0.02);
     }
 
     #[test]
@@ -419,8 +423,7 @@ mod tests {
         m.run(Duration::from_secs(2));
         // a round trip, plus the wait for an acknowledgement of 1 MiB at 100 MiB/s
         let wanted = 2.0 * 100.0 * (0.020 + 0.010);
-        let early = m.window_mib();
-        assert!((early - wanted).abs() < wanted * 0.1, "window {early} MiB");
+        assert_window_near(&m, wanted, 0.1);
         let mut windows = Vec::new();
         for _ in 0..6 {
             let acked = m.run(Duration::from_secs(5));
@@ -440,12 +443,7 @@ mod tests {
         let acked = m.run(Duration::from_secs(3));
         let pace = acked as f64 / MIB as f64 / 3.0;
         assert!(pace > 95.0, "the link stays busy: {pace} MiB/s");
-        let wanted = 2.0 * 100.0 * (0.100 + 0.010);
-        let window = m.window_mib();
-        assert!(
-            (window - wanted).abs() < wanted * 0.2,
-            "window {window} MiB"
-        );
+        assert_window_near(&m, 2.0 * 100.0 * (0.100 + 0.010), 0.2);
     }
 
     #[test]
